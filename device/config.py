@@ -1,0 +1,230 @@
+"""Device (door kiosk) configuration: pydantic models with ``extra="forbid"``, loaded from TOML.
+
+Secrets come from the environment: ``FACEGATE_DEVICE__MQTT__PASSWORD=...`` overrides
+``[mqtt] password``. Every field has bounds; cross-field rules live in validators.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from facegate.configio import load_config
+
+ENV_PREFIX = "FACEGATE_DEVICE"
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IdentityConfig(Strict):
+    """Who this device is."""
+
+    id: str = Field(
+        "door-1",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Device id, used in MQTT topics.",
+    )
+    site: str = Field(
+        "site",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Site id, used in MQTT topics.",
+    )
+    data_dir: Path = Field(Path("var/device"), description="Folder for gallery, outbox, bundles, logs.")
+
+
+class ReplayCameraConfig(Strict):
+    """Replay a folder of images or a video file."""
+
+    type: Literal["replay"] = "replay"
+    path: Path = Field(..., description="Folder of images (sorted by name) or a video file.")
+    fps: float = Field(10.0, gt=0, le=240, description="Frames per second to emit.")
+    loop: bool = Field(False, description="Start over at the end instead of stopping.")
+
+
+class OpenCVCameraConfig(Strict):
+    """A V4L2 device index or path, an RTSP/HTTP URL or a video file, read through OpenCV."""
+
+    type: Literal["opencv"] = "opencv"
+    source: str = Field(
+        "0", min_length=1, description="Device index ('0'), /dev/videoN, rtsp://... or a file."
+    )
+    width: int | None = Field(None, ge=16, le=8192, description="Requested capture width.")
+    height: int | None = Field(None, ge=16, le=8192, description="Requested capture height.")
+    reconnect_initial_s: float = Field(0.5, gt=0, le=60, description="First reconnect delay.")
+    reconnect_max_s: float = Field(10.0, gt=0, le=600, description="Reconnect backoff cap.")
+
+
+class PiCameraConfig(Strict):
+    """The Raspberry Pi camera through picamera2."""
+
+    type: Literal["picamera2"] = "picamera2"
+    width: int = Field(640, ge=16, le=4656, description="Preview width.")
+    height: int = Field(480, ge=16, le=3496, description="Preview height.")
+
+
+CameraConfig = Annotated[
+    ReplayCameraConfig | OpenCVCameraConfig | PiCameraConfig, Field(discriminator="type")
+]
+
+
+class SimulatedDoorConfig(Strict):
+    """A door that only logs and records its state."""
+
+    type: Literal["simulated"] = "simulated"
+    unlock_seconds: float = Field(5.0, gt=0, le=600, description="How long a grant keeps the door open.")
+
+
+class GpioDoorConfig(Strict):
+    """A relay on a GPIO pin through gpiozero."""
+
+    type: Literal["gpio"] = "gpio"
+    unlock_seconds: float = Field(5.0, gt=0, le=600, description="How long a grant keeps the door open.")
+    pin: int = Field(17, ge=0, le=40, description="BCM pin of the relay.")
+    active_high: bool = Field(True, description="Relay energises (unlocks) on a high level.")
+
+
+DoorConfig = Annotated[SimulatedDoorConfig | GpioDoorConfig, Field(discriminator="type")]
+
+
+class ModelsConfig(Strict):
+    """Where the active models live and how to run them."""
+
+    dir: Path | None = Field(None, description="Folder with manifest.json; default: the built models.")
+    threads: int = Field(1, ge=1, le=64, description="Interpreter threads (1 = edge-like).")
+    embedder: Literal["int8", "float32"] = Field("int8", description="Which embedder variant to run.")
+
+
+class DetectorConfig(Strict):
+    """BlazeFace detector settings."""
+
+    variant: Literal["short", "full"] = Field("short", description="short-range (<2 m) or full-range.")
+    score_threshold: float = Field(0.6, ge=0, le=1, description="Minimum face score.")
+    nms_iou: float = Field(0.3, ge=0, le=1, description="IoU for weighted NMS.")
+    min_face_px: int = Field(40, ge=8, le=4096, description="Ignore faces narrower than this.")
+
+
+class GalleryConfig(Strict):
+    """FAISS gallery settings."""
+
+    exact_max: int = Field(50_000, ge=1, description="Above this many templates switch to HNSW.")
+    hnsw_m: int = Field(32, ge=4, le=128, description="HNSW graph degree.")
+    hnsw_ef_search: int = Field(64, ge=8, le=4096, description="HNSW search breadth.")
+    hnsw_ef_construction: int = Field(80, ge=8, le=4096, description="HNSW build breadth.")
+    top_k: int = Field(10, ge=2, le=1000, description="Templates fetched per search.")
+
+
+class DecisionConfig(Strict):
+    """Open-set decision thresholds and tracking."""
+
+    tau: float = Field(0.5, ge=-1, le=1, description="Cosine threshold (from `facegate eval calibrate`).")
+    delta: float = Field(0.05, ge=0, le=2, description="Minimum margin over the runner-up identity.")
+    confirm_k: int = Field(2, ge=1, le=100, description="Frames that must agree before granting.")
+    confirm_n: int = Field(3, ge=1, le=100, description="Window of frames for the k-of-n vote.")
+    cooldown_s: float = Field(10.0, ge=0, le=3600, description="One event per person per this window.")
+    track_timeout_s: float = Field(1.5, gt=0, le=60, description="A track ends after this long unseen.")
+
+    @model_validator(mode="after")
+    def _k_le_n(self) -> DecisionConfig:
+        if self.confirm_k > self.confirm_n:
+            raise ValueError("confirm_k must be <= confirm_n")
+        return self
+
+
+class QualityConfig(Strict):
+    """Enrollment quality gates (shared with the server)."""
+
+    min_face_px: int = Field(60, ge=16, le=4096, description="Minimum face box width for enrollment.")
+    min_sharpness: float = Field(20.0, ge=0, description="Minimum variance of the Laplacian on the chip.")
+    max_yaw_deg: float = Field(30.0, ge=0, le=90, description="Maximum |yaw| for enrollment.")
+    max_pitch_deg: float = Field(25.0, ge=0, le=90, description="Maximum |pitch| for enrollment.")
+
+
+class LivenessConfig(Strict):
+    """Liveness checks and fusion policy."""
+
+    passive: bool = Field(False, description="Run the MiniFASNet passive check.")
+    passive_threshold: float = Field(0.5, ge=0, le=1, description="Fused genuine probability to pass.")
+    challenge: Literal["never", "uncertain", "always"] = Field("never", description="Active challenge mode.")
+    challenge_timeout_s: float = Field(5.0, gt=0, le=60, description="Time to perform the action.")
+    uncertain_band: float = Field(
+        0.15, ge=0, le=0.5, description="Passive score band that counts as uncertain."
+    )
+    planar: bool = Field(False, description="Run the planar-attack geometry check over the track.")
+    planar_threshold: float = Field(0.01, ge=0, le=1, description="Residual below which motion is planar.")
+
+
+class MqttConfig(Strict):
+    """Broker connection (the device keeps working when it is absent)."""
+
+    enabled: bool = Field(False, description="Connect to a broker.")
+    host: str = Field("localhost", min_length=1, description="Broker host.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port.")
+    prefix: str = Field("facegate", min_length=1, pattern=r"^[A-Za-z0-9_-]+$", description="Topic prefix.")
+    username: str | None = Field(None, description="Username (use the env for the password).")
+    password: str | None = Field(None, description="Password; set FACEGATE_DEVICE__MQTT__PASSWORD.")
+    tls: bool = Field(False, description="Use TLS.")
+    ca_file: Path | None = Field(None, description="CA certificate for TLS.")
+    cert_file: Path | None = Field(None, description="Client certificate.")
+    key_file: Path | None = Field(None, description="Client key.")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive.")
+    homeassistant: bool = Field(True, description="Publish Home Assistant discovery configs.")
+    snapshots: bool = Field(False, description="Opt-in: publish a JPEG for unknown/spoof events.")
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> MqttConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+class BundleConfig(Strict):
+    """Signed bundle verification."""
+
+    public_key: str | None = Field(None, description="Server Ed25519 public key (base64 or a file path).")
+
+
+class LoopConfig(Strict):
+    """Frame loop queue."""
+
+    queue_size: int = Field(4, ge=1, le=1024, description="Frames buffered between capture and processing.")
+    drop: Literal["oldest", "newest"] = Field("oldest", description="Which frame to drop when full.")
+    events_jsonl: Path | None = Field(None, description="Also write decisions as JSON lines here.")
+
+
+class MetricsConfig(Strict):
+    """Prometheus endpoint."""
+
+    port: int | None = Field(None, ge=1, le=65535, description="Serve /metrics on this port.")
+
+
+class DeviceConfig(Strict):
+    """The whole device configuration."""
+
+    device: IdentityConfig = IdentityConfig()
+    camera: CameraConfig = Field(default_factory=lambda: OpenCVCameraConfig(), description="Frame source.")
+    door: DoorConfig = Field(default_factory=lambda: SimulatedDoorConfig(), description="Door actuator.")
+    models: ModelsConfig = ModelsConfig()
+    detector: DetectorConfig = DetectorConfig()
+    gallery: GalleryConfig = GalleryConfig()
+    decision: DecisionConfig = DecisionConfig()
+    quality: QualityConfig = QualityConfig()
+    liveness: LivenessConfig = LivenessConfig()
+    mqtt: MqttConfig = MqttConfig()
+    bundle: BundleConfig = BundleConfig()
+    loop: LoopConfig = LoopConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+
+def load_device_config(path: Path | None, environ: dict[str, str] | None = None) -> DeviceConfig:
+    """Load and validate a device config (raises ``facegate.configio.ConfigError``)."""
+    return load_config(DeviceConfig, path, ENV_PREFIX, environ)

@@ -1,0 +1,1 @@
+"""Light inference runtime: load and run ``.tflite`` files with LiteRT, read manifests. numpy only."""

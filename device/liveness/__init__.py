@@ -1,0 +1,1 @@
+"""Liveness: passive CNN, active challenge, planar-attack geometry, fused by a policy."""

@@ -1,0 +1,131 @@
+"""Every MQTT topic facegate uses is built here, and only here.
+
+Layout: ``<prefix>/<site>/<device>/<leaf>`` for per-device topics and
+``<prefix>/<site>/bundles/...`` for fleet-wide bundle traffic. Subscribers match with
+``paho.mqtt.client.topic_matches_sub`` against the filters below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SEGMENT_FORBIDDEN = frozenset("+#/\x00")
+
+
+class TopicError(ValueError):
+    """A topic segment contains MQTT wildcard or separator characters."""
+
+
+def _segment(value: str, what: str) -> str:
+    if not value or any(ch in SEGMENT_FORBIDDEN for ch in value):
+        raise TopicError(f"{what} {value!r} must be non-empty and contain none of '+', '#', '/', NUL")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Topic builders for one prefix and site."""
+
+    prefix: str = "facegate"
+    site: str = "site"
+
+    def __post_init__(self) -> None:
+        _segment(self.prefix, "prefix")
+        _segment(self.site, "site")
+
+    @property
+    def base(self) -> str:
+        """``<prefix>/<site>``."""
+        return f"{self.prefix}/{self.site}"
+
+    def device(self, device_id: str) -> str:
+        """Root of one device's topics."""
+        return f"{self.base}/{_segment(device_id, 'device id')}"
+
+    def available(self, device_id: str) -> str:
+        """``online``/``offline``, retained, with the last will."""
+        return f"{self.device(device_id)}/available"
+
+    def status(self, device_id: str) -> str:
+        """Retained status JSON."""
+        return f"{self.device(device_id)}/status"
+
+    def events(self, device_id: str) -> str:
+        """Access decisions, QoS 1."""
+        return f"{self.device(device_id)}/events"
+
+    def snapshot(self, device_id: str) -> str:
+        """Opt-in JPEG snapshots of unknown/spoof events."""
+        return f"{self.device(device_id)}/snapshot"
+
+    def command(self, device_id: str, name: str) -> str:
+        """A command to a device (unlock, reload, sync, ...)."""
+        return f"{self.device(device_id)}/cmd/{_segment(name, 'command')}/set"
+
+    def command_response(self, device_id: str, name: str) -> str:
+        """Where a device answers a command, with the correlation id."""
+        return f"{self.device(device_id)}/cmd/{_segment(name, 'command')}/response"
+
+    def bundle_ack(self, device_id: str) -> str:
+        """Per-device bundle progress/acks (downloading N%, installed, rejected: reason)."""
+        return f"{self.device(device_id)}/bundle/ack"
+
+    @property
+    def bundle_announce(self) -> str:
+        """Retained signed manifest announcement."""
+        return f"{self.base}/bundles/announce"
+
+    def bundle_chunk(self, sequence: int) -> str:
+        """Chunks of bundle ``sequence``."""
+        return f"{self.base}/bundles/{sequence}/chunk"
+
+    @property
+    def bundle_chunk_request(self) -> str:
+        """Devices ask for missing chunks here."""
+        return f"{self.base}/bundles/request"
+
+    @property
+    def gallery_delta(self) -> str:
+        """Signed gallery add/remove deltas (no models resent)."""
+        return f"{self.base}/bundles/delta"
+
+    # Subscription filters
+    @property
+    def all_events(self) -> str:
+        """Filter for every device's events."""
+        return f"{self.base}/+/events"
+
+    @property
+    def all_available(self) -> str:
+        """Filter for every device's availability."""
+        return f"{self.base}/+/available"
+
+    @property
+    def all_status(self) -> str:
+        """Filter for every device's status."""
+        return f"{self.base}/+/status"
+
+    @property
+    def all_bundle_acks(self) -> str:
+        """Filter for every device's bundle acks."""
+        return f"{self.base}/+/bundle/ack"
+
+    def commands_filter(self, device_id: str) -> str:
+        """Filter for the commands of one device."""
+        return f"{self.device(device_id)}/cmd/+/set"
+
+    @staticmethod
+    def device_of(topic: str) -> str | None:
+        """The device id in a per-device topic (third segment), or None."""
+        parts = topic.split("/")
+        return parts[2] if len(parts) >= 4 else None
+
+
+HA_DISCOVERY_PREFIX = "homeassistant"
+HA_STATUS_TOPIC = f"{HA_DISCOVERY_PREFIX}/status"
+
+
+def ha_config_topic(component: str, node_id: str, object_id: str) -> str:
+    """Home Assistant discovery config topic."""
+    node, obj = _segment(node_id, "node"), _segment(object_id, "object")
+    return f"{HA_DISCOVERY_PREFIX}/{component}/{node}/{obj}/config"

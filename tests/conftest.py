@@ -80,7 +80,7 @@ class Broker:
             conf.write_text(
                 f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
                 f"persistence_location {self.tmp}/\nmax_queued_messages 100000\nmax_inflight_messages 100\n"
-                "message_size_limit 0\n"
+                "message_size_limit 0\n" + ("user root\n" if os.geteuid() == 0 else "")
             )
             binary = _mosquitto_binary()
             assert binary is not None

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Install the facegate door agent on Raspberry Pi OS Bookworm (64-bit).
+#   sudo deploy/pi/install.sh [path-to-facegate-checkout-or-wheel]
+# picamera2 and gpiozero come from apt (they need libcamera's system bindings), so the venv
+# is created with --system-site-packages; everything else comes from PyPI via the `device` extra.
+set -euo pipefail
+src=${1:-$(cd "$(dirname "$0")/../.." && pwd)}
+prefix=/opt/facegate
+if [ "$(id -u)" -ne 0 ]; then echo "run as root (sudo)" >&2; exit 1; fi
+
+apt-get update
+apt-get install -y python3-venv python3-picamera2 python3-gpiozero python3-numpy libopenblas0
+
+id facegate >/dev/null 2>&1 || useradd --system --home /var/lib/facegate --shell /usr/sbin/nologin facegate
+# The relay and the camera: gpio and video groups.
+usermod -aG gpio,video facegate
+
+python3 -m venv --system-site-packages "$prefix/venv"
+"$prefix/venv/bin/pip" install --upgrade pip
+"$prefix/venv/bin/pip" install "${src}[device]"
+
+install -d -o facegate -g facegate -m 0750 /var/lib/facegate
+install -d -m 0755 /etc/facegate
+if [ ! -f /etc/facegate/device.toml ]; then
+  install -m 0640 -g facegate "$src/deploy/device.example.toml" /etc/facegate/device.toml
+  echo "edit /etc/facegate/device.toml (device id, camera type = \"picamera2\", door type = \"gpio\")"
+fi
+install -m 0644 "$src/deploy/systemd/facegate-device.service" /etc/systemd/system/facegate-device.service
+systemctl daemon-reload
+systemctl enable facegate-device.service
+"$prefix/venv/bin/facegate" device run --validate-config --config /etc/facegate/device.toml
+echo "start with: systemctl start facegate-device; check with: facegate doctor --config /etc/facegate/device.toml"

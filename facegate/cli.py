@@ -32,10 +32,16 @@ GROUPS: dict[str, GroupSpec] = {
     ),
     "eval": GroupSpec(
         "Evaluate verification, calibrate thresholds, measure liveness.",
-        ("server.evaluation.cli:cli",),
+        ("server.evaluation.cli:cli", "server.evaluation.calibrate:calibrate",
+         "server.evaluation.liveness:liveness"),
         "server",
     ),
-    "bench": GroupSpec("Benchmarks that print ratios against a baseline.", ("bench.cli:cli",), "server"),
+    "bench": GroupSpec(
+        "Benchmarks that print ratios against a baseline.",
+        ("bench.cli:cli", "bench.gallery:gallery", "bench.rollout:rollout", "bench.liveness:liveness",
+         "bench.style:style", "bench.audit:audit"),
+        "server",
+    ),
     "device": GroupSpec("Run and manage the door kiosk agent.", ("device.cli:cli",), "device"),
     "server": GroupSpec("Run the companion server.", ("server.cli:cli",), "server"),
     "bundle": GroupSpec("Build, publish and track signed bundles.", ("server.bundles.cli:cli",), "server"),
@@ -73,6 +79,19 @@ def _extra_for(target: str) -> str:
     return "server"
 
 
+def _unavailable(name: str, spec: GroupSpec) -> click.Command:
+    """A stand-in that explains why a group cannot run here."""
+
+    def explain() -> None:
+        raise click.ClickException(
+            f"'facegate {name}' is not available in this installation: "
+            f"pip install 'facegate[{spec.extra}]'"
+        )
+
+    return click.Command(name, help=spec.help, callback=explain,
+                         context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+
+
 class LazyRoot(click.Group):
     """Root group that resolves sub-groups on demand."""
 
@@ -87,7 +106,7 @@ class LazyRoot(click.Group):
             return None
         commands = [c for c in (_load_target(t) for t in spec.targets) if c is not None]
         if not commands:
-            return None
+            return _unavailable(cmd_name, spec)
         if len(commands) == 1:
             return commands[0]
         merged = click.Group(name=cmd_name, help=spec.help)

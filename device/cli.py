@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -28,3 +29,40 @@ def run(config_path: Path | None, validate_config: bool) -> None:
     from device.agent.runner import run_agent
 
     sys.exit(run_agent(config))
+
+
+@cli.command("enroll")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="Device config TOML (gallery goes to <data_dir>/gallery).")
+@click.option("--person-id", required=True, help="Stable person id (A-Z a-z 0-9 _ . @ : -).")
+@click.option("--name", required=True, help="Display name.")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+def enroll_cmd(config_path: Path | None, person_id: str, name: str, images: tuple[Path, ...]) -> None:
+    """Standalone enrollment: quality-gate IMAGES and add the accepted ones to the local gallery.
+
+    Prints one JSON object per image (accepted, failed gates with measured value and limit);
+    exits 1 when no image was accepted.
+    """
+    try:
+        config = load_device_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    from device.agent.runner import open_gallery, open_pipeline
+    from device.enroll import EnrollmentError, enroll, validate_person
+    from device.gallery import GalleryError
+    from models.runtime.interpreter import ModelLoadError
+    from models.runtime.manifest import ManifestError
+
+    try:
+        validate_person(person_id, name)
+    except EnrollmentError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    try:
+        with open_pipeline(config) as pipeline, open_gallery(config, pipeline) as gallery:
+            outcomes = enroll(config, pipeline, gallery, person_id, name, list(images))
+    except (GalleryError, ManifestError, ModelLoadError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for outcome in outcomes:
+        click.echo(json.dumps(outcome.as_dict()))
+    if not any(o.accepted for o in outcomes):
+        sys.exit(1)

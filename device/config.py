@@ -116,7 +116,16 @@ class DetectorConfig(Strict):
 class GalleryConfig(Strict):
     """FAISS gallery settings."""
 
-    exact_max: int = Field(50_000, ge=1, description="Above this many templates switch to HNSW.")
+    exact_max: int = Field(
+        50_000, ge=1, description="Above this many templates switch from exact search to `approximate`."
+    )
+    approximate: Literal["ivf", "hnsw"] = Field(
+        "ivf", description="Index above exact_max (`facegate bench gallery` measures both)."
+    )
+    ivf_nlist: int = Field(0, ge=0, le=1 << 18, description="IVF cells; 0 = auto (~4 sqrt(N), power of 2).")
+    ivf_nprobe: int = Field(
+        192, ge=1, le=1 << 16, description="IVF cells visited per search (192: recall@1 >= 0.99 up to 1M)."
+    )
     hnsw_m: int = Field(32, ge=4, le=128, description="HNSW graph degree.")
     hnsw_ef_search: int = Field(64, ge=8, le=4096, description="HNSW search breadth.")
     hnsw_ef_construction: int = Field(80, ge=8, le=4096, description="HNSW build breadth.")
@@ -147,20 +156,74 @@ class QualityConfig(Strict):
     min_sharpness: float = Field(20.0, ge=0, description="Minimum variance of the Laplacian on the chip.")
     max_yaw_deg: float = Field(30.0, ge=0, le=90, description="Maximum |yaw| for enrollment.")
     max_pitch_deg: float = Field(25.0, ge=0, le=90, description="Maximum |pitch| for enrollment.")
+    min_eye_aspect_ratio: float = Field(
+        0.15, ge=0, le=1, description="Minimum eye aspect ratio of either eye (closed eyes ~0.1, open ~0.3)."
+    )
 
 
 class LivenessConfig(Strict):
-    """Liveness checks and fusion policy."""
+    """Liveness checks and fusion policy (device/liveness/; thresholds from `facegate eval liveness`)."""
 
     passive: bool = Field(False, description="Run the MiniFASNet passive check.")
-    passive_threshold: float = Field(0.5, ge=0, le=1, description="Fused genuine probability to pass.")
-    challenge: Literal["never", "uncertain", "always"] = Field("never", description="Active challenge mode.")
-    challenge_timeout_s: float = Field(5.0, gt=0, le=60, description="Time to perform the action.")
+    passive_models: tuple[str, ...] = Field(
+        ("minifasnet-2.7", "minifasnet-4.0"), min_length=1, max_length=2,
+        description="Manifest names of the MiniFASNet models whose softmax outputs are averaged.",
+    )
+    passive_threshold: float = Field(
+        0.073, ge=0, le=1,
+        description="Fused genuine probability to pass (leave-subjects-out calibrated with BlazeFace short).",
+    )
     uncertain_band: float = Field(
-        0.15, ge=0, le=0.5, description="Passive score band that counts as uncertain."
+        1.0, ge=0, le=10,
+        description="Half-width, in logit units, of the band around passive_threshold that is uncertain.",
+    )
+    challenge: Literal["never", "uncertain", "always"] = Field("never", description="Active challenge mode.")
+    challenge_actions: tuple[Literal["blink", "turn_left", "turn_right"], ...] = Field(
+        ("blink", "turn_left", "turn_right"), min_length=1, description="Actions drawn at random."
+    )
+    challenge_timeout_s: float = Field(5.0, gt=0, le=60, description="Time to perform the action.")
+    blink_closed_ratio: float = Field(
+        0.6, gt=0, lt=1, description="Eyes closed below this fraction of the open eye aspect ratio."
+    )
+    blink_open_ratio: float = Field(
+        0.85, gt=0, le=1, description="Eyes open again above this fraction of the open eye aspect ratio."
+    )
+    turn_deg: float = Field(20.0, gt=0, le=80, description="Yaw (degrees) a turn must exceed.")
+    neutral_deg: float = Field(8.0, ge=0, le=40, description="Yaw below which the head faces the camera.")
+    mesh_model: str = Field(
+        "facemesh", min_length=1, description="Manifest name of the face mesh (else the packaged file)."
     )
     planar: bool = Field(False, description="Run the planar-attack geometry check over the track.")
-    planar_threshold: float = Field(0.01, ge=0, le=1, description="Residual below which motion is planar.")
+    planar_threshold: float = Field(
+        0.015, ge=0, le=1, description="Homography residual / face size below which motion is planar."
+    )
+    planar_min_motion: float = Field(
+        0.02, ge=0, le=1, description="Similarity residual a frame needs to count as planar evidence."
+    )
+    planar_min_frames: int = Field(3, ge=1, le=1000, description="Evidence frames needed for a verdict.")
+    planar_window: int = Field(30, ge=2, le=1000, description="Frames kept per track for the planar check.")
+    planar_required: bool = Field(
+        False, description="Count 'too little motion' from the planar check as uncertain, not ignore it."
+    )
+    uncertain_as: Literal["uncertain", "spoof", "live"] = Field(
+        "uncertain",
+        description="What an unresolved uncertain verdict becomes (a pending challenge stays uncertain).",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LivenessConfig:
+        if self.challenge == "uncertain" and not self.passive:
+            raise ValueError("challenge = 'uncertain' needs passive = true (it reacts to the passive score)")
+        if self.blink_closed_ratio >= self.blink_open_ratio:
+            raise ValueError("blink_closed_ratio must be below blink_open_ratio")
+        if self.neutral_deg >= self.turn_deg:
+            raise ValueError("neutral_deg must be below turn_deg")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """True when at least one liveness check runs."""
+        return self.passive or self.planar or self.challenge != "never"
 
 
 class MqttConfig(Strict):
@@ -179,6 +242,15 @@ class MqttConfig(Strict):
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive.")
     homeassistant: bool = Field(True, description="Publish Home Assistant discovery configs.")
     snapshots: bool = Field(False, description="Opt-in: publish a JPEG for unknown/spoof events.")
+    status_interval_s: float = Field(
+        30.0, ge=1, le=3600, description="Retained status re-published this often."
+    )
+    outbox_max_events: int = Field(
+        100_000,
+        ge=10,
+        le=10_000_000,
+        description="Outbox bound; beyond it the oldest event is evicted (logged).",
+    )
 
     @model_validator(mode="after")
     def _tls_files(self) -> MqttConfig:
@@ -191,6 +263,12 @@ class BundleConfig(Strict):
     """Signed bundle verification."""
 
     public_key: str | None = Field(None, description="Server Ed25519 public key (base64 or a file path).")
+    enabled: bool = Field(True, description="Accept bundles and gallery deltas over MQTT (needs public_key).")
+    keep: int = Field(2, ge=2, le=20, description="Installed bundles kept on disk (current + rollback).")
+    request_batch: int = Field(64, ge=1, le=4096, description="Chunks asked for per ChunkRequest.")
+    request_idle_s: float = Field(
+        2.0, gt=0, le=600, description="Ask for missing chunks after this long without a new one."
+    )
 
 
 class LoopConfig(Strict):

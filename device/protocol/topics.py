@@ -70,6 +70,10 @@ class Topics:
         """Per-device bundle progress/acks (downloading N%, installed, rejected: reason)."""
         return f"{self.device(device_id)}/bundle/ack"
 
+    def bundle_chunk_reply(self, device_id: str) -> str:
+        """Chunks sent to one device in answer to its ChunkRequest."""
+        return f"{self.device(device_id)}/bundle/chunk"
+
     @property
     def bundle_announce(self) -> str:
         """Retained signed manifest announcement."""
@@ -110,9 +114,22 @@ class Topics:
         """Filter for every device's bundle acks."""
         return f"{self.base}/+/bundle/ack"
 
+    @property
+    def all_bundle_chunks(self) -> str:
+        """Filter for the broadcast chunks of every bundle sequence."""
+        return f"{self.base}/bundles/+/chunk"
+
     def commands_filter(self, device_id: str) -> str:
         """Filter for the commands of one device."""
         return f"{self.device(device_id)}/cmd/+/set"
+
+    def command_of(self, topic: str, device_id: str) -> str | None:
+        """The command name in ``<device>/cmd/<name>/set``, or None for any other topic."""
+        root = f"{self.device(device_id)}/cmd/"
+        if not topic.startswith(root) or not topic.endswith("/set"):
+            return None
+        name = topic[len(root):-len("/set")]
+        return name if name and "/" not in name else None
 
     @staticmethod
     def device_of(topic: str) -> str | None:

@@ -1,0 +1,20 @@
+"""The kiosk agent: frame loop (capture -> queue -> process), status, event sinks, runner."""
+
+from device.agent.loop import Agent, AgentError, Analyzer, Loader, Models
+from device.agent.sink import EventSink, FanOutSink, JsonLinesSink, LoggingSink, MemorySink, decision_to_dict
+from device.agent.status import AgentStatus
+
+__all__ = [
+    "Agent",
+    "AgentError",
+    "AgentStatus",
+    "Analyzer",
+    "EventSink",
+    "FanOutSink",
+    "JsonLinesSink",
+    "Loader",
+    "LoggingSink",
+    "MemorySink",
+    "Models",
+    "decision_to_dict",
+]

@@ -1,0 +1,394 @@
+"""The frame loop: capture thread -> bounded queue -> processing thread -> door and event sink.
+
+The capture thread owns the camera: it opens it, reads and paces frames, and hands them over with
+``put_nowait`` into a bounded queue, dropping the oldest (or the newest) frame when full and counting it.
+When the camera fails it counts the error, locks the door, closes the source and retries with the
+source's exponential backoff until the camera is back. The processing thread owns the tracker and the
+decision engine: analyze (detect, align, embed) -> liveness -> gallery search -> decide -> door -> sink.
+Both stop on one ``threading.Event``; ``stop()`` joins them with a timeout (shutdown well under 2 s).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol
+
+from device.agent.sink import EventSink, FanOutSink
+from device.agent.status import AgentStatus, Counters, RateMeter
+from device.camera import CameraSetupError, FrameSource
+from device.config import DeviceConfig
+from device.decide import DecisionEngine, FaceObservation, Tracker
+from device.door import Door, DoorError
+from device.gallery import Gallery
+from device.liveness.base import LivenessEngine, PassThroughLiveness
+from device.types import Decision, DecisionKind, Detection, Embedding, Frame, ImageArray
+
+logger = logging.getLogger(__name__)
+
+# How often idle threads wake up to look at the stop event and expire tracks.
+POLL_S = 0.1
+# How often a standalone door looks for a gallery changed on disk by `facegate device enroll`.
+WATCH_INTERVAL_S = 2.0
+# Threads get this long to finish the frame in hand on stop(); the whole shutdown stays under 2 s.
+JOIN_TIMEOUT_S = 1.5
+
+
+class FaceLike(Protocol):
+    """What the loop needs from one analysed face (``device.vision.pipeline.FaceResult``)."""
+
+    @property
+    def detection(self) -> Detection: ...
+    @property
+    def embedding(self) -> Embedding: ...
+    @property
+    def latencies_ms(self) -> dict[str, float]: ...
+
+
+class Analyzer(Protocol):
+    """What the loop needs from the face pipeline (``device.vision.pipeline.FacePipeline``)."""
+
+    @property
+    def model_sha256(self) -> str: ...
+    @property
+    def model_version(self) -> str: ...
+    def analyze(self, rgb: ImageArray) -> Sequence[FaceLike]: ...
+    def close(self) -> None: ...
+
+
+class AgentError(Exception):
+    """The agent cannot start or reload."""
+
+
+@dataclass(slots=True)
+class Models:
+    """The swappable pair: the pipeline and the gallery built for its embedder."""
+
+    pipeline: Analyzer
+    gallery: Gallery
+
+
+Loader = Callable[[], Models]
+
+
+class Agent:
+    """The kiosk agent; a context manager. Public API for the MQTT layer: status, manual_unlock, reload."""
+
+    def __init__(self, config: DeviceConfig, *, models: Models, door: Door, source: FrameSource,
+                 sinks: Sequence[EventSink] = (), liveness: LivenessEngine | None = None,
+                 loader: Loader | None = None, watch: Path | None = None) -> None:
+        if models.gallery.model_sha256 != models.pipeline.model_sha256:
+            raise AgentError("gallery and embedder differ (sha256); load the gallery for this model")
+        self.config = config
+        self._models = models
+        self._loader = loader
+        self._watch = watch
+        self._watch_stamp = self._stamp()
+        self._watch_next = 0.0
+        self.door = door
+        self.source = source
+        self.sink = FanOutSink(*sinks)
+        self.liveness: LivenessEngine = liveness if liveness is not None else PassThroughLiveness()
+        self._queue: queue.Queue[Frame] = queue.Queue(maxsize=config.loop.queue_size)
+        self._stop = threading.Event()
+        self._capture_done = threading.Event()
+        self._finished = threading.Event()
+        self._models_lock = threading.RLock()
+        self._camera_epoch = 0
+        self._camera_connected = False
+        self._counters = Counters()
+        self._fps = RateMeter()
+        self._capture_fps = RateMeter()
+        self._last_decision: Decision | None = None
+        self._error: str | None = None
+        self._started_at: float | None = None
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the capture and processing threads."""
+        if self._threads:
+            raise AgentError("agent already started")
+        self._started_at = time.monotonic()
+        self._threads = [
+            threading.Thread(target=self._capture_loop, name="capture", daemon=True),
+            threading.Thread(target=self._process_loop, name="process", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        logger.info("agent %s started (gallery %s, %d persons)", self.config.device.id,
+                    self._models.gallery.version, self._models.gallery.person_count)
+
+    def request_stop(self) -> None:
+        """Ask both threads to stop (safe from a signal handler)."""
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the loop ends (stop requested, or a finite source fully processed)."""
+        return self._finished.wait(timeout)
+
+    def stop(self, timeout: float = JOIN_TIMEOUT_S) -> None:
+        """Stop the threads, lock the door and release everything (idempotent)."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                logger.warning("thread %s did not stop within %.1f s", thread.name, timeout)
+        self.close()
+
+    def close(self) -> None:
+        """Release camera, door (locked), sinks and models; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._finished.set()
+        self.door.close()
+        self.source.close()
+        self.sink.close()
+        with self._models_lock:
+            self._models.pipeline.close()
+            self._models.gallery.close()
+
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def gallery(self) -> Gallery:
+        """The active gallery (thread-safe: apply add/remove deltas in place, then ``save()``)."""
+        return self._models.gallery
+
+    def add_sink(self, sink: EventSink) -> None:
+        """Attach another event sink (the MQTT publisher)."""
+        self.sink.add(sink)
+
+    def manual_unlock(self, seconds: float | None = None) -> None:
+        """Operator unlock (MQTT ``unlock`` command); raises DoorError when refused."""
+        self.door.manual_unlock(seconds, reason="manual unlock")
+
+    def reload(self) -> str:
+        """Re-open models and gallery from disk (after a bundle install); return the new gallery version.
+
+        The new pair is loaded beside the running one and swapped between two frames; if loading fails
+        the running pair stays and ``AgentError`` is raised.
+        """
+        if self._loader is None:
+            raise AgentError("this agent has no loader to reload from")
+        try:
+            new = self._loader()
+        except Exception as exc:  # any load failure keeps the running models
+            raise AgentError(f"reload failed, keeping the running models: {exc}") from exc
+        if new.gallery.model_sha256 != new.pipeline.model_sha256:
+            new.pipeline.close()
+            new.gallery.close()
+            raise AgentError("reload failed: the new gallery was built for another embedder")
+        with self._models_lock:
+            old, self._models = self._models, new
+        old.pipeline.close()
+        old.gallery.close()
+        logger.info("reloaded: model %s, gallery %s", new.pipeline.model_version, new.gallery.version)
+        return new.gallery.version
+
+    def status(self) -> AgentStatus:
+        """Snapshot for the status topic."""
+        c = self._counters
+        models = self._models
+        try:
+            gallery_version, persons = models.gallery.version, models.gallery.person_count
+        except Exception:  # a gallery closed by a concurrent reload; report what we can
+            gallery_version, persons = "", 0
+        return AgentStatus(
+            device_id=self.config.device.id,
+            running=bool(self._threads) and not self._finished.is_set(),
+            uptime_s=time.monotonic() - self._started_at if self._started_at else 0.0,
+            fps=self._fps.rate(),
+            capture_fps=self._capture_fps.rate(),
+            frames_captured=c.frames_captured,
+            frames_processed=c.frames_processed,
+            queue_drops=c.queue_drops,
+            bad_frames=self.source.bad_frames,
+            camera_errors=c.camera_errors,
+            camera_connected=self._camera_connected,
+            processing_errors=c.processing_errors,
+            faces=c.faces,
+            decisions=dict(c.decisions),
+            last_decision=self._last_decision,
+            model_version=models.pipeline.model_version,
+            model_sha256=models.pipeline.model_sha256,
+            gallery_version=gallery_version,
+            gallery_persons=persons,
+            door_state=self.door.state.value,
+            error=self._error,
+        )
+
+    def _stamp(self) -> int | None:
+        """Modification time of the watched file (None when absent or not watching)."""
+        if self._watch is None:
+            return None
+        try:
+            return self._watch.stat().st_mtime_ns
+        except OSError:
+            return None
+
+    def _check_watch(self) -> None:
+        """Reload when the watched gallery file changed on disk (standalone enrollment)."""
+        now = time.monotonic()
+        if self._watch is None or self._loader is None or now < self._watch_next:
+            return
+        self._watch_next = now + WATCH_INTERVAL_S
+        stamp = self._stamp()
+        if stamp == self._watch_stamp:
+            return
+        self._watch_stamp = stamp
+        logger.info("%s changed on disk: reloading", self._watch)
+        try:
+            self.reload()
+        except AgentError as exc:
+            logger.error("%s", exc)
+
+    # ------------------------------------------------------------------ capture thread
+    def _camera_lost(self, exc: BaseException) -> None:
+        self._counters.camera_errors += 1
+        self._camera_connected = False
+        self._camera_epoch += 1
+        self.source.close()
+        try:
+            self.door.lock("camera lost")
+        except DoorError as door_exc:
+            self._counters.door_errors += 1
+            logger.error("cannot lock the door after a camera failure: %s", door_exc)
+        delay = self.source.backoff.next_delay()
+        logger.warning("camera %s failed (%s: %s); retrying in %.1f s", self.source.source_id,
+                       type(exc).__name__, exc, delay)
+        self._stop.wait(delay)
+
+    def _enqueue(self, frame: Frame) -> None:
+        try:
+            self._queue.put_nowait(frame)
+            return
+        except queue.Full:
+            self._counters.queue_drops += 1
+        if self.config.loop.drop == "newest":
+            return
+        try:
+            self._queue.get_nowait()  # drop the oldest, keep the freshest view of the door
+        except queue.Empty:
+            pass
+        try:
+            self._queue.put_nowait(frame)
+        except queue.Full:
+            self._counters.queue_drops += 1
+
+    def _capture_loop(self) -> None:
+        opened = False
+        next_due = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                try:
+                    if not opened:
+                        self.source.open()
+                        opened, self._camera_connected = True, True
+                        next_due = time.monotonic()
+                    frame = self.source.read()
+                except CameraSetupError as exc:
+                    self._error = str(exc)
+                    logger.error("camera cannot work as configured: %s", exc)
+                    self._stop.set()
+                    break
+                except Exception as exc:  # CameraError or anything a backend raises: retry, door locked
+                    opened = False
+                    self._camera_lost(exc)
+                    continue
+                if frame is None:
+                    logger.info("camera %s reached the end of its stream", self.source.source_id)
+                    break
+                self.source.backoff.reset()
+                self._counters.frames_captured += 1
+                self._capture_fps.tick()
+                self._enqueue(frame)
+                interval = self.source.frame_interval_s
+                if interval:
+                    next_due = max(next_due + interval, time.monotonic() - interval)
+                    self._stop.wait(max(0.0, next_due - time.monotonic()))
+        finally:
+            self._capture_done.set()
+
+    # ------------------------------------------------------------------ processing thread
+    def _process_loop(self) -> None:
+        tracker = Tracker(self.config.decision.track_timeout_s)
+        engine = DecisionEngine(self.config.decision)
+        epoch = self._camera_epoch
+        try:
+            while not self._stop.is_set():
+                self._check_watch()
+                try:
+                    frame = self._queue.get(timeout=POLL_S)
+                except queue.Empty:
+                    if self._capture_done.is_set():
+                        break
+                    self._end_tracks(tracker.expire(time.monotonic()), engine)
+                    continue
+                if epoch != self._camera_epoch:  # the camera dropped: whoever was there is gone
+                    epoch = self._camera_epoch
+                    self._end_tracks(tracker.clear(), engine)
+                try:
+                    with self._models_lock:
+                        self._process(frame, tracker, engine)
+                except Exception:  # one bad frame must never stop the door
+                    self._counters.processing_errors += 1
+                    logger.exception("frame %d could not be processed", frame.index)
+        finally:
+            self._finished.set()
+
+    def _end_tracks(self, ended: list[int], engine: DecisionEngine) -> None:
+        for track_id in ended:
+            engine.end_track(track_id)
+            self.liveness.end_track(track_id)
+
+    def _process(self, frame: Frame, tracker: Tracker, engine: DecisionEngine) -> None:
+        models = self._models
+        faces = models.pipeline.analyze(frame.rgb)
+        self._counters.frames_processed += 1
+        self._fps.tick()
+        self._end_tracks(tracker.expire(frame.timestamp), engine)
+        track_ids = tracker.assign([f.detection.box for f in faces], frame.timestamp)
+        self._counters.faces += len(faces)
+        for face, track_id in zip(faces, track_ids, strict=True):
+            latencies = dict(face.latencies_ms)
+            t0 = time.perf_counter()
+            live = self.liveness.assess(frame.rgb, face.detection, track_id, frame.timestamp)
+            t1 = time.perf_counter()
+            match = models.gallery.search(face.embedding.vector)
+            t2 = time.perf_counter()
+            latencies["liveness"] = (t1 - t0) * 1000.0
+            latencies["search"] = (t2 - t1) * 1000.0
+            obs = FaceObservation(track_id, match, live, frame.timestamp, frame.source_id, latencies)
+            decision = engine.observe(obs, models.pipeline.model_version)
+            if decision is not None:
+                # the gallery version (a content hash, recomputed after a delta) only when it is needed
+                self._act(replace(decision, gallery_version=models.gallery.version))
+
+    def _act(self, decision: Decision) -> None:
+        self._last_decision = decision
+        counts = self._counters.decisions
+        counts[decision.kind.value] = counts.get(decision.kind.value, 0) + 1
+        if decision.kind is DecisionKind.GRANTED:
+            try:
+                self.door.grant(reason=f"granted {decision.person_id}")
+            except DoorError as exc:
+                self._counters.door_errors += 1
+                logger.error("door did not open for a grant: %s", exc)
+        self.sink.emit(decision)

@@ -1,0 +1,135 @@
+"""``facegate device run``: build the agent from the config and run it until SIGTERM/SIGINT.
+
+Models come from ``[models] dir`` (default: the built models folder) and the gallery from
+``<data_dir>/gallery``; a missing gallery starts empty (nobody is recognised until someone is
+enrolled). A standalone door reloads by itself when ``facegate device enroll`` changes the gallery.
+Decisions go to a JSON-lines file (``[loop] events_jsonl``, or ``<data_dir>/events.jsonl`` for a
+standalone door without MQTT) and to any extra sinks the caller passes (the MQTT publisher).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from device.agent.loop import Agent, Loader, Models
+from device.agent.sink import EventSink, JsonLinesSink, LoggingSink
+from device.camera import create_source
+from device.config import DeviceConfig
+from device.door import create_door
+from device.gallery import Gallery
+from device.gallery.store import META_NAME
+from device.liveness.base import LivenessEngine
+from device.vision.embedder import EMBEDDING_DIM
+from device.vision.pipeline import FacePipeline
+from models.runtime.assets import default_models_dir
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED = 0, 1
+# The main thread wakes this often to notice signals while waiting on the loop.
+WAIT_SLICE_S = 0.2
+
+
+def models_dir(config: DeviceConfig) -> Path:
+    """The folder holding the active models' manifest.json."""
+    return config.models.dir if config.models.dir is not None else default_models_dir()
+
+
+def gallery_dir(config: DeviceConfig) -> Path:
+    """The local gallery folder."""
+    return config.device.data_dir / "gallery"
+
+
+def open_pipeline(config: DeviceConfig, directory: Path | None = None) -> FacePipeline:
+    """The face pipeline from the config's models folder (sha256-checked)."""
+    return FacePipeline.from_models_dir(directory or models_dir(config), config.detector,
+                                        config.models.threads, config.models.embedder)
+
+
+def open_gallery(config: DeviceConfig, pipeline: FacePipeline, directory: Path | None = None) -> Gallery:
+    """The gallery for this pipeline's embedder, or an empty one (raises GalleryModelMismatch)."""
+    folder = directory or gallery_dir(config)
+    gallery = Gallery.open_or_create(folder, EMBEDDING_DIM, pipeline.model_sha256, config.gallery,
+                                     pipeline.model_version)
+    if gallery.person_count == 0:
+        logger.warning("gallery %s is empty: nobody will be granted until someone is enrolled", folder)
+    return gallery
+
+
+def default_loader(config: DeviceConfig, models: Path | None = None, gallery: Path | None = None) -> Loader:
+    """A loader that opens pipeline + gallery from disk (used at start and by ``Agent.reload``)."""
+
+    def load() -> Models:
+        pipeline = open_pipeline(config, models)
+        try:
+            return Models(pipeline, open_gallery(config, pipeline, gallery))
+        except BaseException:
+            pipeline.close()
+            raise
+
+    return load
+
+
+def default_sinks(config: DeviceConfig) -> list[EventSink]:
+    """JSON lines where configured (always for a standalone door), else a logging sink."""
+    path = config.loop.events_jsonl
+    if path is None and not config.mqtt.enabled:
+        path = config.device.data_dir / "events.jsonl"
+    return [JsonLinesSink(path)] if path is not None else [LoggingSink()]
+
+
+def build_agent(config: DeviceConfig, *, loader: Loader | None = None,
+                sinks: Sequence[EventSink] | None = None, liveness: LivenessEngine | None = None) -> Agent:
+    """Open models, gallery, door and camera from the config and return a ready (not started) agent."""
+    load = loader or default_loader(config)
+    models = load()
+    try:
+        door = create_door(config.door)
+    except BaseException:
+        models.pipeline.close()
+        models.gallery.close()
+        raise
+    if liveness is None and (config.liveness.passive or config.liveness.planar
+                             or config.liveness.challenge != "never"):
+        logger.warning("liveness checks are configured but no engine was given: running pass-through")
+    chosen = list(sinks) if sinks is not None else default_sinks(config)
+    # A standalone door (no broker, our own loader) picks up `facegate device enroll` without a restart.
+    watch = gallery_dir(config) / META_NAME if loader is None and not config.mqtt.enabled else None
+    return Agent(config, models=models, door=door, source=create_source(config.camera), sinks=chosen,
+                 liveness=liveness, loader=load, watch=watch)
+
+
+def run_agent(config: DeviceConfig, agent: Agent | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or the end of a finite replay); return the process exit code."""
+    try:
+        agent = agent or build_agent(config)
+    except Exception as exc:  # models, gallery or door could not be opened: say why and exit non-zero
+        logger.error("agent cannot start: %s", exc)
+        return EXIT_FAILED
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        logger.info("signal %s: stopping", signal.Signals(signum).name)
+        agent.request_stop()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        agent.start()
+        while not agent.wait(WAIT_SLICE_S):
+            pass
+    finally:
+        agent.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    error = agent.status().error
+    if error:
+        logger.error("agent stopped on an error: %s", error)
+        return EXIT_FAILED
+    return EXIT_OK

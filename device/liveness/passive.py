@@ -1,0 +1,224 @@
+"""Passive liveness: two MiniFASNet CNNs (Minivision, Apache-2.0) on 80x80 BGR patches around the face.
+
+Input specification (``../shared/models/minifasnet/README.md``, Minivision's ``CropImage``):
+
+- the face box ``(x, y, w, h)`` is scaled by 2.7 (MiniFASNetV2) or 4.0 (MiniFASNetV1SE) about its centre,
+  the scale first capped at ``min((H-1)/h, (W-1)/w, scale)`` so the patch fits the frame;
+- a patch sticking out of the frame is shifted back inside (never padded), cut, and resized to 80x80
+  with bilinear interpolation;
+- pixels are BGR, 0-255 float32 with no normalisation; the output is 3 logits, softmax index 1 = genuine.
+
+The two models' softmax vectors are averaged (Minivision's demo) and the genuine probability is the score.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from device.types import Detection, ImageArray, LivenessCheck, LivenessVerdict
+from models.runtime.interpreter import TFLiteModel
+from models.runtime.manifest import ManifestError, load_manifest, verify_entry
+
+logger = logging.getLogger(__name__)
+
+CHECK_NAME = "passive"
+PATCH_SIZE = 80
+GENUINE_CLASS = 1
+MINIFASNET_ENV = "FACEGATE_MINIFASNET_DIR"
+# Probabilities are clipped to [eps, 1-eps] before the logit (float32 softmax saturates at 1).
+PROB_EPS = 1e-7
+
+
+@dataclass(frozen=True, slots=True)
+class PassiveModelSpec:
+    """One MiniFASNet: its manifest name, the file name Minivision's conversion ships, and its patch scale."""
+
+    manifest_name: str
+    file_name: str
+    scale: float
+
+
+# Manifest names match models/build (role "liveness"); file names are the float32 TFLite conversions.
+PASSIVE_MODELS: tuple[PassiveModelSpec, ...] = (
+    PassiveModelSpec("minifasnet-2.7", "2.7_80x80_MiniFASNetV2_float32.tflite", 2.7),
+    PassiveModelSpec("minifasnet-4.0", "4_0_0_80x80_MiniFASNetV1SE_float32.tflite", 4.0),
+)
+SPECS_BY_NAME = {spec.manifest_name: spec for spec in PASSIVE_MODELS}
+OBTAIN_HINT = (
+    "download 2.7_80x80_MiniFASNetV2.pth and 4_0_0_80x80_MiniFASNetV1SE.pth from "
+    "github.com/minivision-ai/Silent-Face-Anti-Spoofing (resources/anti_spoof_models) or their TFLite "
+    "conversions, then run `facegate models build --minifasnet DIR`"
+)
+
+
+class PassiveModelError(Exception):
+    """The MiniFASNet models are missing or do not have the expected shape."""
+
+
+def patch_window(width: int, height: int, box: tuple[float, float, float, float],
+                 scale: float) -> tuple[int, int, int, int]:
+    """Inclusive window (x0, y0, x1, y1) of the scaled face patch, shifted inside the width x height frame."""
+    x0, y0, x1, y1 = box
+    box_w, box_h = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
+    scale = min((height - 1) / box_h, (width - 1) / box_w, scale)
+    new_w, new_h = box_w * scale, box_h * scale
+    centre_x, centre_y = x0 + box_w / 2.0, y0 + box_h / 2.0
+    left, top = centre_x - new_w / 2.0, centre_y - new_h / 2.0
+    right, bottom = centre_x + new_w / 2.0, centre_y + new_h / 2.0
+    if left < 0:
+        right -= left
+        left = 0.0
+    if top < 0:
+        bottom -= top
+        top = 0.0
+    if right > width - 1:
+        left -= right - (width - 1)
+        right = float(width - 1)
+    if bottom > height - 1:
+        top -= bottom - (height - 1)
+        bottom = float(height - 1)
+    return int(left), int(top), int(right), int(bottom)
+
+
+def crop_patch(bgr: ImageArray, box: tuple[float, float, float, float], scale: float,
+               size: int = PATCH_SIZE) -> npt.NDArray[np.float32]:
+    """The (size, size, 3) BGR 0-255 float32 patch of ``box`` scaled by ``scale`` (Minivision's crop)."""
+    height, width = bgr.shape[:2]
+    left, top, right, bottom = patch_window(width, height, box, scale)
+    patch = bgr[max(top, 0):bottom + 1, max(left, 0):right + 1]
+    if patch.size == 0:
+        raise PassiveModelError(f"empty liveness patch for box {box} in a {width}x{height} frame")
+    return cv2.resize(patch, (size, size), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+
+
+def softmax(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Numerically stable softmax over the last axis."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    out: npt.NDArray[np.float32] = (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def logit(p: float) -> float:
+    """log(p / (1 - p)), with p clipped away from 0 and 1."""
+    q = min(max(p, PROB_EPS), 1.0 - PROB_EPS)
+    return math.log(q / (1.0 - q))
+
+
+def passive_verdict(score: float, threshold: float, band: float) -> LivenessVerdict:
+    """live at or above the threshold, spoof below it, uncertain within ``band`` logits of it."""
+    distance = logit(score) - logit(threshold)
+    if band > 0 and abs(distance) < band:
+        return LivenessVerdict.UNCERTAIN
+    return LivenessVerdict.LIVE if distance >= 0 else LivenessVerdict.SPOOF
+
+
+def find_minifasnet_files(directory: Path) -> list[tuple[PassiveModelSpec, Path]]:
+    """Locate the float32 MiniFASNet TFLite files in a plain folder (no manifest)."""
+    found = []
+    for spec in PASSIVE_MODELS:
+        path = Path(directory) / spec.file_name
+        if not path.is_file():
+            raise PassiveModelError(f"{path} is missing: {OBTAIN_HINT}")
+        found.append((spec, path))
+    return found
+
+
+def manifest_minifasnet_files(models_dir: Path, names: Sequence[str]) -> list[tuple[PassiveModelSpec, Path]]:
+    """Locate and sha256-verify the named MiniFASNet entries of a model manifest."""
+    try:
+        manifest = load_manifest(Path(models_dir))
+        found = []
+        for name in names:
+            if name not in SPECS_BY_NAME:
+                raise PassiveModelError(f"unknown passive model '{name}' (known: {sorted(SPECS_BY_NAME)})")
+            found.append((SPECS_BY_NAME[name], verify_entry(Path(models_dir), manifest.get(name))))
+        return found
+    except ManifestError as exc:
+        raise PassiveModelError(f"passive liveness models unavailable: {exc}; {OBTAIN_HINT}") from exc
+
+
+def resolve_minifasnet_files(models_dir: Path | None = None, minifasnet_dir: Path | None = None,
+                             names: Sequence[str] = tuple(SPECS_BY_NAME),
+                             ) -> list[tuple[PassiveModelSpec, Path]]:
+    """Files from an explicit MiniFASNet folder, else ``$FACEGATE_MINIFASNET_DIR``, else the manifest."""
+    folder = minifasnet_dir if minifasnet_dir is not None else os.environ.get(MINIFASNET_ENV)
+    if folder:
+        wanted = set(names)
+        return [item for item in find_minifasnet_files(Path(folder)) if item[0].manifest_name in wanted]
+    if models_dir is None:
+        raise PassiveModelError(f"no models folder, MiniFASNet folder or ${MINIFASNET_ENV} given; "
+                                f"{OBTAIN_HINT}")
+    return manifest_minifasnet_files(models_dir, names)
+
+
+class PassiveLiveness:
+    """MiniFASNet ensemble: ``score(rgb, det)`` is the mean softmax genuine probability; a context manager.
+
+    ``band`` is the half-width, in logit units, of the uncertain zone around ``threshold``: scores pile up
+    near 0 and 1, so a band in probability units would be far too wide at a low threshold.
+    """
+
+    def __init__(self, files: Sequence[tuple[PassiveModelSpec, Path]], threshold: float = 0.5,
+                 band: float = 0.0, threads: int = 1) -> None:
+        if not files:
+            raise PassiveModelError("at least one MiniFASNet model is needed")
+        self.threshold = threshold
+        self.band = band
+        self.models: list[tuple[PassiveModelSpec, TFLiteModel]] = []
+        try:
+            for spec, path in files:
+                model = TFLiteModel(path, threads=threads)
+                self.models.append((spec, model))
+                if model.input.shape != (1, PATCH_SIZE, PATCH_SIZE, 3):
+                    raise PassiveModelError(f"{path.name} input is {model.input.shape}, "
+                                            f"expected (1, {PATCH_SIZE}, {PATCH_SIZE}, 3)")
+        except BaseException:
+            self.close()
+            raise
+        logger.info("passive liveness: %s", ", ".join(spec.manifest_name for spec, _ in self.models))
+
+    def probabilities(self, rgb: ImageArray, det: Detection) -> npt.NDArray[np.float32]:
+        """Mean of the models' softmax vectors (3 classes) for the face ``det`` in an RGB frame."""
+        if not self.models:
+            raise PassiveModelError("the passive liveness models are closed")
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+        total = np.zeros(3, np.float32)
+        for spec, model in self.models:
+            patch = crop_patch(bgr, det.box, spec.scale)
+            total += softmax(model.run(patch[None]).reshape(-1))
+        out: npt.NDArray[np.float32] = (total / len(self.models)).astype(np.float32)
+        return out
+
+    def score(self, rgb: ImageArray, det: Detection) -> float:
+        """Fused genuine probability in [0, 1] (higher = more live)."""
+        return float(self.probabilities(rgb, det)[GENUINE_CLASS])
+
+    def check(self, rgb: ImageArray, det: Detection) -> LivenessCheck:
+        """Score and verdict (threshold with its uncertain band) as a LivenessCheck."""
+        value = self.score(rgb, det)
+        verdict = passive_verdict(value, self.threshold, self.band)
+        return LivenessCheck(CHECK_NAME, value, verdict, f"threshold={self.threshold:.4f}")
+
+    def close(self) -> None:
+        """Release the interpreters (safe to call twice)."""
+        for _, model in self.models:
+            model.close()
+        self.models = []
+
+    def __enter__(self) -> PassiveLiveness:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""HTTP API routers: auth, persons and enrollment, verify/identify, events, devices, rollout, audit."""

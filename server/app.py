@@ -1,0 +1,115 @@
+"""``create_app(config)``: the FastAPI application with the API, the web station and the audit subscriber."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request, Response, status
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from facegate import __version__
+from server.api import auth, events, persons, recognize
+from server.api.deps import PrincipalDep, require_admin
+from server.config import ServerConfig
+from server.enrollment.engine import RecognitionEngine
+from server.enrollment.sync import GallerySync
+from server.state import AppState
+from server.web import routes as web_routes
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "web" / "static"
+FORM_OVERHEAD_BYTES = 1 << 20  # multipart boundaries and text fields on top of the image bytes
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",  # "no-referrer" would make browsers send Origin: null
+}
+# The web station loads only its own scripts and styles; camera frames stay in blob: URLs.
+PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; "
+            "style-src 'self'; script-src 'self'; frame-ancestors 'none'; form-action 'self'")
+
+
+def _docs_router() -> APIRouter:
+    """OpenAPI schema and Swagger UI, behind authentication like every other route."""
+    router = APIRouter(include_in_schema=False)
+
+    @router.get("/openapi.json")
+    def openapi(request: Request, _: PrincipalDep) -> JSONResponse:
+        return JSONResponse(request.app.openapi())
+
+    @router.get("/docs")
+    def docs(_: PrincipalDep) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="facegate API")
+
+    return router
+
+
+def _mount_style(app: FastAPI, state: AppState) -> None:
+    """Mount the style-transfer API under /api/style for admins when ``[style]`` is configured."""
+    if state.config.style is None:
+        return
+    from server.style.api import build_router
+    from server.style.jobs import StyleJobs
+
+    jobs = StyleJobs(state.config.style)
+    state.extra_closers.append(jobs)
+    app.include_router(build_router(jobs, require_admin), prefix="/api")
+
+
+def create_app(config: ServerConfig, *, engine: RecognitionEngine | None = None,
+               sync: GallerySync | None = None, start_mqtt: bool = True) -> FastAPI:
+    """Build the state (database, key, services) and the app; MQTT starts with the app's lifespan."""
+    state = AppState.build(config, engine=engine, sync=sync)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if start_mqtt:
+            state.start_mqtt()
+        try:
+            yield
+        finally:
+            state.close()
+
+    app = FastAPI(
+        title="facegate server", version=__version__, lifespan=lifespan,
+        docs_url=None, redoc_url=None, openapi_url=None,
+        description="Enrollment station, audit log and fleet API. Every route needs a bearer token "
+                    "from POST /api/auth/login (admin: enroll, delete; viewer: events, devices).",
+    )
+    app.state.facegate = state
+    max_body = config.upload.max_files * config.upload.max_bytes + FORM_OVERHEAD_BYTES
+
+    @app.middleware("http")
+    async def limits_and_headers(request: Request,
+                                 call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body):
+            return JSONResponse({"detail": f"request body above {max_body} bytes"},
+                                status_code=status.HTTP_413_CONTENT_TOO_LARGE)
+        response = await call_next(request)
+        for key, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(key, value)
+        if response.headers.get("content-type", "").startswith("text/html") and request.url.path != "/docs":
+            response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
+        return response
+
+    for module in (auth, persons, recognize, events):
+        app.include_router(module.router)
+    app.include_router(_docs_router())
+    _mount_style(app, state)
+    app.include_router(web_routes.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def app_state(app: Any) -> AppState:
+    """The AppState of an app made by :func:`create_app`."""
+    state: AppState = app.state.facegate
+    return state

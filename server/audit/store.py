@@ -1,0 +1,208 @@
+"""Turn device messages into rows: events inserted idempotently by event id, devices upserted with
+availability, status and versions, bundle and gallery-delta acks recorded per sequence.
+
+Parsing uses the wire schemas of :mod:`device.protocol.schemas`; the device id always comes from the
+topic (broker ACLs bind a device to its own topics) and a payload naming another device is refused.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from device.protocol.schemas import BundleAck, EventPayload, PayloadError, StatusPayload
+from device.protocol.topics import Topics
+from server.db.models import BundleAckRow, Device, EventRow, utcnow
+
+logger = logging.getLogger(__name__)
+
+AVAILABILITY_VALUES = frozenset({"online", "offline"})
+BUNDLE_KIND, DELTA_KIND = "bundle", "delta"
+INSERT_CHUNK = 400  # rows per INSERT statement (SQLite allows 32766 bound parameters; 12 columns each)
+
+
+class MessageKind(enum.StrEnum):
+    """Which device topic a message came from."""
+
+    EVENT = "event"
+    AVAILABLE = "available"
+    STATUS = "status"
+    BUNDLE_ACK = "bundle_ack"
+
+
+class InvalidMessageError(ValueError):
+    """A message on a device topic does not parse or names the wrong device."""
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A validated message and the device it came from."""
+
+    kind: MessageKind
+    device_id: str
+    received_at: dt.datetime
+    body: EventPayload | StatusPayload | BundleAck | str
+
+
+def classify(topics: Topics, topic: str) -> tuple[MessageKind, str] | None:
+    """(kind, device id) of a per-device topic this subscriber stores, or None."""
+    device_id = Topics.device_of(topic)
+    if device_id is None:
+        return None
+    builders = (
+        (MessageKind.EVENT, topics.events),
+        (MessageKind.AVAILABLE, topics.available),
+        (MessageKind.STATUS, topics.status),
+        (MessageKind.BUNDLE_ACK, topics.bundle_ack),
+    )
+    for kind, builder in builders:
+        try:
+            if builder(device_id) == topic:
+                return kind, device_id
+        except ValueError:
+            return None
+    return None
+
+
+def parse(topics: Topics, topic: str, payload: bytes,
+          received_at: dt.datetime | None = None) -> Parsed | None:
+    """Validate one message; None for topics not stored here; InvalidMessageError for bad payloads."""
+    found = classify(topics, topic)
+    if found is None:
+        return None
+    kind, device_id = found
+    now = received_at or utcnow()
+    try:
+        if kind is MessageKind.AVAILABLE:
+            text = payload.decode("utf-8", errors="replace").strip().lower()
+            if text not in AVAILABILITY_VALUES:
+                raise InvalidMessageError(f"availability must be online/offline, got {text[:16]!r}")
+            return Parsed(kind, device_id, now, text)
+        body: EventPayload | StatusPayload | BundleAck
+        if kind is MessageKind.EVENT:
+            body = EventPayload.parse(payload)
+        elif kind is MessageKind.STATUS:
+            body = StatusPayload.parse(payload)
+        else:
+            body = BundleAck.parse(payload)
+    except PayloadError as exc:
+        raise InvalidMessageError(str(exc)) from exc
+    if body.device != device_id:
+        raise InvalidMessageError(f"payload names device {body.device!r} but came on {device_id!r}'s topic")
+    return Parsed(kind, device_id, now, body)
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """What one batch changed."""
+
+    inserted: int = 0
+    duplicates: int = 0
+    delta_devices: set[str] = field(default_factory=set)
+
+
+def _event_row(parsed: Parsed) -> dict[str, Any]:
+    ev = parsed.body
+    if not isinstance(ev, EventPayload):
+        raise TypeError("not an event")
+    return {
+        "event_id": str(ev.event_id),
+        "device_id": parsed.device_id,
+        "kind": ev.decision.value,
+        "person_id": ev.person_id,
+        "person_name": ev.name,
+        "score": ev.score,
+        "margin": ev.margin,
+        "liveness": ev.liveness.verdict.value,
+        "ts": ev.ts,
+        "received_at": parsed.received_at,
+        "payload": ev.model_dump(mode="json"),
+    }
+
+
+def insert_events(session: Session, rows: list[dict[str, Any]]) -> tuple[int, int]:
+    """Insert events whose id is new; return (inserted, duplicates). Safe against concurrent writers."""
+    unique: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        unique.setdefault(row["event_id"], row)
+    existing: set[str] = set()
+    ids = list(unique)
+    for start in range(0, len(ids), INSERT_CHUNK):
+        id_chunk = ids[start : start + INSERT_CHUNK]
+        existing.update(session.scalars(select(EventRow.event_id).where(EventRow.event_id.in_(id_chunk))))
+    fresh = [row for eid, row in unique.items() if eid not in existing]
+    # ON CONFLICT DO NOTHING also covers a row another writer inserted since the SELECT.
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    for start in range(0, len(fresh), INSERT_CHUNK):
+        row_chunk = fresh[start : start + INSERT_CHUNK]
+        session.execute(insert(EventRow).on_conflict_do_nothing(index_elements=["event_id"]), row_chunk)
+    return len(fresh), len(rows) - len(fresh)
+
+
+def _device(session: Session, cache: dict[str, Device], device_id: str) -> Device:
+    device = cache.get(device_id) or session.get(Device, device_id)
+    if device is None:
+        device = Device(device_id=device_id, available="unknown", status={})
+        session.add(device)
+        logger.info("new device %s registered", device_id)
+    cache[device_id] = device
+    return device
+
+
+def _seen(device: Device, at: dt.datetime) -> None:
+    if device.last_seen is None or at > device.last_seen:
+        device.last_seen = at
+
+
+def _record_ack(session: Session, device_id: str, kind: str, sequence: int, state: str,
+                percent: float | None, detail: str, at: dt.datetime) -> None:
+    row = session.scalar(select(BundleAckRow).where(
+        BundleAckRow.device_id == device_id, BundleAckRow.kind == kind, BundleAckRow.sequence == sequence))
+    if row is None:
+        session.add(BundleAckRow(device_id=device_id, kind=kind, sequence=sequence, state=state,
+                                 percent=percent, detail=detail, at=at))
+    else:
+        row.state, row.percent, row.detail, row.at = state, percent, detail, at
+
+
+def apply_batch(session: Session, messages: list[Parsed]) -> BatchResult:
+    """Write one batch of parsed messages in the caller's transaction."""
+    result = BatchResult()
+    devices: dict[str, Device] = {}
+    rows = [_event_row(m) for m in messages if m.kind is MessageKind.EVENT]
+    if rows:
+        result.inserted, result.duplicates = insert_events(session, rows)
+    for msg in messages:
+        device = _device(session, devices, msg.device_id)
+        body = msg.body
+        if isinstance(body, str):  # availability
+            device.available, device.available_at = body, msg.received_at
+            if body == "online":
+                _seen(device, msg.received_at)
+            continue
+        _seen(device, msg.received_at)
+        if isinstance(body, StatusPayload):
+            device.status = body.model_dump(mode="json", exclude={"versions", "schema_version", "device"})
+            device.software_version = body.versions.software or None
+            device.model_version = body.versions.model or None
+            device.gallery_version = body.versions.gallery or None
+            device.bundle_sequence = body.versions.bundle_sequence
+            device.delta_sequence = body.versions.delta_sequence
+        elif isinstance(body, BundleAck):
+            if body.sequence > 0:
+                _record_ack(session, msg.device_id, BUNDLE_KIND, body.sequence, body.state, body.percent,
+                            body.reason or "", body.ts)
+            if body.delta_sequence > 0 and body.delta_state is not None:
+                _record_ack(session, msg.device_id, DELTA_KIND, body.delta_sequence, body.delta_state, None,
+                            body.delta_reason or "", body.ts)
+                result.delta_devices.add(msg.device_id)
+            if body.running_sequence is not None:
+                device.bundle_sequence = body.running_sequence
+    return result

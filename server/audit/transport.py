@@ -1,0 +1,143 @@
+"""The audit subscriber's MQTT transport: paho with *manual* acknowledgements and a persistent session.
+
+``device.mqtt.client`` acknowledges a QoS 1 message as soon as its callback returns. The audit log
+needs more: the PUBACK must wait until the event is committed to the database, so a server crash
+between receipt and commit makes the broker redeliver instead of losing the event (the idempotent
+insert absorbs the duplicate). This module is the server's one paho adapter for that; core code
+sees only :class:`Delivery` and its ``ack``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from server.config import MqttConfig
+
+logger = logging.getLogger(__name__)
+
+RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 8  # find a restarted broker quickly, without hammering it
+
+
+class TransportError(Exception):
+    """The MQTT client could not be configured (TLS files, settings)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A received message; call ``ack()`` once it is durably stored (no-op for QoS 0)."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    ack: Callable[[], None]
+
+
+class ManualAckSource:
+    """Subscribes to ``filters`` at QoS 1 and hands each message to ``handler`` without acknowledging it."""
+
+    def __init__(self, config: MqttConfig, filters: list[str], handler: Callable[[Delivery], None],
+                 client_id: str | None = None) -> None:
+        self.config = config
+        self.filters = list(filters)
+        self._handler = handler
+        self._connected = threading.Event()
+        self._closed = False
+        self._started = False
+        self._lock = threading.Lock()
+        # MQTT 3.1.1 with clean_session=False: the broker keeps our subscriptions and queues QoS 1
+        # events while the server is down (mosquitto and amqtt both support it).
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id or config.client_id,
+                                   protocol=paho.MQTTv311, clean_session=False, manual_ack=True)
+        self._client.suppress_exceptions = True
+        self._client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        if config.username is not None:
+            password = config.password.get_secret_value() if config.password else None
+            self._client.username_pw_set(config.username, password)
+        if config.tls:
+            try:
+                self._client.tls_set(ca_certs=str(config.ca_file) if config.ca_file else None,
+                                     certfile=str(config.cert_file) if config.cert_file else None,
+                                     keyfile=str(config.key_file) if config.key_file else None)
+            except (OSError, ValueError) as exc:
+                raise TransportError(f"TLS setup failed for {config.host}:{config.port}: {exc}") from exc
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    def start(self) -> ManualAckSource:
+        """Connect in the background; the server keeps running while the broker is away."""
+        with self._lock:
+            if self._closed:
+                raise TransportError("source is closed")
+            if not self._started:
+                self._started = True
+                self._client.connect_async(self.config.host, self.config.port, self.config.keepalive_s)
+                self._client.loop_start()
+        return self
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        """Block until subscribed or ``timeout``."""
+        return self._connected.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        """True while connected and subscribed."""
+        return self._connected.is_set()
+
+    def close(self) -> None:
+        """Disconnect and stop the network thread (idempotent). Unacked messages are redelivered later."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            started = self._started
+        if started:
+            try:
+                self._client.disconnect()
+            except (OSError, ValueError):
+                logger.debug("disconnect failed", exc_info=True)
+            self._client.loop_stop()
+        self._connected.clear()
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode,
+                    properties: Any) -> None:
+        try:
+            if reason_code.is_failure:
+                logger.warning("broker %s:%d refused the audit subscriber: %s", self.config.host,
+                               self.config.port, reason_code)
+                return
+            client.subscribe([(f, 1) for f in self.filters])
+            self._connected.set()
+            logger.info("audit subscriber connected to %s:%d", self.config.host, self.config.port)
+        except Exception:
+            logger.exception("audit on_connect failed")
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode,
+                       properties: Any) -> None:
+        if self._connected.is_set() and not self._closed:
+            logger.warning("audit subscriber lost the broker (%s); reconnecting", reason_code)
+        self._connected.clear()
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        topic = "<undecodable>"
+        try:
+            topic = msg.topic
+            mid, qos = msg.mid, msg.qos
+
+            def ack() -> None:
+                if qos > 0 and not self._closed:
+                    client.ack(mid, qos)
+
+            self._handler(Delivery(topic, bytes(msg.payload), qos, bool(msg.retain), ack))
+        except Exception as exc:
+            # Never log the payload (events may carry names); the topic is enough to find the sender.
+            logger.error("audit handler for %s raised %s", topic, type(exc).__name__)

@@ -1,0 +1,51 @@
+"""Token-bucket rate limiting per key (user, or user+address for logins), in memory, thread-safe."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+MAX_KEYS = 100_000  # forget idle buckets beyond this many keys so memory stays bounded
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class TokenBucket:
+    """``burst`` requests at once, refilled at ``per_minute / 60`` per second, per key."""
+
+    def __init__(self, per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = per_minute / 60.0
+        self.burst = float(burst)
+        self._clock = clock
+        self._buckets: dict[str, _Bucket] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> float:
+        """Consume one token; return 0.0 when allowed, else the seconds until one is available."""
+        now = self._clock()
+        with self._lock:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                if len(self._buckets) >= MAX_KEYS:
+                    self._evict(now)
+                bucket = self._buckets[key] = _Bucket(self.burst, now)
+            bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
+            bucket.updated = now
+            if bucket.tokens >= 1.0:
+                bucket.tokens -= 1.0
+                return 0.0
+            return (1.0 - bucket.tokens) / self.rate
+
+    def _evict(self, now: float) -> None:
+        full_after = self.burst / self.rate
+        stale = [k for k, b in self._buckets.items() if now - b.updated >= full_after]
+        for key in stale:
+            del self._buckets[key]
+        if len(self._buckets) >= MAX_KEYS:
+            self._buckets.clear()

@@ -1,0 +1,241 @@
+"""``facegate bundle build|publish|status`` and ``facegate keys generate|show``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from device.mqtt.client import ClientSettings, MqttClient
+from device.protocol.topics import Topics
+from facegate.configio import ConfigError
+from server.config import ServerConfig, load_server_config
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+KEY_FILE = Path("keys") / "bundle.key"
+# Retained acks arrive right after subscribing; this is how long `status` listens by default.
+STATUS_LISTEN_S = 2.0
+CONNECT_TIMEOUT_S = 10.0
+
+cli = click.Group("bundle", help="Build, publish and track signed model+gallery bundles.")
+keys = click.Group("keys", help="Manage the Ed25519 bundle-signing key.")
+
+
+def _config(path: Path | None) -> ServerConfig:
+    try:
+        return load_server_config(path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _config_option(func: F) -> F:
+    return click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+                        help="Server config TOML (data_dir, [mqtt]).")(func)
+
+
+def _mqtt_options(func: F) -> F:
+    for option in reversed([
+        click.option("--host", default=None, help="Broker host (default: [mqtt] host)."),
+        click.option("--port", type=click.IntRange(1, 65535), default=None, help="Broker port."),
+        click.option("--prefix", default=None, help="Topic prefix (default: [mqtt] prefix)."),
+        click.option("--site", default=None, help="Site id (default: [mqtt] site)."),
+    ]):
+        func = option(func)
+    return func
+
+
+@dataclass(frozen=True, slots=True)
+class _Broker:
+    settings: ClientSettings
+    topics: Topics
+
+
+def _broker(config: ServerConfig, host: str | None, port: int | None, prefix: str | None,
+            site: str | None) -> _Broker:
+    m = config.mqtt
+    settings = ClientSettings(
+        host=host or m.host, port=port or m.port, client_id=f"facegate-bundle-{uuid.uuid4().hex[:8]}",
+        username=m.username, password=m.password.get_secret_value() if m.password else None, tls=m.tls,
+        ca_file=m.ca_file, cert_file=m.cert_file, key_file=m.key_file, keepalive_s=m.keepalive_s)
+    return _Broker(settings, Topics(prefix or m.prefix, site or m.site))
+
+
+def _connect(broker: _Broker) -> MqttClient:
+    client = MqttClient(broker.settings).start()
+    if not client.wait_connected(CONNECT_TIMEOUT_S):
+        client.close()
+        raise click.ClickException(f"no broker at {broker.settings.host}:{broker.settings.port}")
+    return client
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+@keys.command("generate")
+@_config_option
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Private key file (default: <data_dir>/keys/bundle.key).")
+@click.option("--force", is_flag=True, help="Replace an existing key (devices must pin the new one).")
+def keys_generate(config_path: Path | None, out: Path | None, force: bool) -> None:
+    """Create the signing key (mode 0600) and print the public key (base64) for device configs."""
+    from server.bundles.signing import SigningKeyError, generate_key, public_key_b64
+
+    path = out or _config(config_path).data_dir / KEY_FILE
+    try:
+        key = generate_key(path, force=force)
+    except SigningKeyError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"private key: {path} (mode 600); public key also in {path}.pub", err=True)
+    click.echo("pin it on each device: [bundle] public_key = \"<the line below>\"", err=True)
+    click.echo(public_key_b64(key))
+
+
+@keys.command("show")
+@_config_option
+@click.option("--key", "key_path", type=click.Path(path_type=Path), default=None, help="Private key file.")
+def keys_show(config_path: Path | None, key_path: Path | None) -> None:
+    """Print the public key (base64) of the signing key."""
+    from server.bundles.signing import SigningKeyError, load_private_key, public_key_b64
+
+    try:
+        key = load_private_key(key_path or _config(config_path).data_dir / KEY_FILE)
+    except SigningKeyError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(public_key_b64(key))
+
+
+# ----------------------------------------------------------------------------- bundle
+
+
+@cli.command("build")
+@_config_option
+@click.option("--models", "models_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder with the models' manifest.json (default: the built models).")
+@click.option("--gallery", "gallery_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Gallery folder (gallery.json) embedded with one of those embedders.")
+@click.option("--out", "out_root", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Bundles folder (default: <data_dir>/bundles).")
+@click.option("--key", "key_path", type=click.Path(path_type=Path), default=None, help="Signing key file.")
+@click.option("--sequence", type=click.IntRange(min=1), default=None, help="Force a sequence number.")
+@click.option("--chunk-kb", type=click.IntRange(1, 65536), default=256, show_default=True,
+              help="Chunk size on the wire.")
+@click.option("--embedder", default=None, help="Embedder name in the manifest (default: the gallery's).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def build(config_path: Path | None, models_dir: Path | None, gallery_dir: Path, out_root: Path | None,
+          key_path: Path | None, sequence: int | None, chunk_kb: int, embedder: str | None,
+          as_json: bool) -> None:
+    """Build and sign a bundle from a models folder and a gallery."""
+    from models.runtime.assets import default_models_dir
+    from server.bundles.builder import BundleBuildError, build_bundle
+    from server.bundles.signing import SigningKeyError, load_private_key
+
+    config = _config(config_path)
+    try:
+        key = load_private_key(key_path or config.data_dir / KEY_FILE)
+        built = build_bundle(models_dir or config.models.dir or default_models_dir(), gallery_dir,
+                             out_root or config.data_dir / "bundles", key, sequence=sequence,
+                             chunk_size=chunk_kb * 1024, embedder=embedder)
+    except (BundleBuildError, SigningKeyError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    m = built.manifest
+    result = {"sequence": m.sequence, "path": str(built.path), "files": len(m.files),
+              "bytes": m.total_size, "chunks": m.total_chunks, "model_version": m.model_version,
+              "gallery_version": m.gallery_version}
+    click.echo(json.dumps(result) if as_json else
+               f"bundle {m.sequence}: {built.path} ({len(m.files)} files, {m.total_size / 1e6:.1f} MB, "
+               f"{m.total_chunks} chunks)")
+
+
+@cli.command("publish")
+@_config_option
+@_mqtt_options
+@click.argument("bundle_dir", type=click.Path(path_type=Path, file_okay=False), required=False)
+@click.option("--root", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Bundles folder (default: <data_dir>/bundles); without BUNDLE_DIR: its newest.")
+@click.option("--serve", "serve_s", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Keep answering chunk requests for this many seconds.")
+@click.option("--until-installed", type=click.IntRange(min=1), default=None,
+              help="While serving, stop early once this many devices run the bundle.")
+def publish(config_path: Path | None, host: str | None, port: int | None, prefix: str | None,
+            site: str | None, bundle_dir: Path | None, root: Path | None, serve_s: float,
+            until_installed: int | None) -> None:
+    """Publish a bundle: retained signed announcement, then every chunk (QoS 1)."""
+    from server.bundles.builder import BundleBuildError, load_bundle, next_sequence
+    from server.bundles.publisher import BundleServer
+    from server.bundles.rollout import RolloutTracker, installed
+
+    config = _config(config_path)
+    root = root or config.data_dir / "bundles"
+    try:
+        bundle = load_bundle(bundle_dir or root / str(next_sequence(root) - 1))
+    except BundleBuildError as exc:
+        raise click.ClickException(str(exc)) from exc
+    broker = _broker(config, host, port, prefix, site)
+    client = _connect(broker)
+    seq = bundle.manifest.sequence
+    try:
+        with BundleServer(client, broker.topics, bundle.path.parent) as server, \
+                RolloutTracker(client, broker.topics) as tracker:
+            count = server.publish(bundle, wait=True)
+            click.echo(f"bundle {seq}: announced, {count} chunks published", err=True)
+            if serve_s > 0:
+                target = until_installed or sys.maxsize
+                tracker.wait(lambda devices: len(installed(devices, seq)) >= target, serve_s)
+                click.echo(f"{len(installed(tracker.snapshot(), seq))} devices run bundle {seq}", err=True)
+    finally:
+        client.close()
+
+
+@cli.command("status")
+@_config_option
+@_mqtt_options
+@click.option("--sequence", type=click.IntRange(min=1), default=None, help="Rollout of this bundle.")
+@click.option("--listen", type=click.FloatRange(min=0.1), default=STATUS_LISTEN_S, show_default=True,
+              help="Seconds to collect retained acks.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(config_path: Path | None, host: str | None, port: int | None, prefix: str | None,
+           site: str | None, sequence: int | None, listen: float, as_json: bool) -> None:
+    """Show each device's bundle and delta state (from the retained acks)."""
+    from server.bundles.rollout import RolloutTracker, summary
+
+    broker = _broker(_config(config_path), host, port, prefix, site)
+    client = _connect(broker)
+    try:
+        with RolloutTracker(client, broker.topics) as tracker:
+            time.sleep(listen)
+            devices = tracker.snapshot()
+    finally:
+        client.close()
+    rows = [devices[d].as_dict() for d in sorted(devices)]
+    counts = summary(devices, sequence)
+    if as_json:
+        click.echo(json.dumps({"sequence": sequence, "devices": rows, "summary": counts}))
+        return
+    _print_table(rows, counts)
+
+
+def _print_table(rows: list[dict[str, Any]], counts: dict[str, int]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="bundle rollout")
+    for column in ("device", "available", "running", "bundle", "state", "%", "delta", "reason"):
+        table.add_column(column)
+    for r in rows:
+        delta = f"{r['delta_sequence']} {r['delta_state'] or ''}".strip() if r["delta_sequence"] else ""
+        table.add_row(r["device"], r["available"] or "?", str(r["running_sequence"] or "-"),
+                      str(r["sequence"] or "-"), r["state"] or "-", f"{r['percent'] or 0:.0f}", delta,
+                      (r["reason"] or "")[:60])
+    console = Console()
+    console.print(table)
+    console.print(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no devices")

@@ -1,0 +1,153 @@
+"""Gallery deltas over MQTT: the server's :class:`GallerySync` implementation.
+
+The server keeps one cumulative ledger (``<root>/delta_state.json``): every person added or changed
+since the last bundle (with all the templates added for them since) and every person ever removed
+(tombstones). Each change bumps the sequence, and the whole ledger is signed and published retained
+on ``…/bundles/delta``. A device that was offline therefore needs only the latest delta, and a removal
+reaches every device, including ones that join later. :meth:`DeltaLedger.rebase` drops the adds once
+a new bundle (whose gallery contains them) is published; tombstones stay.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from device.mqtt.client import MqttClient
+from device.protocol.schemas import DeltaPerson, GalleryDelta, canonical_json, utcnow
+from device.protocol.topics import Topics
+from models.runtime.manifest import atomic_write_bytes
+from server.bundles.signing import sign
+from server.enrollment.sync import GalleryEntry, SyncError
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "delta_state.json"
+NO_MODEL = "0" * 64
+# How long a publish waits for the broker's PUBACK before the call returns anyway (paho keeps it queued).
+PUBLISH_WAIT_S = 5.0
+
+
+class DeltaLedger:
+    """The cumulative gallery changes since the last bundle, persisted atomically."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = Path(root) / STATE_FILE
+        self.seq = 0
+        self.bundle_sequence = 0
+        self.model_sha256 = NO_MODEL
+        self.adds: dict[str, dict[str, Any]] = {}
+        self.removes: set[str] = set()
+        if self.path.is_file():
+            try:
+                state = json.loads(self.path.read_text(encoding="utf-8"))
+                self.seq = int(state["seq"])
+                self.bundle_sequence = int(state["bundle_sequence"])
+                self.model_sha256 = str(state["model_sha256"])
+                self.adds = dict(state["adds"])
+                self.removes = set(state["removes"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise SyncError(f"gallery delta ledger {self.path} is unreadable: {exc}") from exc
+
+    def _save(self) -> None:
+        state = {"seq": self.seq, "bundle_sequence": self.bundle_sequence, "model_sha256": self.model_sha256,
+                 "adds": self.adds, "removes": sorted(self.removes)}
+        atomic_write_bytes(self.path, json.dumps(state).encode("utf-8"))
+
+    def add(self, model_sha256: str, entries: list[GalleryEntry]) -> int:
+        """Record templates to add; return the new sequence."""
+        if model_sha256 != self.model_sha256 and self.adds:
+            logger.warning("gallery adds switch from embedder %s… to %s…: dropping %d earlier adds "
+                           "(rebuild a bundle for them)", self.model_sha256[:12], model_sha256[:12],
+                           len(self.adds))
+            self.adds = {}
+        self.model_sha256 = model_sha256
+        for entry in entries:
+            person = self.adds.setdefault(entry.person_id, {"name": entry.name, "templates": {}})
+            person["name"] = entry.name
+            person["templates"][entry.template_id] = [float(v) for v in entry.vector]
+            self.removes.discard(entry.person_id)
+        self.seq += 1
+        self._save()
+        return self.seq
+
+    def remove(self, person_id: str) -> int:
+        """Tombstone a person; return the new sequence."""
+        self.adds.pop(person_id, None)
+        self.removes.add(person_id)
+        self.seq += 1
+        self._save()
+        return self.seq
+
+    def rebase(self, bundle_sequence: int) -> int:
+        """A bundle containing every add was published: keep only the tombstones."""
+        self.bundle_sequence = bundle_sequence
+        self.adds = {}
+        self.seq += 1
+        self._save()
+        return self.seq
+
+    def delta(self, key: Ed25519PrivateKey) -> GalleryDelta:
+        """The signed cumulative delta."""
+        add = [DeltaPerson(person_id=pid, name=p["name"], vectors=list(p["templates"].values())[-64:])
+               for pid, p in sorted(self.adds.items())]
+        unsigned = GalleryDelta(seq=max(self.seq, 1), bundle_sequence=self.bundle_sequence,
+                                model_sha256=self.model_sha256, created=utcnow(), add=add,
+                                remove=sorted(self.removes))
+        signature = sign(key, canonical_json(unsigned.signed_part()))
+        return unsigned.model_copy(update={"signature": signature})
+
+
+class MqttGallerySync:
+    """Publishes signed cumulative gallery deltas (implements ``server.enrollment.sync.GallerySync``)."""
+
+    def __init__(self, client: MqttClient, topics: Topics, root: Path, key: Ed25519PrivateKey) -> None:
+        self.client = client
+        self.topics = topics
+        self.key = key
+        self.ledger = DeltaLedger(root)
+        self._lock = threading.Lock()
+
+    def _publish(self) -> int:
+        delta = self.ledger.delta(self.key)
+        handle = self.client.publish(self.topics.gallery_delta, delta.to_bytes(), qos=1, retain=True)
+        if not handle.queued:
+            raise SyncError(f"gallery delta {delta.seq} could not be queued for the broker")
+        if self.client.connected:
+            handle.wait_for_publish(PUBLISH_WAIT_S)
+        logger.info("gallery delta %d published (+%d persons, %d tombstones)", delta.seq, len(delta.add),
+                    len(delta.remove))
+        return delta.seq
+
+    def publish_add(self, model_sha256: str, entries: list[GalleryEntry]) -> int | None:
+        """Add templates on every device."""
+        if not entries:
+            return None
+        with self._lock:
+            self.ledger.add(model_sha256 or NO_MODEL, entries)
+            return self._publish()
+
+    def publish_remove(self, model_sha256: str, person_id: str, template_ids: list[str]) -> int | None:
+        """Remove a person (all templates) on every device; each device acks the returned sequence."""
+        with self._lock:
+            self.ledger.remove(person_id)
+            return self._publish()
+
+    def rebase(self, bundle_sequence: int) -> int:
+        """Drop adds now contained in bundle ``bundle_sequence``; publish the smaller delta."""
+        with self._lock:
+            self.ledger.rebase(bundle_sequence)
+            return self._publish()
+
+    def republish(self) -> int | None:
+        """Publish the current ledger again (e.g. after the broker lost its retained messages)."""
+        with self._lock:
+            return self._publish() if self.ledger.seq else None
+
+    def close(self) -> None:
+        """Nothing to release: the MQTT client belongs to the caller."""

@@ -1,0 +1,103 @@
+"""``facegate server ...``: run the server, validate its config, create users and API tokens."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from facegate.configio import ConfigError, report_validation
+from server.config import ServerConfig, load_server_config
+
+cli = click.Group("server", help="Run the companion server.")
+
+CONFIG_OPTION = click.option(
+    "--config", "config_path", type=click.Path(path_type=Path), default=None,
+    help="Server config TOML (see deploy/server.example.toml).",
+)
+SECONDS_PER_DAY = 86_400
+
+
+def _load(config_path: Path | None) -> ServerConfig:
+    try:
+        return load_server_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@cli.command("run")
+@CONFIG_OPTION
+@click.option("--validate-config", is_flag=True, help="Only validate the config; exit 0 or 1.")
+def run(config_path: Path | None, validate_config: bool) -> None:
+    """Serve the API, the web station and the audit subscriber until SIGTERM/SIGINT."""
+    if validate_config:
+        sys.exit(report_validation(load_server_config, config_path))
+    config = _load(config_path)
+    import uvicorn
+
+    from server.app import create_app
+
+    app = create_app(config)
+    # log_config=None keeps facegate's logging setup (plain or JSON lines) for uvicorn's loggers too.
+    uvicorn.run(app, host=config.http.host, port=config.http.port, log_config=None, proxy_headers=True)
+
+
+@cli.command("create-user")
+@CONFIG_OPTION
+@click.option("--username", required=True, help="Login name (letters, digits, '_', '.', '-').")
+@click.option("--role", type=click.Choice(["admin", "viewer"]), default="viewer", show_default=True)
+@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True,
+              envvar="FACEGATE_NEW_PASSWORD", help="Prompted when omitted (or FACEGATE_NEW_PASSWORD).")
+def create_user_cmd(config_path: Path | None, username: str, role: str, password: str) -> None:
+    """Add a user with an argon2id-hashed password."""
+    from server.audit.log import AuditAction, record
+    from server.auth.service import AuthError, Role, create_user
+    from server.db.engine import Database
+
+    config = _load(config_path)
+    with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
+        db.create_schema()
+        try:
+            with db.transaction() as session:
+                create_user(session, username, password, Role(role), config.auth.min_password_length)
+                record(session, "cli", AuditAction.USER_CREATED, f"created {role} user {username!r}")
+        except AuthError as exc:
+            raise click.ClickException(str(exc)) from exc
+    click.echo(f"created {role} user {username}", err=True)
+
+
+@cli.command("create-token")
+@CONFIG_OPTION
+@click.option("--username", required=True, help="Existing user the token acts as.")
+@click.option("--name", default="api", show_default=True, help="What the token is for.")
+@click.option("--ttl-days", type=click.IntRange(0, 3650), default=90, show_default=True,
+              help="Lifetime in days (0: never expires).")
+def create_token_cmd(config_path: Path | None, username: str, name: str, ttl_days: int) -> None:
+    """Print a new bearer token for USERNAME on stdout (shown once; only its hash is stored)."""
+    from sqlalchemy import select
+
+    from server.audit.log import AuditAction, record
+    from server.auth.service import issue_token
+    from server.db.engine import Database
+    from server.db.models import User
+
+    config = _load(config_path)
+    with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
+        db.create_schema()
+        with db.transaction() as session:
+            user = session.scalar(select(User).where(User.username == username))
+            if user is None or user.disabled:
+                raise click.ClickException(f"no enabled user {username!r}; create it with `create-user`")
+            ttl_s = ttl_days * SECONDS_PER_DAY if ttl_days else None
+            token, _row = issue_token(session, user, ttl_s, name[:100])
+            record(session, "cli", AuditAction.TOKEN_CREATED, f"created token {name!r} for {username!r}")
+    click.echo(token)
+
+
+@cli.command("gen-key")
+def gen_key() -> None:
+    """Print a new base64 chip-encryption key (for FACEGATE_SERVER__CRYPTO__CHIP_KEY or a key file)."""
+    from server.crypto import generate_key_text
+
+    click.echo(generate_key_text())

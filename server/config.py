@@ -1,0 +1,237 @@
+"""Server configuration: pydantic models with ``extra="forbid"``, loaded from TOML plus the environment.
+
+Secrets come from the environment, never from a committed file:
+``FACEGATE_SERVER__CRYPTO__CHIP_KEY`` (base64 of 32 bytes), ``FACEGATE_SERVER__AUTH__BOOTSTRAP_PASSWORD``,
+``FACEGATE_SERVER__MQTT__PASSWORD``. Every field has bounds; cross-field rules live in validators.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from device.config import DetectorConfig, QualityConfig
+from facegate.configio import load_config
+from server.style.config import StyleConfig
+
+ENV_PREFIX = "FACEGATE_SERVER"
+CHIP_KEY_BYTES = 32  # AES-256-GCM
+DB_FILE_NAME = "facegate.db"
+ID_PATTERN = r"^[A-Za-z0-9_.-]+$"
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HttpConfig(Strict):
+    """Where the API and the web station listen."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="Bind address (0.0.0.0 for every interface).")
+    port: int = Field(8080, ge=1, le=65535, description="TCP port.")
+    secure_cookies: bool = Field(
+        False, description="Mark the session cookie Secure (set when served over HTTPS)."
+    )
+
+
+class DatabaseConfig(Strict):
+    """SQLite in WAL mode by default; a SQLAlchemy URL switches to PostgreSQL."""
+
+    url: str | None = Field(
+        None,
+        description="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db; default: SQLite in data_dir.",
+    )
+    echo: bool = Field(False, description="Log every SQL statement (debugging only).")
+    busy_timeout_ms: int = Field(5000, ge=0, le=600_000, description="SQLite busy timeout.")
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("database url must start with sqlite or postgresql")
+        return value
+
+
+class CryptoConfig(Strict):
+    """Key for the aligned chips stored encrypted at rest (AES-256-GCM). Never stored in the database."""
+
+    chip_key: SecretStr | None = Field(
+        None, description="Base64 of 32 random bytes; set FACEGATE_SERVER__CRYPTO__CHIP_KEY."
+    )
+    chip_key_file: Path | None = Field(
+        None, description="File holding the base64 key; default <data_dir>/keys/chip.key."
+    )
+    create_key_file: bool = Field(
+        True, description="Create the key file (mode 0600) on first start when no key is configured."
+    )
+
+    @field_validator("chip_key")
+    @classmethod
+    def _key_shape(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            try:
+                raw = base64.b64decode(value.get_secret_value(), validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise ValueError("chip_key must be base64") from exc
+            if len(raw) != CHIP_KEY_BYTES:
+                raise ValueError(f"chip_key must decode to {CHIP_KEY_BYTES} bytes, got {len(raw)}")
+        return value
+
+
+class MqttConfig(Strict):
+    """Broker the audit subscriber listens to and the gallery deltas go through."""
+
+    enabled: bool = Field(True, description="Connect to the broker (the API keeps working without it).")
+    host: str = Field("localhost", min_length=1, description="Broker host.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port.")
+    prefix: str = Field("facegate", min_length=1, pattern=r"^[A-Za-z0-9_-]+$", description="Topic prefix.")
+    site: str = Field("site", min_length=1, max_length=64, pattern=ID_PATTERN, description="Site id.")
+    client_id: str = Field(
+        "facegate-server", min_length=1, max_length=64, pattern=ID_PATTERN,
+        description="MQTT client id (persistent session: events queue while the server is down).",
+    )
+    username: str | None = Field(None, description="Username (use the env for the password).")
+    password: SecretStr | None = Field(None, description="Password; set FACEGATE_SERVER__MQTT__PASSWORD.")
+    tls: bool = Field(False, description="Use TLS.")
+    ca_file: Path | None = Field(None, description="CA certificate for TLS.")
+    cert_file: Path | None = Field(None, description="Client certificate.")
+    key_file: Path | None = Field(None, description="Client key.")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive.")
+    deletion_ack_timeout_s: float = Field(
+        30.0, gt=0, le=86_400,
+        description="How long a DELETE waits for device acks before answering 'pending' (202).",
+    )
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> MqttConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+class BundlesConfig(Strict):
+    """Signed bundles and gallery deltas (see ``facegate keys generate``)."""
+
+    signing_key: Path | None = Field(
+        None, description="Ed25519 private key (PEM, mode 0600); default <data_dir>/keys/bundle.key."
+    )
+    root: Path | None = Field(None, description="Bundles and the delta ledger; default <data_dir>/bundles.")
+
+
+class AuthConfig(Strict):
+    """Bearer tokens, web sessions and the first admin."""
+
+    token_ttl_s: int = Field(8 * 3600, ge=60, le=30 * 86_400, description="Login token lifetime.")
+    bootstrap_admin: str | None = Field(
+        "admin", min_length=1, max_length=64, pattern=ID_PATTERN,
+        description="Admin created on first start when no user exists (needs bootstrap_password).",
+    )
+    bootstrap_password: SecretStr | None = Field(
+        None, description="Set FACEGATE_SERVER__AUTH__BOOTSTRAP_PASSWORD; ignored once users exist."
+    )
+    min_password_length: int = Field(10, ge=8, le=256, description="Shortest password accepted.")
+    login_per_minute: float = Field(10.0, gt=0, le=10_000, description="Login attempts per user per minute.")
+
+
+class RateLimitConfig(Strict):
+    """Token bucket per user for enroll, verify and identify."""
+
+    per_minute: float = Field(60.0, gt=0, le=100_000, description="Sustained requests per user per minute.")
+    burst: int = Field(20, ge=1, le=10_000, description="Requests a user may make at once.")
+
+
+class UploadConfig(Strict):
+    """Limits on uploaded images (checked before decoding)."""
+
+    max_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="Largest file.")
+    max_pixels: int = Field(
+        24_000_000, ge=64 * 64, le=400_000_000, description="Largest width x height (decompression bombs)."
+    )
+    max_files: int = Field(10, ge=1, le=100, description="Images per enrollment request.")
+
+
+class RecognitionConfig(Strict):
+    """Thresholds for verify, identify, the duplicate check and the self-consistency flag."""
+
+    tau: float = Field(0.5, ge=-1, le=1, description="Cosine threshold for verify/identify (same as doors).")
+    duplicate_tau: float | None = Field(
+        None, ge=-1, le=1, description="Cosine above which a new face duplicates another person; default tau."
+    )
+    consistency_tau: float | None = Field(
+        None, ge=-1, le=1,
+        description="Mean cosine to the person's other templates below which one is flagged; default tau.",
+    )
+    top_k: int = Field(5, ge=1, le=100, description="Default number of identities returned by identify.")
+    require_consent: bool = Field(True, description="Refuse enrollment without the consent flag.")
+
+    @property
+    def duplicate_threshold(self) -> float:
+        """Effective duplicate-check threshold."""
+        return self.tau if self.duplicate_tau is None else self.duplicate_tau
+
+    @property
+    def consistency_threshold(self) -> float:
+        """Effective self-consistency threshold."""
+        return self.tau if self.consistency_tau is None else self.consistency_tau
+
+
+class ModelsConfig(Strict):
+    """The models the enrollment station runs: the very same pipeline as the doors."""
+
+    dir: Path | None = Field(None, description="Folder with manifest.json; default: the built models.")
+    threads: int = Field(1, ge=1, le=64, description="Interpreter threads.")
+    embedder: Literal["int8", "float32"] = Field("int8", description="Embedder variant (match the doors).")
+
+
+class ServerConfig(Strict):
+    """The whole server configuration."""
+
+    data_dir: Path = Field(Path("var/server"), description="Database, key file and other state.")
+    http: HttpConfig = HttpConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    crypto: CryptoConfig = CryptoConfig()
+    mqtt: MqttConfig = MqttConfig()
+    bundles: BundlesConfig = BundlesConfig()
+    auth: AuthConfig = AuthConfig()
+    rate_limit: RateLimitConfig = RateLimitConfig()
+    upload: UploadConfig = UploadConfig()
+    recognition: RecognitionConfig = RecognitionConfig()
+    models: ModelsConfig = ModelsConfig()
+    detector: DetectorConfig = DetectorConfig()
+    quality: QualityConfig = QualityConfig()
+    style: StyleConfig | None = Field(
+        None, description="Set to enable the style-transfer API under /api/style (admins only)."
+    )
+
+    @property
+    def database_url(self) -> str:
+        """The configured URL or SQLite in ``data_dir``."""
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{(self.data_dir / DB_FILE_NAME).resolve()}"
+
+    @property
+    def signing_key_path(self) -> Path:
+        """The bundle/delta signing key (configured or default)."""
+        return self.bundles.signing_key or self.data_dir / "keys" / "bundle.key"
+
+    @property
+    def bundles_root(self) -> Path:
+        """Where bundles and the gallery-delta ledger live."""
+        return self.bundles.root or self.data_dir / "bundles"
+
+    @property
+    def chip_key_path(self) -> Path:
+        """The key file path (configured or default)."""
+        return self.crypto.chip_key_file or self.data_dir / "keys" / "chip.key"
+
+
+def load_server_config(path: Path | None, environ: dict[str, str] | None = None) -> ServerConfig:
+    """Load and validate a server config (raises ``facegate.configio.ConfigError``)."""
+    return load_config(ServerConfig, path, ENV_PREFIX, environ)

@@ -1,0 +1,1 @@
+"""Enrollment: the shared face pipeline, quality gates, duplicate and consistency checks, deletions."""

@@ -1,0 +1,1 @@
+"""Offline evaluation: verification on the pairs protocol, calibration, liveness figures."""

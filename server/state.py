@@ -1,0 +1,129 @@
+"""Everything a request handler needs, built once per app from the config and closed in reverse order."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from device.protocol.topics import Topics
+from server.audit.subscriber import AuditSubscriber
+from server.audit.transport import ManualAckSource
+from server.auth.ratelimit import TokenBucket
+from server.auth.service import bootstrap_admin
+from server.config import ServerConfig
+from server.crypto import ChipCipher, load_chip_cipher
+from server.db.engine import Database
+from server.enrollment.deletion import DeletionService
+from server.enrollment.engine import RecognitionEngine
+from server.enrollment.index import TemplateIndex
+from server.enrollment.service import EnrollmentService
+from server.enrollment.sync import GallerySync, NullSync
+
+logger = logging.getLogger(__name__)
+
+
+class Closable(Protocol):
+    """Anything with an idempotent ``close()``."""
+
+    def close(self) -> None:
+        """Release resources."""
+
+
+def mqtt_gallery_sync(config: ServerConfig, topics: Topics) -> tuple[GallerySync, Closable | None]:
+    """Signed gallery deltas over MQTT when MQTT is on and a signing key exists, else NullSync."""
+    if not config.mqtt.enabled:
+        return NullSync(), None
+    key_path = config.signing_key_path
+    if not key_path.is_file():
+        logger.warning("no signing key at %s: gallery deltas are not published, deletions stay pending "
+                       "(run `facegate keys generate`)", key_path)
+        return NullSync(), None
+    from device.mqtt.client import ClientSettings, MqttClient
+    from server.bundles.delta import MqttGallerySync
+    from server.bundles.signing import load_private_key
+
+    key = load_private_key(key_path)
+    m = config.mqtt
+    settings = ClientSettings(
+        host=m.host, port=m.port, client_id=f"{m.client_id}-delta", username=m.username,
+        password=m.password.get_secret_value() if m.password else None, tls=m.tls, ca_file=m.ca_file,
+        cert_file=m.cert_file, key_file=m.key_file, keepalive_s=m.keepalive_s,
+    )
+    client = MqttClient(settings).start()
+    try:
+        return MqttGallerySync(client, topics, config.bundles_root, key), client
+    except BaseException:
+        client.close()
+        raise
+
+
+@dataclass
+class AppState:
+    """Database, cipher, engine, services, limiters and the MQTT side of one server instance."""
+
+    config: ServerConfig
+    db: Database
+    cipher: ChipCipher
+    engine: RecognitionEngine
+    index: TemplateIndex
+    sync: GallerySync
+    enrollment: EnrollmentService
+    deletions: DeletionService
+    topics: Topics
+    limiter: TokenBucket
+    login_limiter: TokenBucket
+    audit: AuditSubscriber | None = None
+    source: ManualAckSource | None = None
+    extra_closers: list[Closable] = field(default_factory=list)
+    _closed: bool = field(default=False, repr=False)
+
+    @classmethod
+    def build(cls, config: ServerConfig, engine: RecognitionEngine | None = None,
+              sync: GallerySync | None = None) -> AppState:
+        """Open the database (creating the schema), load the chip key, wire the services."""
+        db = Database(config.database_url, config.database.echo, config.database.busy_timeout_ms)
+        db.create_schema()
+        cipher = load_chip_cipher(config)
+        owns_engine = engine is None
+        engine = engine or RecognitionEngine.from_config(config)
+        index = TemplateIndex()
+        topics = Topics(config.mqtt.prefix, config.mqtt.site)
+        closers: list[Closable] = []
+        if sync is None:
+            sync, client = mqtt_gallery_sync(config, topics)
+            closers += [client] if client is not None else []
+        password = config.auth.bootstrap_password
+        secret = password.get_secret_value() if password else None
+        with db.transaction() as session:
+            bootstrap_admin(session, config.auth.bootstrap_admin, secret, config.auth.min_password_length)
+        return cls(
+            config=config, db=db, cipher=cipher, engine=engine, index=index, sync=sync,
+            enrollment=EnrollmentService(config, engine, cipher, index, sync),
+            deletions=DeletionService(db, index, sync),
+            topics=topics, extra_closers=closers + ([engine] if owns_engine else []),
+            limiter=TokenBucket(config.rate_limit.per_minute, config.rate_limit.burst),
+            login_limiter=TokenBucket(config.auth.login_per_minute,
+                                      max(1, int(config.auth.login_per_minute))),
+        )
+
+    def start_mqtt(self) -> None:
+        """Start the audit subscriber and its broker connection (no-op when MQTT is disabled)."""
+        if not self.config.mqtt.enabled or self.audit is not None:
+            return
+        self.audit = AuditSubscriber(self.db, self.topics, on_delta_acks=self.deletions.on_acks,
+                                     after_commit=self.deletions.notify).start()
+        self.source = ManualAckSource(self.config.mqtt, self.audit.filters, self.audit.handle).start()
+
+    def close(self) -> None:
+        """Stop MQTT, the writer, the engine and the database (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        # An engine passed in by the caller is the caller's to close; one built here is in extra_closers.
+        for closer in (self.source, self.audit, *self.extra_closers, self.sync, self.db):
+            if closer is not None:
+                try:
+                    closer.close()
+                except Exception:
+                    logger.exception("closing %s failed", type(closer).__name__)

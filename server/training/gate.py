@@ -1,0 +1,199 @@
+"""The evaluation gate and promotion: refuse a worse model, loudly; run the promotion hooks.
+
+A candidate embedder is promoted only when
+
+1. its figures come from held-out pairs whose identities were checked disjoint from its training
+   identities (recorded by the trainer, folds as configured);
+2. its int8 export matches its float model (mean cosine >= ``min_parity_cosine``);
+3. its TAR at FAR = 1e-3 is not worse than the current model's by more than ``tolerance``.
+
+Any failed check refuses the promotion: the refusal and its reasons are written to the registry and
+logged as a warning, and ``PromotionRefusedError`` is raised. After a promotion (or a rollback) every
+configured hook runs: by default "reembed-gallery" and "build-bundle", which only log what they would
+do until the server and MQTT code register the real callables with ``set_hook``. A failing hook undoes
+the promotion (the previous model is restored) and raises ``PromotionHookError``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.training.registry import ModelRegistry, ModelVersion, RegistryError
+
+logger = logging.getLogger(__name__)
+
+FAR_KEY = "0.001"  # the gate's operating point: TAR at FAR = 1e-3
+DEFAULT_HOOKS = ("reembed-gallery", "build-bundle")
+
+
+class PromotionRefusedError(Exception):
+    """The gate refused a candidate; ``decision`` says why."""
+
+    def __init__(self, decision: GateDecision) -> None:
+        super().__init__(f"promotion of {decision.candidate} refused: " + "; ".join(decision.reasons))
+        self.decision = decision
+
+
+class PromotionHookError(Exception):
+    """A promotion hook failed; the promotion was undone."""
+
+
+class GateConfig(BaseModel):
+    """Settings of the evaluation gate."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tolerance: float = Field(0.01, ge=0.0, le=1.0,
+                             description="Allowed TAR@FAR=1e-3 drop vs the current model.")
+    metric: Literal["int8", "float"] = Field("int8", description="Which candidate figures are compared "
+                                             "(int8: what the doors run).")
+    min_parity_cosine: float = Field(0.99, ge=0.0, le=1.0, description="Min mean cosine int8 vs float.")
+    eval_folds: tuple[int, ...] = Field((9, 10), min_length=1, description="Held-out folds of pairs.csv.")
+    hooks: tuple[str, ...] = Field(DEFAULT_HOOKS, description="Hooks run after promote/rollback, in order.")
+
+
+@dataclass(frozen=True, slots=True)
+class GateDecision:
+    """The gate's verdict with the figures it compared."""
+
+    candidate: str
+    passed: bool
+    reasons: list[str]
+    candidate_tar: float | None
+    current: str | None
+    current_tar: float | None
+    parity_mean_cosine: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {"candidate": self.candidate, "passed": self.passed, "reasons": self.reasons,
+                "candidate_tar": self.candidate_tar, "current": self.current, "current_tar": self.current_tar,
+                "parity_mean_cosine": self.parity_mean_cosine}
+
+
+def metric_tar(version: ModelVersion, metric: str) -> float | None:
+    """TAR@FAR=1e-3 of a version's ``metric`` figures ("int8"/"float", falling back to "float")."""
+    for key in (metric, "float"):
+        block = version.metrics.get(key)
+        if isinstance(block, dict) and FAR_KEY in block.get("tar_at_far", {}):
+            return float(block["tar_at_far"][FAR_KEY])
+    return None
+
+
+def evaluate_gate(candidate: ModelVersion, current: ModelVersion | None, cfg: GateConfig) -> GateDecision:
+    """Apply the three checks of the module doc; never raises, returns the verdict."""
+    reasons: list[str] = []
+    heldout = candidate.metrics.get("heldout", {})
+    external = heldout.get("trained_on") == "external"  # a pretrained model: no facegate training ids
+    if heldout.get("identities_disjoint") is not True and not external:
+        reasons.append("no record that the held-out identities were checked disjoint from training")
+    elif tuple(heldout.get("folds", ())) != tuple(cfg.eval_folds):
+        reasons.append(f"evaluated on folds {heldout.get('folds')}, the gate needs {list(cfg.eval_folds)}")
+    parity = candidate.metrics.get("parity", {}).get("mean_cosine")
+    if candidate.kind == "embedder":
+        if parity is None:
+            reasons.append("no int8-vs-float parity figure (export the int8 model first)")
+        elif float(parity) < cfg.min_parity_cosine:
+            reasons.append(f"int8 parity mean cosine {float(parity):.4f} < {cfg.min_parity_cosine}")
+    cand_tar = metric_tar(candidate, cfg.metric)
+    cur_tar = None if current is None else metric_tar(current, cfg.metric)
+    if cand_tar is None:
+        reasons.append(f"no TAR@FAR={FAR_KEY} figure for the candidate")
+    elif current is not None and current.version != candidate.version:
+        if cur_tar is None:
+            reasons.append(f"the current model {current.version} has no TAR@FAR={FAR_KEY} to compare with")
+        elif cand_tar < cur_tar - cfg.tolerance:
+            reasons.append(f"TAR@FAR={FAR_KEY} {cand_tar:.4f} is below the current {current.version}'s "
+                           f"{cur_tar:.4f} by more than the tolerance {cfg.tolerance}")
+    return GateDecision(candidate.version, not reasons, reasons, cand_tar,
+                        None if current is None else current.version, cur_tar,
+                        None if parity is None else float(parity))
+
+
+@dataclass(frozen=True, slots=True)
+class PromotionEvent:
+    """What a hook is told: the action, the now-active version, and the one it replaced."""
+
+    action: Literal["promote", "rollback"]
+    active: ModelVersion
+    previous: ModelVersion | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+PromotionHook = Callable[[PromotionEvent], None]
+
+
+def _log_reembed(event: PromotionEvent) -> None:
+    logger.warning("hook reembed-gallery (default, logs only): would re-embed every stored chip with %s "
+                   "(artifacts %s) and store templates under its sha256; register the real hook with "
+                   "server.training.gate.set_hook('reembed-gallery', fn)", event.active.version,
+                   sorted(event.active.artifacts))
+
+
+def _log_bundle(event: PromotionEvent) -> None:
+    logger.warning("hook build-bundle (default, logs only): would build and sign a bundle with model %s "
+                   "and the re-embedded gallery for rollout (previous %s); register the real hook with "
+                   "server.training.gate.set_hook('build-bundle', fn)", event.active.version,
+                   None if event.previous is None else event.previous.version)
+
+
+HOOKS: dict[str, PromotionHook] = {"reembed-gallery": _log_reembed, "build-bundle": _log_bundle}
+
+
+def set_hook(name: str, hook: PromotionHook) -> None:
+    """Install (or replace) the callable run for hook ``name``."""
+    HOOKS[name] = hook
+
+
+def run_hooks(event: PromotionEvent, names: tuple[str, ...]) -> None:
+    """Run the named hooks in order; raise PromotionHookError on the first failure."""
+    for name in names:
+        hook = HOOKS.get(name)
+        if hook is None:
+            raise PromotionHookError(f"no hook called {name!r} (known: {', '.join(sorted(HOOKS))})")
+        try:
+            hook(event)
+        except Exception as exc:  # a hook is foreign code: report which one failed
+            raise PromotionHookError(f"hook {name!r} failed for {event.active.version}: {exc}") from exc
+
+
+def promote(registry: ModelRegistry, version: str, cfg: GateConfig | None = None,
+            actor: str = "cli") -> GateDecision:
+    """Gate ``version`` against the current model; promote it and run the hooks, or refuse loudly."""
+    cfg = cfg or GateConfig()
+    candidate = registry.get(version)
+    current = registry.current(candidate.kind)
+    decision = evaluate_gate(candidate, current, cfg)
+    if not decision.passed:
+        registry.record_refusal(version, decision.reasons, actor)
+        raise PromotionRefusedError(decision)
+    replaced = registry.mark_promoted(version, actor, gate=decision.as_dict())
+    try:
+        run_hooks(PromotionEvent("promote", registry.get(version), replaced), cfg.hooks)
+    except PromotionHookError:
+        if replaced is not None:
+            registry.rollback(candidate.kind, actor)
+        logger.error("promotion of %s undone: a hook failed", version)
+        raise
+    return decision
+
+
+def rollback(registry: ModelRegistry, kind: str = "embedder", cfg: GateConfig | None = None,
+             actor: str = "cli") -> tuple[ModelVersion, ModelVersion]:
+    """Restore the previous promoted version and run the hooks for it."""
+    cfg = cfg or GateConfig()
+    withdrawn, restored = registry.rollback(kind, actor)
+    try:
+        run_hooks(PromotionEvent("rollback", restored, withdrawn), cfg.hooks)
+    except PromotionHookError as exc:
+        raise PromotionHookError(f"rolled back to {restored.version} but {exc}") from exc
+    return withdrawn, restored
+
+
+__all__ = ["GateConfig", "GateDecision", "PromotionEvent", "PromotionHookError", "PromotionRefusedError",
+           "RegistryError", "evaluate_gate", "promote", "rollback", "set_hook"]

@@ -1,0 +1,1 @@
+"""The admin enrollment station: Jinja2 pages and vanilla JS calling the JSON API."""

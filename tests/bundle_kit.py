@@ -1,0 +1,128 @@
+"""Bundle test harness: build/re-sign bundles, a device (client + store + updater), a server side."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from device.bundles.signing import load_public_key
+from device.bundles.store import ActiveBundle, BundleStore
+from device.bundles.updater import BundleUpdater
+from device.config import BundleConfig, GalleryConfig
+from device.gallery import Gallery
+from device.gallery.store import sha256_of
+from device.mqtt.client import ClientSettings, MqttClient
+from device.protocol.schemas import BundleAck, BundleAnnounce, BundleFile, BundleManifest, manifest_bytes
+from device.protocol.topics import Topics
+from server.bundles.builder import BUNDLE_JSON, BuiltBundle, build_bundle
+from server.bundles.publisher import BundleServer
+from server.bundles.rollout import RolloutTracker
+from server.bundles.signing import sign
+from tests.mqtt_kit import make_gallery, make_models_dir, sha_tag, unit_vectors
+
+TOPICS = Topics("facegate", "site")
+PERSONS = {"alice": 2, "bob": 1}
+
+
+def build(tmp: Path, key: Ed25519PrivateKey, sequence: int, persons: dict[str, int] | None = None,
+          chunk_size: int = 64 * 1024, tag: str = "m1",
+          gallery_config: GalleryConfig | None = None) -> BuiltBundle:
+    """A real signed bundle: the test model plus a gallery of ``persons`` embedded 'with' it."""
+    work = tmp / f"src-{sequence}-{os.urandom(3).hex()}"
+    models, sha = make_models_dir(work / "models", sha_tag(tag))
+    gallery = make_gallery(work / "gallery", sha, persons or PERSONS, config=gallery_config)
+    return build_bundle(models, gallery, tmp / "bundles", key, sequence=sequence, chunk_size=chunk_size)
+
+
+def resign(bundle: BuiltBundle, key: Ed25519PrivateKey, dest: Path,
+           mutate: Callable[[Path, BundleManifest], BundleManifest] | None = None) -> BuiltBundle:
+    """Copy a bundle to ``dest``, let ``mutate`` change files/manifest, refresh file hashes, sign again."""
+    shutil.copytree(bundle.path, dest)
+    manifest = bundle.manifest
+    if mutate is not None:
+        manifest = mutate(dest, manifest)
+    files = [BundleFile(path=f.path, sha256=sha256_of(dest / f.path), size=(dest / f.path).stat().st_size)
+             for f in manifest.files]
+    manifest = manifest.model_copy(update={"files": files})
+    announce = BundleAnnounce(manifest=manifest, signature=sign(key, manifest_bytes(manifest)))
+    (dest / BUNDLE_JSON).write_bytes(announce.to_bytes())
+    return BuiltBundle(dest, announce)
+
+
+def copy_assembler(bundle: BuiltBundle) -> Callable[[Path], None]:
+    """An ``assemble`` step that copies the bundle's files (installs without MQTT)."""
+
+    def assemble(dest: Path) -> None:
+        for entry in bundle.manifest.files:
+            target = dest / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(bundle.path / entry.path, target)
+
+    return assemble
+
+
+def serving(store: BundleStore, person: str = "alice") -> ActiveBundle:
+    """Assert the active bundle verifies, passes its self-test and recognises ``person``; return it."""
+    active = store.active()
+    assert active is not None
+    store.verify_tree(active.root, active.manifest)
+    gallery = Gallery.open(active.working_gallery, active.manifest.embedder_sha256, GalleryConfig())
+    try:
+        assert gallery.search(vector_of(person)).person_id == person
+    finally:
+        gallery.close()
+    return active
+
+
+class Device:
+    """A simulated door's bundle side: a real MQTT client, store and updater on its own data folder."""
+
+    def __init__(self, host: str, port: int, device_id: str, data_dir: Path, public_key: str | None,
+                 on_installed: Callable[[ActiveBundle], None] | None = None,
+                 config: BundleConfig | None = None) -> None:
+        self.device_id = device_id
+        key = load_public_key(public_key) if public_key else None
+        self.store = BundleStore(data_dir / "bundles", key)
+        self.store.recover()
+        self.client = MqttClient(ClientSettings(host, port, f"dev-{device_id}"))
+        self.updater = BundleUpdater(self.client, TOPICS, device_id, self.store,
+                                     config or BundleConfig(request_idle_s=0.5), on_installed=on_installed)
+        self.updater.start()
+        self.client.start()
+
+    def wait(self, predicate: Callable[[BundleAck], bool], timeout: float = 30.0) -> BundleAck:
+        """Wait for an ack state; return the last ack."""
+        ok = self.updater.wait_for(predicate, timeout)
+        assert ok, f"{self.device_id}: last ack {self.updater.last_ack}"
+        return self.updater.last_ack
+
+    def close(self) -> None:
+        """Stop like a process would (partial downloads stay on disk)."""
+        self.updater.close()
+        self.client.close()
+
+
+class Server:
+    """The server's bundle side: a client, the bundle server and the rollout tracker."""
+
+    def __init__(self, host: str, port: int, root: Path) -> None:
+        self.client = MqttClient(ClientSettings(host, port, f"server-{os.urandom(3).hex()}")).start()
+        assert self.client.wait_connected(10)
+        self.bundles = BundleServer(self.client, TOPICS, root).start()
+        self.tracker = RolloutTracker(self.client, TOPICS).start()
+
+    def close(self) -> None:
+        """Disconnect."""
+        self.tracker.close()
+        self.bundles.close()
+        self.client.close()
+
+
+def vector_of(person: str) -> np.ndarray:
+    """The first template of a test person."""
+    return unit_vectors(PERSONS[person], list(PERSONS).index(person))[0]

@@ -1,0 +1,186 @@
+"""Helpers shared by the server tests: configs built through the real pydantic model, logins, simulated
+devices that publish real MQTT messages with paho (QoS 1), and test images."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import paho.mqtt.client as paho
+from fastapi.testclient import TestClient
+from paho.mqtt.enums import CallbackAPIVersion
+
+from device.protocol.schemas import (
+    BundleAck,
+    EventPayload,
+    LivenessPayload,
+    StatusPayload,
+    VersionsPayload,
+)
+from device.protocol.topics import Topics
+from device.types import DecisionKind, LivenessVerdict
+from server.auth.service import Role, create_user
+from server.config import ServerConfig
+from server.state import AppState
+
+ADMIN_PASSWORD = "admin-password-for-tests"
+VIEWER_PASSWORD = "viewer-password-for-tests"
+PREFIX, SITE = "facegate", "testsite"
+# Only so that a broken subscriber fails a test instead of hanging it; never a performance claim.
+DEADLINE_S = 120.0
+
+
+def make_config(tmp_path: Path, **sections: Any) -> ServerConfig:
+    """A server config in ``tmp_path`` with a bootstrap admin; MQTT off unless ``mqtt=`` is given."""
+    data: dict[str, Any] = {
+        "data_dir": str(tmp_path / "server"),
+        "mqtt": {"enabled": False, "prefix": PREFIX, "site": SITE},
+        "auth": {"bootstrap_password": ADMIN_PASSWORD},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return ServerConfig.model_validate(data)
+
+
+def state_of(client: TestClient) -> AppState:
+    """The AppState behind a TestClient's app."""
+    state: AppState = client.app.state.facegate  # type: ignore[attr-defined]
+    return state
+
+
+def login(client: TestClient, username: str = "admin", password: str = ADMIN_PASSWORD) -> dict[str, str]:
+    """Authorization headers for a fresh token."""
+    response = client.post("/api/auth/login", json={"username": username, "password": password})
+    assert response.status_code == 200, response.text
+    return {"Authorization": f"Bearer {response.json()['access_token']}"}
+
+
+def add_viewer(client: TestClient, username: str = "viewer") -> dict[str, str]:
+    """Create a viewer user and return its headers."""
+    state = state_of(client)
+    with state.db.transaction() as session:
+        create_user(session, username, VIEWER_PASSWORD, Role.VIEWER)
+    return login(client, username, VIEWER_PASSWORD)
+
+
+def wait_until(predicate: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
+    """Poll ``predicate`` until true; fail with ``what`` after the safety deadline."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ---------------------------------------------------------------------------- simulated devices
+
+
+def event_payload(device: str, seq: int = 0, kind: DecisionKind = DecisionKind.GRANTED,
+                  person_id: str | None = "p1", name: str | None = "Ada", score: float = 0.8,
+                  ts: dt.datetime | None = None, event_id: uuid.UUID | None = None) -> EventPayload:
+    """A valid event as a door would publish it."""
+    return EventPayload(event_id=event_id or uuid.uuid4(), seq=seq, ts=ts or dt.datetime.now(dt.UTC),
+                        device=device, decision=kind, person_id=person_id, name=name, score=score, margin=0.2,
+                        liveness=LivenessPayload(verdict=LivenessVerdict.SKIPPED))
+
+
+def status_payload(device: str, bundle: int | None = None, delta: int = 0) -> StatusPayload:
+    """A retained status message."""
+    return StatusPayload(device=device, ts=dt.datetime.now(dt.UTC), uptime_s=12.0, fps=9.5, door="locked",
+                         versions=VersionsPayload(software="0.1.0", model="dlib-int8", gallery="g1",
+                                                  bundle_sequence=bundle, delta_sequence=delta))
+
+
+def delta_ack(device: str, delta_sequence: int, state: str = "applied", bundle: int = 0) -> BundleAck:
+    """A device's ack of a gallery delta."""
+    return BundleAck(device=device, sequence=bundle, state="installed" if bundle else "idle",
+                     delta_sequence=delta_sequence, delta_state=state,
+                     ts=dt.datetime.now(dt.UTC))
+
+
+class SimDevice:
+    """A door's MQTT side: a real paho client publishing at QoS 1, with an availability last will."""
+
+    def __init__(self, host: str, port: int, device_id: str, topics: Topics | None = None) -> None:
+        self.device_id = device_id
+        self.topics = topics or Topics(PREFIX, SITE)
+        client_id = f"sim-{device_id}-{uuid.uuid4().hex[:6]}"
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+        self.client.max_inflight_messages_set(100)
+        self.client.max_queued_messages_set(0)
+        self.client.will_set(self.topics.available(device_id), b"offline", qos=1, retain=True)
+        self._connected = threading.Event()
+        self.client.on_connect = lambda *_args: self._connected.set()
+        self.client.connect(host, port, keepalive=30)
+        self.client.loop_start()
+        if not self._connected.wait(10):
+            raise AssertionError(f"simulated device {device_id} could not connect")
+        self.infos: list[paho.MQTTMessageInfo] = []
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Publish at QoS 1 and remember the handle."""
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        self.infos.append(info)
+
+    def event(self, payload: EventPayload) -> None:
+        """Publish an event."""
+        self.publish(self.topics.events(self.device_id), payload.to_bytes())
+
+    def online(self) -> None:
+        """Retained availability 'online'."""
+        self.publish(self.topics.available(self.device_id), b"online", retain=True)
+
+    def status(self, payload: StatusPayload) -> None:
+        """Retained status."""
+        self.publish(self.topics.status(self.device_id), payload.to_bytes(), retain=True)
+
+    def ack(self, payload: BundleAck) -> None:
+        """Retained bundle/delta ack."""
+        self.publish(self.topics.bundle_ack(self.device_id), payload.to_bytes(), retain=True)
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Wait until the broker acknowledged every publish."""
+        for info in self.infos:
+            info.wait_for_publish(timeout)
+            assert info.is_published()
+        self.infos.clear()
+
+    def close(self) -> None:
+        """Disconnect cleanly."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+# ---------------------------------------------------------------------------- images
+
+
+def png_bytes(rgb: np.ndarray[Any, Any]) -> bytes:
+    """PNG encoding of an RGB array."""
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert ok
+    return bytes(buf.tobytes())
+
+
+def jpeg_bytes(rgb: np.ndarray[Any, Any], quality: int = 92) -> bytes:
+    """JPEG encoding of an RGB array."""
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return bytes(buf.tobytes())
+
+
+def no_face_image(size: int = 256) -> np.ndarray[Any, Any]:
+    """A smooth gradient with some texture and no face."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    rgb = np.stack([xx % 256, yy % 256, (xx + yy) % 256], axis=-1).astype(np.uint8)
+    return rgb

@@ -26,6 +26,10 @@ def run(config_path: Path | None, validate_config: bool) -> None:
         config = load_device_config(config_path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    if config.mqtt.enabled:
+        from device.mqtt.runtime import run_connected
+
+        sys.exit(run_connected(config))
     from device.agent.runner import run_agent
 
     sys.exit(run_agent(config))

@@ -33,7 +33,7 @@ GROUPS: dict[str, GroupSpec] = {
     "eval": GroupSpec(
         "Evaluate verification, calibrate thresholds, measure liveness.",
         ("server.evaluation.cli:cli", "server.evaluation.calibrate:calibrate",
-         "server.evaluation.liveness:liveness"),
+         "server.evaluation.liveness:liveness", "server.evaluation.liveness_planar:liveness_planar"),
         "server",
     ),
     "bench": GroupSpec(

@@ -96,7 +96,6 @@ def load_chip_cipher(config: ServerConfig) -> ChipCipher:
         )
     text = generate_key_text()
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, text.encode("ascii") + b"\n")
-    path.chmod(KEY_FILE_MODE)
+    atomic_write_bytes(path, text.encode("ascii") + b"\n", mode=KEY_FILE_MODE)
     logger.warning("created a new chip key file at %s; back it up, chips cannot be read without it", path)
     return ChipCipher(_decode_key(text, str(path)))

@@ -135,9 +135,16 @@ def mosquitto(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Broker
 def built_models() -> Path:
     """The directory holding manifest.json of the project's built models (built once, then cached)."""
     from models.build.builder import build_all
-
     from models.runtime.assets import default_models_dir
 
     out = default_models_dir()
-    build_all(out, progress=False)
+    # The MiniFASNet liveness models are not on PyPI; ../shared carries them (Apache-2.0). Without it the
+    # manifest simply has no passive-liveness entries and the tests that need them skip.
+    build_all(out, minifasnet_dir=shared_minifasnet(), progress=False)
     return out
+
+
+def shared_minifasnet() -> Path | None:
+    """../shared's MiniFASNet folder when present (what ``built_models`` builds with), else None."""
+    folder = SHARED / "models" / "minifasnet"
+    return folder if folder.is_dir() else None

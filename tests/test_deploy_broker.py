@@ -136,13 +136,18 @@ def test_device_reads_only_its_own_commands_and_bundles(tls_broker: TlsBroker) -
     _subscribe(door1, "facegate/#", recorder)
     server = tls_broker.client("facegate-server")
     for topic in (topics.command("door-1", "unlock"), topics.command("door-2", "unlock"),
-                  topics.bundle_announce, topics.bundle_chunk(3), topics.events("door-2")):
+                  topics.bundle_announce, topics.bundle_chunk(3), topics.gallery_delta,
+                  topics.bundle_chunk_reply("door-1"), topics.bundle_chunk_reply("door-2"),
+                  topics.events("door-2")):
         server.publish(topic, b"{}", qos=1).wait_for_publish(5)
     time.sleep(SETTLE_S)
     received = recorder.topics()
     assert topics.command("door-1", "unlock") in received
     assert topics.bundle_announce in received
     assert topics.bundle_chunk(3) in received
+    assert topics.gallery_delta in received
+    assert topics.bundle_chunk_reply("door-1") in received, "re-sent chunks addressed to this device"
+    assert topics.bundle_chunk_reply("door-2") not in received
     assert topics.command("door-2", "unlock") not in received
     assert topics.events("door-2") not in received
     for c in (server, door1):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import configparser
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -66,3 +68,23 @@ def test_pi_install_script_parses_and_covers_the_steps() -> None:
     for needle in ("python3-picamera2", "python3-gpiozero", "--system-site-packages", "[device]",
                    "usermod", "gpio", "systemctl enable"):
         assert needle in text, needle
+
+
+def test_compose_environment_is_a_valid_server_config() -> None:
+    """Every FACEGATE_SERVER__* variable compose sets names a real config field, and the result loads."""
+    from server.config import load_server_config
+
+    compose = (REPO / "deploy" / "docker-compose.yml").read_text(encoding="utf-8")
+    names = re.findall(r"^\s+(FACEGATE_SERVER__[A-Z0-9_]+):\s*(\S+)", compose, flags=re.MULTILINE)
+    assert len(names) >= 5
+    environ = {}
+    for name, value in names:
+        # ${VAR:?msg} / ${VAR:-default}: a real deployment fills these; use the default or a valid stand-in.
+        default = re.match(r"\$\{[A-Z_]+:-(.+)\}$", value)
+        environ[name] = default.group(1) if default else value.strip('"')
+    environ["FACEGATE_SERVER__CRYPTO__CHIP_KEY"] = base64.b64encode(bytes(32)).decode()
+    environ["FACEGATE_SERVER__AUTH__BOOTSTRAP_PASSWORD"] = "a-long-enough-password"
+    config = load_server_config(REPO / "deploy" / "server.example.toml", environ)
+    assert config.http.host == "0.0.0.0"  # noqa: S104 - inside the container
+    assert config.mqtt.tls and config.mqtt.host == "mosquitto" and config.mqtt.port == 8883
+    assert config.crypto.chip_key is not None and config.auth.bootstrap_password is not None

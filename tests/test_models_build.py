@@ -12,6 +12,7 @@ import pytest
 
 from models.build.builder import STAMP_NAME, build_all
 from models.runtime.manifest import MANIFEST_NAME, load_manifest, verify_entry
+from tests.conftest import shared_minifasnet
 
 CORE_ENTRIES = {
     "embedder-float32": "embedder", "embedder-int8": "embedder", "blazeface-short": "detector",
@@ -46,7 +47,7 @@ def test_second_build_skips_finished_work(built_models: Path) -> None:
     """Building again with the same inputs rewrites nothing: files, manifest and stamp keep their mtimes."""
     before = _mtimes(built_models)
     manifest_before = (built_models / MANIFEST_NAME).read_text(encoding="utf-8")
-    path = build_all(built_models, progress=False)
+    path = build_all(built_models, minifasnet_dir=shared_minifasnet(), progress=False)
     assert path == built_models / MANIFEST_NAME
     assert (built_models / MANIFEST_NAME).read_text(encoding="utf-8") == manifest_before
     assert _mtimes(built_models) == before

@@ -157,6 +157,9 @@ class Agent:
         with self._models_lock:
             self._models.pipeline.close()
             self._models.gallery.close()
+        closer = getattr(self.liveness, "close", None)  # FusedLiveness holds interpreters; pass-through none
+        if callable(closer):
+            closer()
 
     def __enter__(self) -> Agent:
         return self

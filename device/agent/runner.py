@@ -94,9 +94,18 @@ def build_agent(config: DeviceConfig, *, loader: Loader | None = None,
         models.pipeline.close()
         models.gallery.close()
         raise
-    if liveness is None and (config.liveness.passive or config.liveness.planar
-                             or config.liveness.challenge != "never"):
-        logger.warning("liveness checks are configured but no engine was given: running pass-through")
+    if liveness is None and config.liveness.enabled:
+        # Liveness models come from the configured models folder (MiniFASNet entries of its manifest);
+        # a configured check whose model is missing stops the start with the reason, never silently off.
+        from device.liveness.engine import build_liveness
+
+        try:
+            liveness = build_liveness(config.liveness, models_dir(config), config.models.threads)
+        except BaseException:
+            door.close()
+            models.pipeline.close()
+            models.gallery.close()
+            raise
     chosen = list(sinks) if sinks is not None else default_sinks(config)
     # A standalone door (no broker, our own loader) picks up `facegate device enroll` without a restart.
     watch = gallery_dir(config) / META_NAME if loader is None and not config.mqtt.enabled else None

@@ -10,10 +10,11 @@ from pathlib import Path
 import click
 from pydantic import ValidationError
 
+from models.runtime.manifest import atomic_write_bytes
 from server.style.backbones import BACKBONES, BackboneError, make_backbone
 from server.style.images import (
+    OUTPUT_MODE,
     StyleInputError,
-    atomic_write,
     encode_png,
     make_strip,
     read_image,
@@ -120,9 +121,9 @@ def run(content: Path, style: Path, output: Path, backbone: str, weights: Path |
     if triptych:
         height, width = image.shape[:2]
         image = make_strip([content_rgb, resize_to(style_rgb, height, width), image])
-    atomic_write(output, encode_png(image))
+    atomic_write_bytes(output, encode_png(image), mode=OUTPUT_MODE)
     if result.strip is not None:
-        atomic_write(output.with_suffix(".strip.png"), encode_png(result.strip))
+        atomic_write_bytes(output.with_suffix(".strip.png"), encode_png(result.strip), mode=OUTPUT_MODE)
     last = result.history[-1] if result.history else None
     loop_s = last.elapsed_s if last else 0.0
     console.print(
@@ -140,6 +141,6 @@ def samples(directory: Path) -> None:
     """Write astronaut.png (public domain, from scikit-image) and mosaic.png (procedural) to DIRECTORY."""
     from server.style.samples import astronaut, mosaic
 
-    atomic_write(directory / "astronaut.png", encode_png(astronaut()))
-    atomic_write(directory / "mosaic.png", encode_png(mosaic()))
+    atomic_write_bytes(directory / "astronaut.png", encode_png(astronaut()), mode=OUTPUT_MODE)
+    atomic_write_bytes(directory / "mosaic.png", encode_png(mosaic()), mode=OUTPUT_MODE)
     click.echo(f"wrote {directory / 'astronaut.png'} and {directory / 'mosaic.png'}", err=True)

@@ -83,7 +83,7 @@ def _save(path: Path, chipset: ChipSet) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, chips=chipset.chips, ok=chipset.ok, keys=np.array(chipset.keys),
              identities=np.array(chipset.identities))
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), mode=0o600)  # face chips are biometric data
 
 
 def _load(path: Path, ident: str) -> ChipSet | None:

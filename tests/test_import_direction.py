@@ -1,0 +1,45 @@
+"""The import direction of docs/ARCHITECTURE.md, checked on the source: nothing light imports ``server``
+or TensorFlow, and ``models.runtime`` stays numpy + LiteRT."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = {"tensorflow", "keras", "fastapi", "dlib", "sqlalchemy", "server"}
+# package folder -> top-level modules it must never import (lazily or not)
+RULES = {
+    "device": HEAVY,
+    "models/runtime": HEAVY | {"models.build", "faiss", "cv2", "paho"},
+    "facegate": HEAVY,
+}
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.lineno, node.module))
+    return found
+
+
+def _violations(folder: str, banned: set[str]) -> list[str]:
+    bad = []
+    for path in sorted((REPO / folder).rglob("*.py")):
+        for line, module in _imports(path):
+            if any(module == b or module.startswith(b + ".") for b in banned):
+                bad.append(f"{path.relative_to(REPO)}:{line} imports {module}")
+    return bad
+
+
+@pytest.mark.parametrize("folder", sorted(RULES))
+def test_light_packages_do_not_import_heavy_ones(folder: str) -> None:
+    assert (REPO / folder).is_dir()
+    assert _violations(folder, RULES[folder]) == []
+

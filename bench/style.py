@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import click
+
 logger = logging.getLogger(__name__)
 
 REPO_PARENT = Path(__file__).resolve().parents[2]
@@ -106,13 +108,17 @@ def run(json_out: bool = False, shared: Path | None = None, size: int = SIZE_PX)
     return result
 
 
-def main() -> None:
-    """``python -m bench.style [--json]``."""
-    import sys
-
+@click.command("style")
+@click.option("--json", "json_out", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--size", type=click.IntRange(32, 1024), default=SIZE_PX, show_default=True,
+              help="Longest side of the generated image.")
+@click.option("--shared", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="The ../shared folder (SqueezeNet weights); default $FACEGATE_SHARED or ../shared.")
+def style(json_out: bool, size: int, shared: Path | None) -> None:
+    """Seconds per style-transfer iteration: SqueezeNet vs VGG19, and the projected 200-iteration job."""
     logging.basicConfig(level=logging.WARNING)
-    run(json_out="--json" in sys.argv[1:])
+    run(json_out=json_out, shared=shared, size=size)
 
 
 if __name__ == "__main__":
-    main()
+    style()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -23,6 +25,15 @@ def test_help_lists_every_group() -> None:
     for group in ("models", "eval", "bench", "device", "server", "bundle", "train", "style", "demo"):
         assert group in result.output
         assert group in GROUPS
+
+
+@pytest.mark.parametrize("target", sorted({t for spec in GROUPS.values() for t in spec.targets}))
+def test_every_registered_command_exists(target: str) -> None:
+    """Each ``module:attr`` the CLI registry names imports and is a click command (with all extras)."""
+    module_name, attr = target.split(":")
+    command = getattr(importlib.import_module(module_name), attr, None)
+    assert isinstance(command, click.Command), f"{target} is not a click command"
+    assert CliRunner().invoke(command, ["--help"]).exit_code == 0
 
 
 def test_device_example_config_validates() -> None:

@@ -280,9 +280,14 @@ class LoopConfig(Strict):
 
 
 class MetricsConfig(Strict):
-    """Prometheus endpoint."""
+    """Prometheus ``/metrics`` endpoint of the agent (device/metrics.py)."""
 
-    port: int | None = Field(None, ge=1, le=65535, description="Serve /metrics on this port.")
+    enabled: bool = Field(False, description="Serve Prometheus metrics over HTTP.")
+    host: str = Field(
+        "127.0.0.1", min_length=1, max_length=255,
+        description="Address to bind; 0.0.0.0 lets a Prometheus on another host scrape the door.",
+    )
+    port: int = Field(9108, ge=0, le=65535, description="Port to bind; 0 picks a free one (tests).")
 
 
 class DeviceConfig(Strict):

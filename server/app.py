@@ -14,12 +14,14 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from facegate import __version__
-from server.api import auth, events, persons, recognize
+from server.api import auth, events, ops, persons, recognize
 from server.api.deps import PrincipalDep, require_admin
 from server.config import ServerConfig
 from server.enrollment.engine import RecognitionEngine
 from server.enrollment.sync import GallerySync
+from server.metrics import HttpMetricsMiddleware, ServerMetrics
 from server.state import AppState
+from server.training.promotion import PromotionContext, install_promotion_hooks
 from server.web import routes as web_routes
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,8 @@ def create_app(config: ServerConfig, *, engine: RecognitionEngine | None = None,
                sync: GallerySync | None = None, start_mqtt: bool = True) -> FastAPI:
     """Build the state (database, key, services) and the app; MQTT starts with the app's lifespan."""
     state = AppState.build(config, engine=engine, sync=sync)
+    # Promotions in this process re-embed from this state's chips, bundle, and switch its engine.
+    state.extra_closers.append(install_promotion_hooks(PromotionContext.for_state(state)))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -80,8 +84,9 @@ def create_app(config: ServerConfig, *, engine: RecognitionEngine | None = None,
     app = FastAPI(
         title="facegate server", version=__version__, lifespan=lifespan,
         docs_url=None, redoc_url=None, openapi_url=None,
-        description="Enrollment station, audit log and fleet API. Every route needs a bearer token "
-                    "from POST /api/auth/login (admin: enroll, delete; viewer: events, devices).",
+        description="Enrollment station, audit log and fleet API. Every route but /healthz and /metrics "
+                    "needs a bearer token from POST /api/auth/login (admin: enroll, delete; viewer: "
+                    "events, devices).",
     )
     app.state.facegate = state
     max_body = config.upload.max_files * config.upload.max_bytes + FORM_OVERHEAD_BYTES
@@ -100,7 +105,10 @@ def create_app(config: ServerConfig, *, engine: RecognitionEngine | None = None,
             response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
         return response
 
-    for module in (auth, persons, recognize, events):
+    # Outermost of our middleware: it also times and counts what the limits above refuse.
+    app.state.metrics = ServerMetrics(state)
+    app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)
+    for module in (auth, persons, recognize, events, ops):
         app.include_router(module.router)
     app.include_router(_docs_router())
     _mount_style(app, state)

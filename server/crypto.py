@@ -1,8 +1,10 @@
-"""Aligned chips encrypted at rest with AES-256-GCM; the key comes from the environment or a key file.
+"""Aligned chips and templates encrypted at rest with AES-256-GCM; the key comes from the environment or
+a key file.
 
 The key never enters the database. Each ciphertext carries a format byte, an 8-byte key id
 (a truncated sha256 of the key, so a rotated key is detected instead of failing obscurely),
-a random 96-bit nonce, and is bound to its chip id as associated data so rows cannot be swapped.
+a random 96-bit nonce, and is bound to its row as associated data (the chip id; for templates see
+``server.enrollment.templates``) so rows cannot be swapped.
 """
 
 from __future__ import annotations
@@ -48,23 +50,26 @@ class ChipCipher:
         self.key_id = key_id(key)
 
     def encrypt(self, plaintext: bytes, associated: str) -> bytes:
-        """Seal ``plaintext`` bound to ``associated`` (the chip id)."""
+        """Seal ``plaintext`` bound to ``associated`` (the chip id, or a template's binding string)."""
         nonce = os.urandom(NONCE_BYTES)
         sealed = self._aead.encrypt(nonce, plaintext, associated.encode("utf-8"))
         return FORMAT_V1 + self.key_id + nonce + sealed
 
-    def decrypt(self, blob: bytes, associated: str) -> bytes:
-        """Open a blob made by :meth:`encrypt`; raise CryptoError on a wrong key or tampering."""
+    def decrypt(self, blob: bytes, associated: str, what: str = "chip") -> bytes:
+        """Open a blob made by :meth:`encrypt`; raise CryptoError on a wrong key or tampering.
+
+        ``what`` names the kind of record in the error ("chip", "template"); never the plaintext.
+        """
         header = 1 + KEY_ID_BYTES + NONCE_BYTES
         if len(blob) <= header or blob[:1] != FORMAT_V1:
-            raise CryptoError("chip ciphertext has an unknown format")
+            raise CryptoError(f"{what} ciphertext has an unknown format")
         if blob[1 : 1 + KEY_ID_BYTES] != self.key_id:
-            raise CryptoError("chip was encrypted with another key (rotated or wrong key configured)")
+            raise CryptoError(f"{what} was encrypted with another key (rotated or wrong key configured)")
         nonce = blob[1 + KEY_ID_BYTES : header]
         try:
             return self._aead.decrypt(nonce, blob[header:], associated.encode("utf-8"))
         except InvalidTag as exc:
-            raise CryptoError(f"chip {associated} failed authentication (tampered or swapped)") from exc
+            raise CryptoError(f"{what} {associated} failed authentication (tampered or swapped)") from exc
 
 
 def _decode_key(text: str, where: str) -> bytes:

@@ -19,6 +19,7 @@ from server.enrollment.engine import RecognitionEngine
 from server.enrollment.index import TemplateIndex
 from server.enrollment.service import EnrollmentService
 from server.enrollment.sync import GallerySync, NullSync
+from server.training.model_folder import active_models_dir
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,9 @@ class AppState:
         db.create_schema()
         cipher = load_chip_cipher(config)
         owns_engine = engine is None
-        engine = engine or RecognitionEngine.from_config(config)
-        index = TemplateIndex()
+        # The registry's promoted embedder (its composed models folder) wins over [models] dir.
+        engine = engine or RecognitionEngine.from_config(config, active_models_dir(config, db))
+        index = TemplateIndex(cipher)
         topics = Topics(config.mqtt.prefix, config.mqtt.site)
         closers: list[Closable] = []
         if sync is None:

@@ -19,6 +19,7 @@ from device.protocol.schemas import GalleryDelta, canonical_json
 from server.app import create_app
 from server.bundles.signing import generate_key
 from server.db.models import AuditEntry, Chip, Device, Person, Template, new_id
+from server.enrollment.templates import new_template
 from tests.conftest import Broker
 from tests.server_support import SimDevice, delta_ack, login, make_config, state_of, wait_until
 
@@ -71,8 +72,8 @@ def _person_with_template(client: TestClient, name: str) -> str:
         session.add(Chip(id=chip_id, person_id=person_id, key_id=state.cipher.key_id.hex(), width=2, height=2,
                          ciphertext=state.cipher.encrypt(b"chip-png-bytes", chip_id)))
         vector = np.ones(128, np.float32) / np.sqrt(128)
-        session.add(Template(person_id=person_id, chip_id=chip_id, model_sha256="a" * 64,
-                            embedding=vector.tobytes(), dim=128))
+        session.add(new_template(state.cipher, person_id=person_id, chip_id=chip_id, model_sha256="a" * 64,
+                                 vector=vector))
     return person_id
 
 

@@ -4,12 +4,9 @@ bad uploads, duplicate check, self-consistency, chips encrypted at rest, verify 
 from __future__ import annotations
 
 import base64
-import csv
-import itertools
 import struct
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +24,12 @@ from server.app import create_app
 from server.crypto import ChipCipher, CryptoError
 from server.db.models import AuditEntry, Chip
 from server.enrollment.engine import RecognitionEngine
+from tests.face_kit import Faces, pick_faces
 from tests.server_support import jpeg_bytes, login, make_config, no_face_image, png_bytes, state_of
 
 IDENTITIES_NEEDED = 3
 IMAGES_PER_IDENTITY = 3
 CANDIDATE_IDENTITIES = 40
-
-
-@dataclass(frozen=True)
-class Faces:
-    """Gate-passing JPEGs of a few CelebA identities and a tau that separates them."""
-
-    images: dict[str, list[bytes]]
-    tau: float
-
-    def of(self, index: int) -> list[bytes]:
-        return list(self.images.values())[index]
 
 
 @pytest.fixture(scope="module")
@@ -51,44 +38,11 @@ def pipeline(built_models: Path) -> Iterator[FacePipeline]:
         yield pipe
 
 
-def _embed(pipe: FacePipeline, data: bytes) -> np.ndarray[Any, Any]:
-    faces = pipe.analyze(decode_image(data))
-    assert len(faces) == 1
-    return np.asarray(faces[0].embedding.vector, np.float32)
-
-
 @pytest.fixture(scope="module")
 def faces(shared_dir: Path, pipeline: FacePipeline) -> Faces:
     """Pick identities whose photos pass the default gates and are separable by one threshold."""
-    root = shared_dir / "data" / "celeba-faces"
-    by_id: dict[str, list[Path]] = {}
-    with open(root / "identities.csv", newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            by_id.setdefault(row["identity"], []).append(root / row["path"])
-    chosen: dict[str, list[bytes]] = {}
-    vectors: dict[str, list[np.ndarray[Any, Any]]] = {}
-    for identity, paths in itertools.islice(sorted(by_id.items()), CANDIDATE_IDENTITIES):
-        good = []
-        for path in sorted(paths):
-            data = path.read_bytes()
-            if check_enrollment(decode_image(data), pipeline, QualityConfig()).passed:
-                good.append(data)
-            if len(good) == IMAGES_PER_IDENTITY:
-                break
-        if len(good) < IMAGES_PER_IDENTITY:
-            continue
-        vecs = [_embed(pipeline, d) for d in good]
-        same = min(float(a @ b) for a, b in itertools.combinations(vecs, 2))
-        cross = max((float(a @ b) for v in vectors.values() for a in v for b in vecs), default=-1.0)
-        if same > cross:
-            chosen[identity], vectors[identity] = good, vecs
-        if len(chosen) == IDENTITIES_NEEDED:
-            break
-    assert len(chosen) == IDENTITIES_NEEDED, "not enough clean CelebA identities passed the gates"
-    same_min = min(float(a @ b) for v in vectors.values() for a, b in itertools.combinations(v, 2))
-    cross_max = max(float(a @ b) for (_, v1), (_, v2) in itertools.combinations(vectors.items(), 2)
-                    for a in v1 for b in v2)
-    return Faces(chosen, tau=(same_min + cross_max) / 2)
+    return pick_faces(shared_dir / "data" / "celeba-faces", pipeline, IDENTITIES_NEEDED, IMAGES_PER_IDENTITY,
+                      CANDIDATE_IDENTITIES)
 
 
 def _client(tmp_path: Path, built_models: Path, tau: float, **sections: Any) -> TestClient:

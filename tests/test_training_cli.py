@@ -4,6 +4,7 @@ Zeiler & Fergus grid on a tiny model."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +13,21 @@ import pytest
 from click.testing import CliRunner
 
 from facegate.cli import main
+from server.bundles.signing import generate_key
+from server.config import load_server_config
+from server.crypto import load_chip_cipher
 from server.training.data import IdentityLeakError, load_samples
 
 
-def _report(folder: Path, tar: float) -> Path:
+def _report(folder: Path, tar: float, int8: Path | None = None) -> Path:
     folder.mkdir(parents=True)
     report = {"pairs": 10, "auc": 0.9, "eer": 0.1, "tar_at_far": {"0.01": tar, "0.001": tar}}
     metrics = {"heldout": {"folds": [9, 10], "identities_disjoint": True}, "float": report, "int8": report,
                "parity": {"mean_cosine": 0.998}, "config": {"alpha": 0.2}, "data_hash": "ab" * 32}
     (folder / "metrics.json").write_text(json.dumps(metrics))
+    if int8 is not None:  # what `facegate train` exports; the built dlib int8 stands in (no training here)
+        (folder / "export").mkdir()
+        shutil.copy(int8, folder / "export" / "embedder-int8.tflite")
     return folder
 
 
@@ -28,24 +35,46 @@ def _run(args: list[str]) -> Any:
     return CliRunner().invoke(main, args, catch_exceptions=False)
 
 
-def test_models_cli_register_promote_refuse_rollback(tmp_path: Path) -> None:
-    db = ["--db", f"sqlite:///{tmp_path / 'reg.db'}"]
-    first = _run(["models", "register", str(_report(tmp_path / "r1", 0.8)), *db])
+def test_models_cli_register_promote_refuse_rollback(tmp_path: Path, built_models: Path) -> None:
+    toml = tmp_path / "server.toml"
+    toml.write_text(f'data_dir = "{tmp_path / "server"}"\n[models]\ndir = "{built_models}"\n'
+                    "[mqtt]\nenabled = false\n")
+    config = load_server_config(toml)
+    generate_key(config.signing_key_path)
+    load_chip_cipher(config)  # the server creates the chip key on its first start
+    db = ["--config", str(toml)]
+    int8 = built_models / "embedder-int8.tflite"
+    first = _run(["models", "register", str(_report(tmp_path / "r1", 0.8, int8)), *db])
     assert first.exit_code == 0, first.output
     assert json.loads(first.stdout)["version"] == "embedder-v1"
-    assert json.loads(_run(["models", "promote", "embedder-v1", *db]).stdout)["promoted"] is True
-    _run(["models", "register", str(_report(tmp_path / "r2", 0.5)), *db])
+    promoted = json.loads(_run(["models", "promote", "embedder-v1", *db]).stdout)
+    assert promoted["promoted"] is True and promoted["bundle"]["sequence"] == 1
+    assert (promoted["chips"], promoted["reembedded"]) == (0, 0)
+    _run(["models", "register", str(_report(tmp_path / "r2", 0.5, int8)), *db])
     refused = CliRunner().invoke(main, ["models", "promote", "embedder-v2", *db])
     assert refused.exit_code == 1
     assert "below the current" in refused.output
-    _run(["models", "register", str(_report(tmp_path / "r3", 0.81)), *db])
+    _run(["models", "register", str(_report(tmp_path / "r3", 0.81, int8)), *db])
     assert json.loads(_run(["models", "promote", "embedder-v3", *db]).stdout)["current"] == "embedder-v1"
     listing = json.loads(_run(["models", "list", *db]).stdout)["models"]
     assert [(m["version"], m["status"], m["parent"]) for m in listing] == [
         ("embedder-v1", "retired", None), ("embedder-v2", "refused", "embedder-v1"),
         ("embedder-v3", "promoted", "embedder-v1")]
     back = json.loads(_run(["models", "rollback", *db]).stdout)
-    assert back == {"withdrawn": "embedder-v3", "restored": "embedder-v1"}
+    assert (back["withdrawn"], back["restored"]) == ("embedder-v3", "embedder-v1")
+    assert back["bundle"]["sequence"] == 3
+    assert sorted(p.name for p in config.bundles_root.iterdir() if p.is_dir()) == ["1", "2", "3"]
+
+
+def test_models_cli_promotion_without_server_context_fails(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the default data_dir (var/server) is empty here: no keys, no models
+    db = ["--db", f"sqlite:///{tmp_path / 'reg.db'}"]
+    assert _run(["models", "register", str(_report(tmp_path / "r1", 0.8)), *db]).exit_code == 0
+    failed = CliRunner().invoke(main, ["models", "promote", "embedder-v1", *db])
+    assert failed.exit_code == 1 and "reembed-gallery" in failed.output
+    listing = json.loads(_run(["models", "list", *db]).stdout)["models"]
+    assert [m["status"] for m in listing] == ["candidate"]
 
 
 def test_load_samples_from_folders_and_csv(tmp_path: Path) -> None:

@@ -84,6 +84,7 @@ def test_gate_refuses_bad_parity_or_unchecked_identities(registry: ModelRegistry
 
 def test_failing_hook_undoes_the_promotion(registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(gate.HOOKS, "reembed-gallery", lambda ev: None)
+    monkeypatch.setitem(gate.HOOKS, "build-bundle", lambda ev: None)
     v1 = _register(registry, 0.8)
     gate.promote(registry, v1)
 
@@ -95,6 +96,19 @@ def test_failing_hook_undoes_the_promotion(registry: ModelRegistry, monkeypatch:
     with pytest.raises(gate.PromotionHookError, match="bundle store is full"):
         gate.promote(registry, v2)
     assert registry.current().version == v1
+    assert registry.get(v2).status == Status.CANDIDATE  # may be retried once the hook is fixed
+    assert [e["action"] for e in registry.events(v2)][-1] == "undo-promote"
+
+
+def test_without_server_context_a_promotion_fails_and_is_undone(registry: ModelRegistry,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, hook in gate.default_hooks().items():  # what a process gets before installing the real hooks
+        monkeypatch.setitem(gate.HOOKS, name, hook)
+    first = _register(registry, 0.8)
+    with pytest.raises(gate.PromotionHookError, match=r"no server context.*--config"):
+        gate.promote(registry, first)
+    assert registry.current() is None  # even a first promotion is taken back
+    assert registry.get(first).status == Status.CANDIDATE
 
 
 def test_registry_lineage_and_unknown_versions(registry: ModelRegistry) -> None:

@@ -4,7 +4,8 @@ Models come from ``[models] dir`` (default: the built models folder) and the gal
 ``<data_dir>/gallery``; a missing gallery starts empty (nobody is recognised until someone is
 enrolled). A standalone door reloads by itself when ``facegate device enroll`` changes the gallery.
 Decisions go to a JSON-lines file (``[loop] events_jsonl``, or ``<data_dir>/events.jsonl`` for a
-standalone door without MQTT) and to any extra sinks the caller passes (the MQTT publisher).
+standalone door without MQTT) and to any extra sinks the caller passes (the MQTT publisher). With
+``[metrics] enabled`` a Prometheus endpoint runs for as long as the agent does.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from types import FrameType
 
 from device.agent.loop import Agent, Loader, Models
 from device.agent.sink import EventSink, JsonLinesSink, LoggingSink
-from device.camera import create_source
+from device.camera import FrameSource, create_source
 from device.config import DeviceConfig
 from device.door import create_door
 from device.gallery import Gallery
 from device.gallery.store import META_NAME
 from device.liveness.base import LivenessEngine
+from device.metrics import DeviceMetrics, start_metrics
 from device.vision.embedder import EMBEDDING_DIM
 from device.vision.pipeline import FacePipeline
 from models.runtime.assets import default_models_dir
@@ -84,8 +86,12 @@ def default_sinks(config: DeviceConfig) -> list[EventSink]:
 
 
 def build_agent(config: DeviceConfig, *, loader: Loader | None = None,
-                sinks: Sequence[EventSink] | None = None, liveness: LivenessEngine | None = None) -> Agent:
-    """Open models, gallery, door and camera from the config and return a ready (not started) agent."""
+                sinks: Sequence[EventSink] | None = None, liveness: LivenessEngine | None = None,
+                source: FrameSource | None = None) -> Agent:
+    """Open models, gallery, door and camera from the config and return a ready (not started) agent.
+
+    ``source`` replaces the camera the config names (the demo feeds its replay scene by scene).
+    """
     load = loader or default_loader(config)
     models = load()
     try:
@@ -109,17 +115,22 @@ def build_agent(config: DeviceConfig, *, loader: Loader | None = None,
     chosen = list(sinks) if sinks is not None else default_sinks(config)
     # A standalone door (no broker, our own loader) picks up `facegate device enroll` without a restart.
     watch = gallery_dir(config) / META_NAME if loader is None and not config.mqtt.enabled else None
-    return Agent(config, models=models, door=door, source=create_source(config.camera), sinks=chosen,
-                 liveness=liveness, loader=load, watch=watch)
+    camera = source if source is not None else create_source(config.camera)
+    return Agent(config, models=models, door=door, source=camera, sinks=chosen, liveness=liveness,
+                 loader=load, watch=watch)
 
 
-def run_agent(config: DeviceConfig, agent: Agent | None = None) -> int:
-    """Run until SIGTERM/SIGINT (or the end of a finite replay); return the process exit code."""
+def run_agent(config: DeviceConfig, agent: Agent | None = None, metrics: DeviceMetrics | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or the end of a finite replay); return the process exit code.
+
+    ``metrics`` (served only when ``[metrics] enabled``) lets the caller add sources or read the port.
+    """
     try:
         agent = agent or build_agent(config)
     except Exception as exc:  # models, gallery or door could not be opened: say why and exit non-zero
         logger.error("agent cannot start: %s", exc)
         return EXIT_FAILED
+    served = start_metrics(config.metrics, agent, metrics)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         logger.info("signal %s: stopping", signal.Signals(signum).name)
@@ -135,6 +146,8 @@ def run_agent(config: DeviceConfig, agent: Agent | None = None) -> int:
             pass
     finally:
         agent.stop()
+        if served is not None:
+            served.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     error = agent.status().error

@@ -14,6 +14,7 @@ from device.bundles.signing import BundleKeyError, load_public_key
 from device.bundles.store import ActiveBundle, BundleStore
 from device.bundles.updater import BundleUpdater
 from device.config import DeviceConfig
+from device.metrics import DeviceMetrics
 from device.mqtt.service import DeviceMqtt
 
 logger = logging.getLogger(__name__)
@@ -72,11 +73,14 @@ def run_connected(config: DeviceConfig) -> int:
         updater = BundleUpdater(mqtt.client, mqtt.topics, config.device.id, store, config.bundle,
                                 on_installed=reload, on_gallery_changed=reload)
         mqtt.attach_updater(updater)
+    metrics = DeviceMetrics()
+    metrics.observe_mqtt(mqtt.outbox, updater)
     mqtt.start()
     if updater is not None:
         updater.start()
     try:
-        return run_agent(config, agent)
+        # run_agent stops the metrics endpoint before the outbox below is closed
+        return run_agent(config, agent, metrics)
     finally:
         if updater is not None:
             updater.close()

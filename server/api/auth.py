@@ -14,8 +14,9 @@ from server.state import AppState
 
 router = APIRouter(prefix="/api/auth", tags=["auth"])
 
-# Routes reachable without a token (the OpenAPI walk test checks this list is all there is).
-PUBLIC_ROUTES = frozenset({("POST", "/api/auth/login")})
+# Routes reachable without a token (the OpenAPI walk test checks this list is all there is). The
+# operations endpoints (server/api/ops.py) carry only up/down, counts and route templates.
+PUBLIC_ROUTES = frozenset({("POST", "/api/auth/login"), ("GET", "/healthz"), ("GET", "/metrics")})
 
 
 def login_or_raise(state: AppState, session: SessionDep, body: LoginRequest, client: str) -> TokenResponse:

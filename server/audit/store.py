@@ -105,6 +105,7 @@ class BatchResult:
 
     inserted: int = 0
     duplicates: int = 0
+    kinds: dict[str, int] = field(default_factory=dict)  # inserted events per decision kind
     delta_devices: set[str] = field(default_factory=set)
 
 
@@ -127,8 +128,8 @@ def _event_row(parsed: Parsed) -> dict[str, Any]:
     }
 
 
-def insert_events(session: Session, rows: list[dict[str, Any]]) -> tuple[int, int]:
-    """Insert events whose id is new; return (inserted, duplicates). Safe against concurrent writers."""
+def insert_events(session: Session, rows: list[dict[str, Any]]) -> tuple[dict[str, int], int]:
+    """Insert events whose id is new; return (inserted per kind, duplicates). Safe with concurrent writers."""
     unique: dict[str, dict[str, Any]] = {}
     for row in rows:
         unique.setdefault(row["event_id"], row)
@@ -143,7 +144,10 @@ def insert_events(session: Session, rows: list[dict[str, Any]]) -> tuple[int, in
     for start in range(0, len(fresh), INSERT_CHUNK):
         row_chunk = fresh[start : start + INSERT_CHUNK]
         session.execute(insert(EventRow).on_conflict_do_nothing(index_elements=["event_id"]), row_chunk)
-    return len(fresh), len(rows) - len(fresh)
+    kinds: dict[str, int] = {}
+    for row in fresh:
+        kinds[row["kind"]] = kinds.get(row["kind"], 0) + 1
+    return kinds, len(rows) - len(fresh)
 
 
 def _device(session: Session, cache: dict[str, Device], device_id: str) -> Device:
@@ -178,7 +182,8 @@ def apply_batch(session: Session, messages: list[Parsed]) -> BatchResult:
     devices: dict[str, Device] = {}
     rows = [_event_row(m) for m in messages if m.kind is MessageKind.EVENT]
     if rows:
-        result.inserted, result.duplicates = insert_events(session, rows)
+        result.kinds, result.duplicates = insert_events(session, rows)
+        result.inserted = sum(result.kinds.values())
     for msg in messages:
         device = _device(session, devices, msg.device_id)
         body = msg.body

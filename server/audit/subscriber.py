@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -43,6 +43,12 @@ class AuditStats:
     ignored: int = 0
     batches: int = 0
     db_errors: int = 0
+    events_by_kind: dict[str, int] = field(default_factory=dict)  # inserted events per decision kind
+
+    def count_kinds(self, kinds: dict[str, int]) -> None:
+        """Add one batch's inserted events per kind."""
+        for kind, count in kinds.items():
+            self.events_by_kind[kind] = self.events_by_kind.get(kind, 0) + count
 
 
 class AuditSubscriber:
@@ -164,6 +170,8 @@ class AuditSubscriber:
                 continue
             total.inserted += one.inserted
             total.duplicates += one.duplicates
+            for kind, count in one.kinds.items():
+                total.kinds[kind] = total.kinds.get(kind, 0) + count
             total.delta_devices |= one.delta_devices
         return total
 
@@ -190,6 +198,7 @@ class AuditSubscriber:
                 delay = min(RETRY_MAX_S, delay * 2)
         self.stats.inserted += result.inserted
         self.stats.duplicates += result.duplicates
+        self.stats.count_kinds(result.kinds)
         self.stats.batches += 1
         for delivery in batch:  # invalid ones too: redelivering them would not make them valid
             delivery.ack()

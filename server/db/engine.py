@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -77,6 +77,16 @@ class Database:
             Base.metadata.create_all(self.engine)
         except SQLAlchemyError as exc:
             raise DatabaseError(f"cannot create the schema: {exc}") from exc
+
+    def ping(self) -> bool:
+        """True when the database answers a trivial query (health checks)."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except SQLAlchemyError as exc:
+            logger.warning("database ping failed: %s", type(exc).__name__)
+            return False
+        return True
 
     def session(self) -> Session:
         """A new ORM session (caller closes it, or use :meth:`transaction`)."""

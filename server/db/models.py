@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 tables: persons, chips (encrypted), templates per model version, users, tokens,
+"""SQLAlchemy 2 tables: persons, chips and templates per model version (both encrypted), users, tokens,
 events, devices, bundle acks, the audit log and deletion requests.
 
 Times are stored as naive UTC and come back as aware UTC (``UTCDateTime``), the same on SQLite and
@@ -105,7 +105,11 @@ class Chip(Base):
 
 
 class Template(Base):
-    """One embedding of one chip by one embedder (``model_sha256``), with its quality figures."""
+    """One embedding of one chip by one embedder (``model_sha256``), with its quality figures.
+
+    The float32 vector is AES-GCM encrypted like the chips (``ciphertext``, bound to id, person and
+    model); seal and open it only through ``server.enrollment.templates``.
+    """
 
     __tablename__ = "templates"
     __table_args__ = (UniqueConstraint("chip_id", "model_sha256", name="uq_template_chip_model"),)
@@ -114,7 +118,8 @@ class Template(Base):
     person_id: Mapped[str] = mapped_column(ForeignKey("persons.id", ondelete="CASCADE"), index=True)
     chip_id: Mapped[str | None] = mapped_column(ForeignKey("chips.id", ondelete="CASCADE"), index=True)
     model_sha256: Mapped[str] = mapped_column(String(SHA256_HEX_LEN), index=True)
-    embedding: Mapped[bytes] = mapped_column(LargeBinary)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    key_id: Mapped[str] = mapped_column(String(16))
     dim: Mapped[int] = mapped_column(Integer)
     quality: Mapped[dict[str, Any]] = mapped_column(default=dict)
     consistency: Mapped[float | None] = mapped_column(Float)

@@ -102,10 +102,19 @@ class RecognitionEngine:
         self._closed = False
 
     @classmethod
-    def from_config(cls, config: ServerConfig) -> RecognitionEngine:
-        """Build from the server config's models, detector and quality sections."""
-        return cls(config.models.dir, config.detector, config.quality, config.models.threads,
+    def from_config(cls, config: ServerConfig, models_dir: Path | None = None) -> RecognitionEngine:
+        """Build from the server config's models, detector and quality sections (``models_dir`` wins)."""
+        return cls(models_dir or config.models.dir, config.detector, config.quality, config.models.threads,
                    config.models.embedder)
+
+    def use_models(self, models_dir: Path) -> None:
+        """Run the models in ``models_dir`` from the next request on (a promotion or a rollback)."""
+        with self._lock:
+            pipeline, self._pipeline = self._pipeline, None
+            self._models_dir = models_dir
+        if pipeline is not None and hasattr(pipeline, "close"):
+            pipeline.close()
+        logger.info("enrollment pipeline switched to %s", models_dir)
 
     def _load(self) -> Any:
         if self._pipeline is None:

@@ -1,7 +1,8 @@
 """In-memory cosine search over the stored templates of one embedder, for verify, identify and duplicates.
 
 A server gallery is small (tens of thousands of 128-d vectors: a few MB), so an exact matrix
-product is both simpler and exact. The matrix is rebuilt lazily after any write in this process.
+product is both simpler and exact. The matrix is rebuilt lazily after any write in this process; the
+templates are decrypted then (``server.enrollment.templates``) and live in memory only, never on disk.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from device.types import FloatArray
+from server.crypto import ChipCipher
 from server.db.models import Person, Template
+from server.enrollment.templates import open_template
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,18 +38,11 @@ class _Snapshot:
     matrix: FloatArray  # (n, dim), rows L2-normalised
 
 
-def decode_vector(blob: bytes, dim: int) -> FloatArray:
-    """A template's float32 embedding from its stored bytes."""
-    arr = np.frombuffer(blob, dtype=np.float32)
-    if arr.size != dim:
-        raise ValueError(f"stored embedding has {arr.size} values, expected {dim}")
-    return arr
-
-
 class TemplateIndex:
     """Cached (person, embedding) matrix for one model version; call :meth:`invalidate` after writes."""
 
-    def __init__(self) -> None:
+    def __init__(self, cipher: ChipCipher) -> None:
+        self.cipher = cipher
         self._generation = 0
         self._snapshot: _Snapshot | None = None
         self._lock = threading.Lock()
@@ -62,14 +58,14 @@ class TemplateIndex:
         if snap is not None and snap.generation == generation and snap.model_sha256 == model_sha256:
             return snap
         rows = session.execute(
-            select(Template.person_id, Template.embedding, Template.dim, Person.name)
+            select(Template, Person.name)
             .join(Person, Person.id == Template.person_id)
             .where(Template.model_sha256 == model_sha256)
         ).all()
-        person_ids = tuple(row[0] for row in rows)
-        names = {row[0]: row[3] for row in rows}
+        person_ids = tuple(row[0].person_id for row in rows)
+        names = {row[0].person_id: row[1] for row in rows}
         if rows:
-            matrix = np.stack([decode_vector(row[1], row[2]) for row in rows]).astype(np.float32)
+            matrix = np.stack([open_template(self.cipher, row[0]) for row in rows]).astype(np.float32)
         else:
             matrix = np.zeros((0, 0), dtype=np.float32)
         snap = _Snapshot(generation, model_sha256, person_ids, names, matrix)

@@ -1,5 +1,6 @@
 """Enrollment: validate uploads, run the quality gates, block duplicates, flag inconsistent templates,
-store chips encrypted and embeddings per model version, audit the consent, then publish a gallery delta.
+store chips and embeddings (per model version) encrypted, audit the consent, then publish a gallery
+delta.
 
 Images are handled by generated ids only; the client's filename is echoed back for display and
 never used as a path. Nothing biometric is logged.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import cv2
@@ -23,8 +25,9 @@ from server.config import ServerConfig
 from server.crypto import ChipCipher
 from server.db.models import Chip, Person, Template, new_id, utcnow
 from server.enrollment.engine import GateFailure, QualityRejectedError, RecognitionEngine
-from server.enrollment.index import IdentityScore, TemplateIndex, decode_vector
+from server.enrollment.index import IdentityScore, TemplateIndex
 from server.enrollment.sync import GalleryEntry, GallerySync, SyncError
+from server.enrollment.templates import new_template, open_template
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +135,16 @@ class EnrollmentService:
         self.cipher = cipher
         self.index = index
         self.sync = sync
+        # Called with every finished enrollment (the metrics count them); must not raise or block.
+        self.observers: list[Callable[[EnrollmentResult], None]] = []
+
+    def _finished(self, result: EnrollmentResult) -> EnrollmentResult:
+        for observer in self.observers:
+            try:
+                observer(result)
+            except Exception:  # an observer must never fail an enrollment that is already stored
+                logger.exception("enrollment observer failed")
+        return result
 
     def _analyze(self, index: int, upload: UploadedImage) -> ImageOutcome:
         result = ImageOutcome(index=index, filename=_echo(upload.filename), outcome=Outcome.INVALID)
@@ -162,13 +175,13 @@ class EnrollmentService:
         accepted = [o for o in outcomes if o.outcome is Outcome.ACCEPTED]
         if not accepted:
             session.rollback()
-            return EnrollmentResult(person if person_id else None, outcomes)
+            return self._finished(EnrollmentResult(person if person_id else None, outcomes))
         model = self.engine.model_sha256
         overrides = self._duplicates(session, model, accepted, person_id, override_duplicate)
         accepted = [o for o in accepted if o.outcome is Outcome.ACCEPTED]
         if not accepted:
             session.rollback()
-            return EnrollmentResult(person if person_id else None, outcomes)
+            return self._finished(EnrollmentResult(person if person_id else None, outcomes))
         if person_id is None:
             session.add(person)
             session.flush()
@@ -196,7 +209,7 @@ class EnrollmentService:
             result.gallery_sequence = self.sync.publish_add(model, entries)
         except SyncError as exc:
             logger.warning("gallery delta for person %s not published: %s", person.id, exc)
-        return result
+        return self._finished(result)
 
     def _target(self, session: Session, actor: str, person_id: str | None,
                 new_person: NewPerson | None) -> Person:
@@ -247,7 +260,7 @@ class EnrollmentService:
         """Flag templates whose mean cosine to the person's other templates is below the threshold."""
         threshold = self.config.recognition.consistency_threshold
         existing = [
-            decode_vector(t.embedding, t.dim)
+            open_template(self.cipher, t)
             for t in session.query(Template).filter_by(person_id=person_id, model_sha256=model)
         ]
         vectors = [o.vector for o in accepted if o.vector is not None]
@@ -271,10 +284,9 @@ class EnrollmentService:
         session.add(Chip(id=chip_id, person_id=person.id, key_id=self.cipher.key_id.hex(), width=width,
                          height=height, source=source,
                          ciphertext=self.cipher.encrypt(encode_chip(outcome.chip), chip_id)))
-        template = Template(id=new_id(), person_id=person.id, chip_id=chip_id, model_sha256=model,
-                            embedding=outcome.vector.astype(np.float32).tobytes(),
-                            dim=int(outcome.vector.shape[0]), quality=outcome.quality,
-                            consistency=outcome.consistency, flagged=outcome.flagged)
+        template = new_template(self.cipher, person_id=person.id, chip_id=chip_id, model_sha256=model,
+                                vector=outcome.vector, quality=outcome.quality,
+                                consistency=outcome.consistency, flagged=outcome.flagged)
         session.add(template)
         outcome.template_id = template.id
         return GalleryEntry(template.id, person.id, person.name, outcome.vector)

@@ -1,4 +1,5 @@
 """Server-side training: triplet loss and mining, student distillation, pairs head, gate and registry.
 
-Everything here imports TensorFlow/Keras; the device never imports this package.
+Most modules here import TensorFlow/Keras; registry, gate, model_folder and promotion stay light (the
+server app imports them). The device never imports this package.
 """

@@ -9,9 +9,12 @@ A candidate embedder is promoted only when
 
 Any failed check refuses the promotion: the refusal and its reasons are written to the registry and
 logged as a warning, and ``PromotionRefusedError`` is raised. After a promotion (or a rollback) every
-configured hook runs: by default "reembed-gallery" and "build-bundle", which only log what they would
-do until the server and MQTT code register the real callables with ``set_hook``. A failing hook undoes
-the promotion (the previous model is restored) and raises ``PromotionHookError``.
+configured hook runs: by default "reembed-gallery" and "build-bundle". They need the server's database,
+chip key, models and signing key, so the real ones are registered by whoever holds that context
+(``server.training.promotion.install_promotion_hooks``: the ``facegate models promote|rollback`` CLI and
+the server app). Until then the defaults fail, loudly: a promotion never "succeeds" without its gallery
+and bundle. A failing hook undoes the promotion (the previous model, if any, is promoted again and the
+candidate goes back to ``candidate``) and raises ``PromotionHookError``.
 """
 
 from __future__ import annotations
@@ -128,21 +131,27 @@ class PromotionEvent:
 PromotionHook = Callable[[PromotionEvent], None]
 
 
-def _log_reembed(event: PromotionEvent) -> None:
-    logger.warning("hook reembed-gallery (default, logs only): would re-embed every stored chip with %s "
-                   "(artifacts %s) and store templates under its sha256; register the real hook with "
-                   "server.training.gate.set_hook('reembed-gallery', fn)", event.active.version,
-                   sorted(event.active.artifacts))
+class HookContextMissingError(Exception):
+    """A default hook ran: nobody installed the real one with the server context."""
 
 
-def _log_bundle(event: PromotionEvent) -> None:
-    logger.warning("hook build-bundle (default, logs only): would build and sign a bundle with model %s "
-                   "and the re-embedded gallery for rollout (previous %s); register the real hook with "
-                   "server.training.gate.set_hook('build-bundle', fn)", event.active.version,
-                   None if event.previous is None else event.previous.version)
+def needs_context(name: str) -> PromotionHook:
+    """The default for hook ``name``: refuse, because only the server context can do the work."""
+    def refuse(event: PromotionEvent) -> None:
+        raise HookContextMissingError(
+            f"no server context to {event.action} {event.active.version}: hook {name!r} needs the server "
+            "database, chip key, models and signing key; run `facegate models promote|rollback --config "
+            "<server.toml>` (or call server.training.promotion.install_promotion_hooks)")
+
+    return refuse
 
 
-HOOKS: dict[str, PromotionHook] = {"reembed-gallery": _log_reembed, "build-bundle": _log_bundle}
+def default_hooks() -> dict[str, PromotionHook]:
+    """The hooks before any context is installed: each one fails the promotion."""
+    return {name: needs_context(name) for name in DEFAULT_HOOKS}
+
+
+HOOKS: dict[str, PromotionHook] = default_hooks()
 
 
 def set_hook(name: str, hook: PromotionHook) -> None:
@@ -175,9 +184,8 @@ def promote(registry: ModelRegistry, version: str, cfg: GateConfig | None = None
     replaced = registry.mark_promoted(version, actor, gate=decision.as_dict())
     try:
         run_hooks(PromotionEvent("promote", registry.get(version), replaced), cfg.hooks)
-    except PromotionHookError:
-        if replaced is not None:
-            registry.rollback(candidate.kind, actor)
+    except PromotionHookError as exc:
+        registry.undo_promotion(version, None if replaced is None else replaced.version, actor, str(exc))
         logger.error("promotion of %s undone: a hook failed", version)
         raise
     return decision
@@ -195,5 +203,6 @@ def rollback(registry: ModelRegistry, kind: str = "embedder", cfg: GateConfig | 
     return withdrawn, restored
 
 
-__all__ = ["GateConfig", "GateDecision", "PromotionEvent", "PromotionHookError", "PromotionRefusedError",
-           "RegistryError", "evaluate_gate", "promote", "rollback", "set_hook"]
+__all__ = ["GateConfig", "GateDecision", "HookContextMissingError", "PromotionEvent", "PromotionHookError",
+           "PromotionRefusedError", "RegistryError", "default_hooks", "evaluate_gate", "promote", "rollback",
+           "set_hook"]

@@ -1,18 +1,27 @@
 """``facegate models list|register|baseline|promote|rollback|visualize`` (merged into the ``models`` group).
 
 Registry commands print one JSON object on stdout; refusals exit with status 1 and say why on stderr.
+``promote`` and ``rollback`` run the promotion hooks with the server context of ``--config`` (chips,
+chip key, models, signing key): the gallery is re-embedded and a signed bundle is built, or nothing
+changes and the command fails.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from server.training.cli import database_url
+
+if TYPE_CHECKING:
+    from server.training.promotion import PromotionContext
+    from server.training.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +45,31 @@ def with_db(func: Any) -> Any:
 
 def _emit(payload: Any) -> None:
     click.echo(json.dumps(payload, sort_keys=True, default=str))
+
+
+@contextmanager
+def _promotion(server_config: Path | None,
+               db: str | None) -> Iterator[tuple[ModelRegistry, PromotionContext]]:
+    """The registry, with the promotion hooks installed on the server context (``--db`` wins for the URL)."""
+    from facegate.configio import ConfigError
+    from server.config import load_server_config
+    from server.db.engine import Database, DatabaseError
+    from server.training.promotion import PromotionContext, install_promotion_hooks
+    from server.training.registry import ModelRegistry
+
+    try:
+        config = load_server_config(server_config)
+        database = Database(db or config.database_url, config.database.echo, config.database.busy_timeout_ms)
+        database.create_schema()
+    except (ConfigError, DatabaseError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    with ModelRegistry(database, owns=True) as registry:
+        context = PromotionContext(config, database, progress=True)
+        installed = install_promotion_hooks(context)
+        try:
+            yield registry, context
+        finally:
+            installed.close()
 
 
 def _view(version: Any) -> dict[str, Any]:
@@ -122,14 +156,14 @@ def baseline(server_config: Path | None, db: str | None, models_dir: Path | None
 @click.option("--folds", default="9,10", show_default=True, help="Held-out folds the figures must come from.")
 def promote(server_config: Path | None, db: str | None, version: str, tolerance: float, metric: str,
             min_parity: float, folds: str) -> None:
-    """Promote a candidate through the evaluation gate (refused, loudly, when it is worse)."""
+    """Promote a candidate through the evaluation gate (refused, loudly, if worse); re-embed and bundle."""
     from server.training import gate
     from server.training.cli import _folds
-    from server.training.registry import ModelRegistry, RegistryError
+    from server.training.registry import RegistryError
 
     cfg = gate.GateConfig.model_validate({"tolerance": tolerance, "metric": metric,
                                           "min_parity_cosine": min_parity, "eval_folds": _folds(folds)})
-    with ModelRegistry.open(database_url(server_config, db)) as registry:
+    with _promotion(server_config, db) as (registry, context):
         try:
             decision = gate.promote(registry, version, cfg)
         except gate.PromotionRefusedError as exc:
@@ -137,23 +171,23 @@ def promote(server_config: Path | None, db: str | None, version: str, tolerance:
             raise click.ClickException(str(exc)) from exc
         except (gate.PromotionHookError, RegistryError) as exc:
             raise click.ClickException(str(exc)) from exc
-        _emit({"promoted": True, **decision.as_dict()})
+        _emit({"promoted": True, **decision.as_dict(), **context.outcomes})
 
 
 @cli.command("rollback")
 @with_db
 @click.option("--kind", type=click.Choice(["embedder", "pairs-head"]), default="embedder", show_default=True)
 def rollback(server_config: Path | None, db: str | None, kind: str) -> None:
-    """Withdraw the promoted version and restore the one it replaced."""
+    """Withdraw the promoted version and restore the one it replaced (its kept templates, a new bundle)."""
     from server.training import gate
-    from server.training.registry import ModelRegistry, RegistryError
+    from server.training.registry import RegistryError
 
-    with ModelRegistry.open(database_url(server_config, db)) as registry:
+    with _promotion(server_config, db) as (registry, context):
         try:
             withdrawn, restored = gate.rollback(registry, kind)
         except (gate.PromotionHookError, RegistryError) as exc:
             raise click.ClickException(str(exc)) from exc
-        _emit({"withdrawn": withdrawn.version, "restored": restored.version})
+        _emit({"withdrawn": withdrawn.version, "restored": restored.version, **context.outcomes})
 
 
 def _load_any(model: str) -> Any:

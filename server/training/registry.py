@@ -212,6 +212,21 @@ class ModelRegistry:
         logger.warning("promoted %s (replaces %s)", version, None if replaced is None else replaced.version)
         return replaced
 
+    def undo_promotion(self, version: str, restore: str | None, actor: str = "cli", reason: str = "") -> None:
+        """Undo a promotion whose hooks failed: ``version`` is a candidate, ``restore`` promoted again."""
+        with self.db.transaction() as session:
+            row = self._row(session, version)
+            row.status = Status.CANDIDATE.value
+            row.promoted_at = None
+            row.replaces_version = None
+            self._event(session, row, "undo-promote", actor, reason=reason, restored=restore)
+            if restore is not None:
+                previous = self._row(session, restore)
+                previous.status = Status.PROMOTED.value
+                self._event(session, previous, "restore", actor, withdrawn=version)
+        logger.warning("promotion of %s undone (%s): %s", version,
+                       "nothing promoted" if restore is None else f"{restore} promoted again", reason)
+
     def record_refusal(self, version: str, reasons: list[str], actor: str = "cli") -> None:
         """Mark a candidate refused by the gate, with the reasons."""
         with self.db.transaction() as session:

@@ -1,0 +1,157 @@
+"""The real promotion hooks: re-embed the gallery from the stored chips, then build and sign a bundle.
+
+:func:`install_promotion_hooks` puts them into ``server.training.gate`` with the server context they
+need (database, chip key, config, models). ``facegate models promote|rollback`` and the server app
+call it; without it the gate's defaults fail the promotion. For the version that becomes active (the
+candidate on promote, the restored one on rollback):
+
+1. ``reembed-gallery`` composes the version's models folder (``server.training.model_folder``), loads its
+   embedder (``[models] embedder``, int8 by default) with ``device.vision.embedder.Embedder``, and gives
+   every stored chip an encrypted template under that sha256 (``server.enrollment.reembed``). Templates
+   of earlier models are kept, so a rollback embeds only the chips enrolled since.
+2. ``build-bundle`` exports the server gallery for that sha256 (``server.bundles.gallery_export``) into a
+   private temp folder and builds a bundle signed with the server key into ``bundles_root``, ready for
+   ``facegate bundle publish``. In the server process it then points the recognition engine at the new
+   models, so enrollment, verify and identify use the promoted embedder and its templates.
+
+Versions of other kinds (the pairs head) change neither the embeddings nor the doors: both hooks say so
+in the log and return. Nothing biometric is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from device.vision.embedder import Embedder
+from models.runtime.manifest import load_manifest
+from server.bundles.builder import build_bundle
+from server.bundles.gallery_export import export_gallery
+from server.bundles.signing import load_private_key
+from server.config import ServerConfig
+from server.crypto import ChipCipher, load_chip_cipher
+from server.db.engine import Database
+from server.enrollment.engine import RecognitionEngine
+from server.enrollment.index import TemplateIndex
+from server.enrollment.reembed import reembed_gallery
+from server.training import gate
+from server.training.model_folder import embedder_entry_name, models_folder_for
+
+if TYPE_CHECKING:
+    from server.state import AppState
+
+logger = logging.getLogger(__name__)
+
+REEMBED_HOOK, BUNDLE_HOOK = gate.DEFAULT_HOOKS
+EXPORT_PREFIX = ".gallery-export-"
+
+
+@dataclass
+class PromotionContext:
+    """What the hooks need: the server config and database, the chip key, and (in the server) the engine.
+
+    ``cipher`` None loads the configured key on first use and never creates one: a missing key fails.
+    ``outcomes`` collects what the hooks did (counts, the bundle) for the CLI to print.
+    """
+
+    config: ServerConfig
+    db: Database
+    cipher: ChipCipher | None = None
+    engine: RecognitionEngine | None = None
+    index: TemplateIndex | None = None
+    progress: bool = False
+    outcomes: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_state(cls, state: AppState) -> PromotionContext:
+        """The context of a running server (its database, key, engine and index)."""
+        return cls(state.config, state.db, state.cipher, state.engine, state.index)
+
+    def chip_cipher(self) -> ChipCipher:
+        """The chip key (loaded once; a promotion never creates a new key)."""
+        if self.cipher is None:
+            crypto = self.config.crypto.model_copy(update={"create_key_file": False})
+            self.cipher = load_chip_cipher(self.config.model_copy(update={"crypto": crypto}))
+        return self.cipher
+
+
+def _embedder_models(ctx: PromotionContext, event: gate.PromotionEvent) -> Path | None:
+    """The active version's models folder, or None (logged) when it is not an embedder."""
+    if event.active.kind != "embedder":
+        logger.info("%s of %s (a %s): no gallery or bundle change", event.action, event.active.version,
+                    event.active.kind)
+        return None
+    return models_folder_for(ctx.config, event.active)
+
+
+def reembed_hook(ctx: PromotionContext, event: gate.PromotionEvent) -> None:
+    """Hook ``reembed-gallery``: a template under the active embedder for every stored chip."""
+    folder = _embedder_models(ctx, event)
+    if folder is None:
+        return
+    entry = load_manifest(folder).get(embedder_entry_name(ctx.config))
+    with Embedder.from_entry(folder, entry, ctx.config.models.threads) as embedder:
+        report = reembed_gallery(ctx.db, ctx.chip_cipher(), embedder, progress=ctx.progress)
+    if ctx.index is not None:
+        ctx.index.invalidate()
+    ctx.outcomes.update(model_sha256=report.model_sha256, chips=report.chips, reembedded=report.embedded,
+                        already_embedded=report.skipped)
+    logger.warning("%s %s: %d chips re-embedded, %d already had a template for it", event.action,
+                   event.active.version, report.embedded, report.skipped)
+
+
+def bundle_hook(ctx: PromotionContext, event: gate.PromotionEvent) -> None:
+    """Hook ``build-bundle``: export the gallery for the active embedder, build and sign the bundle."""
+    folder = _embedder_models(ctx, event)
+    if folder is None:
+        return
+    entry = load_manifest(folder).get(embedder_entry_name(ctx.config))
+    key = load_private_key(ctx.config.signing_key_path)
+    root = ctx.config.bundles_root
+    root.mkdir(parents=True, exist_ok=True)
+    # The exported gallery is biometric data: a private temp folder, removed once the bundle holds it.
+    with tempfile.TemporaryDirectory(prefix=EXPORT_PREFIX, dir=root) as tmp:
+        gallery_dir = Path(tmp) / "gallery"
+        with ctx.db.session() as session:
+            meta = export_gallery(session, ctx.chip_cipher(), entry.sha256, gallery_dir,
+                                  model_version=f"{entry.name}@{entry.version}")
+        built = build_bundle(folder, gallery_dir, root, key, embedder=entry.name)
+    ctx.outcomes["bundle"] = {"sequence": built.manifest.sequence, "path": str(built.path),
+                              "persons": len(meta.persons), "templates": len(meta.template_ids),
+                              "model_version": built.manifest.model_version}
+    logger.warning("%s %s: bundle %d built in %s (%d persons); publish it with `facegate bundle publish`",
+                   event.action, event.active.version, built.manifest.sequence, built.path, len(meta.persons))
+    if ctx.engine is not None:
+        ctx.engine.use_models(folder)
+        if ctx.index is not None:
+            ctx.index.invalidate()
+
+
+@dataclass
+class HookInstallation:
+    """Installed hooks; ``close()`` restores what they replaced, where still ours (idempotent)."""
+
+    hooks: dict[str, gate.PromotionHook]
+    replaced: dict[str, gate.PromotionHook]
+
+    def close(self) -> None:
+        """Uninstall (a second server built and closed in one process gives the first its hooks back)."""
+        for name, hook in self.hooks.items():
+            if gate.HOOKS.get(name) is hook:
+                gate.set_hook(name, self.replaced[name])
+
+
+def install_promotion_hooks(ctx: PromotionContext) -> HookInstallation:
+    """Register the real ``reembed-gallery`` and ``build-bundle`` hooks bound to ``ctx``."""
+    hooks: dict[str, gate.PromotionHook] = {
+        REEMBED_HOOK: lambda event: reembed_hook(ctx, event),
+        BUNDLE_HOOK: lambda event: bundle_hook(ctx, event),
+    }
+    defaults = gate.default_hooks()
+    replaced = {name: gate.HOOKS.get(name) or defaults[name] for name in hooks}
+    for name, hook in hooks.items():
+        gate.set_hook(name, hook)
+    return HookInstallation(hooks, replaced)

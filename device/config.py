@@ -6,10 +6,13 @@ Secrets come from the environment: ``FACEGATE_DEVICE__MQTT__PASSWORD=...`` overr
 
 from __future__ import annotations
 
+import datetime as dt
+import re
+import zoneinfo
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from facegate.configio import load_config
 
@@ -290,6 +293,113 @@ class MetricsConfig(Strict):
     port: int = Field(9108, ge=0, le=65535, description="Port to bind; 0 picks a free one (tests).")
 
 
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+PersonId = Annotated[str, Field(min_length=1, max_length=128)]
+_CLOCK = re.compile(r"^(?:[01]\d|2[0-3]):[0-5]\d$|^24:00$")
+MINUTES_PER_DAY = 24 * 60
+
+
+def clock_minutes(value: str) -> int:
+    """Minutes after midnight of a validated ``HH:MM`` string (``24:00`` is 1440)."""
+    hours, minutes = value.split(":")
+    return int(hours) * 60 + int(minutes)
+
+
+class AccessWindow(Strict):
+    """A weekly window in which recognised persons may enter: ``[start, end)`` on each listed day."""
+
+    days: tuple[Weekday, ...] = Field(
+        WEEKDAYS, min_length=1, max_length=7, description="Days the window starts on: mon, tue, ... sun."
+    )
+    start: str = Field(..., description="Local start time HH:MM (inclusive), 00:00-23:59.")
+    end: str = Field(..., description="Local end time HH:MM (exclusive); 24:00 is the end of the day.")
+    overnight: bool = Field(
+        False, description="The window runs past midnight and ends at `end` on the next day (22:00-06:00)."
+    )
+
+    @field_validator("days", mode="before")
+    @classmethod
+    def _lower_days(cls, value: object) -> object:
+        if isinstance(value, list | tuple):
+            return tuple(v.strip().lower() if isinstance(v, str) else v for v in value)
+        return value
+
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _clock(cls, value: object) -> object:
+        if isinstance(value, dt.time) and not (value.second or value.microsecond):  # TOML `start = 07:00:00`
+            return f"{value.hour:02d}:{value.minute:02d}"
+        if not isinstance(value, str) or not _CLOCK.match(value):
+            raise ValueError(f"{value!r} is not a time of day: write HH:MM from 00:00 to 23:59 "
+                             "(end may be 24:00)")
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AccessWindow:
+        start, end = self.start_minute, self.end_minute
+        if start >= MINUTES_PER_DAY:
+            raise ValueError("start must be 23:59 at the latest (24:00 is only valid as an end)")
+        if self.overnight and not end < start:
+            raise ValueError(f"an overnight window must end before its start time on the clock, got "
+                             f"{self.start}-{self.end}; e.g. start = \"22:00\", end = \"06:00\"")
+        if not self.overnight and not start < end:
+            raise ValueError(f"start {self.start} must be before end {self.end}; for a window past midnight "
+                             "set overnight = true")
+        return self
+
+    @property
+    def start_minute(self) -> int:
+        """Start in minutes after midnight."""
+        return clock_minutes(self.start)
+
+    @property
+    def end_minute(self) -> int:
+        """End in minutes after midnight (of the next day for an overnight window)."""
+        return clock_minutes(self.end)
+
+
+class AccessConfig(Strict):
+    """Authorisation above recognition (device/decide/access.py): who may enter when.
+
+    A recognised person who is blocked, or who arrives outside every schedule window without being
+    always allowed, gets a ``denied`` event and the door stays locked.
+    """
+
+    timezone: str | None = Field(
+        None, min_length=1, max_length=64,
+        description="IANA time zone of the schedule (e.g. Europe/Berlin); default: the system's local zone.",
+    )
+    schedule: tuple[AccessWindow, ...] = Field(
+        (), max_length=256, description="Windows in which recognised persons may enter; empty = always."
+    )
+    always_allowed: tuple[PersonId, ...] = Field(
+        (), max_length=100_000, description="Person ids exempt from the schedule (security, facilities)."
+    )
+    blocked: tuple[PersonId, ...] = Field(
+        (), max_length=100_000, description="Person ids recognised but always refused (a suspended badge)."
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}: use an IANA name such as 'Europe/Berlin' or "
+                             "'UTC'") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _not_both(self) -> AccessConfig:
+        both = sorted(set(self.always_allowed) & set(self.blocked))
+        if both:
+            raise ValueError(f"person ids both always_allowed and blocked: {', '.join(both[:5])}")
+        return self
+
+
 class DeviceConfig(Strict):
     """The whole device configuration."""
 
@@ -306,6 +416,7 @@ class DeviceConfig(Strict):
     bundle: BundleConfig = BundleConfig()
     loop: LoopConfig = LoopConfig()
     metrics: MetricsConfig = MetricsConfig()
+    access: AccessConfig = AccessConfig()
 
 
 def load_device_config(path: Path | None, environ: dict[str, str] | None = None) -> DeviceConfig:

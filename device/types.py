@@ -139,3 +139,8 @@ class Decision:
     gallery_version: str = ""
     timestamp: float = 0.0
     source_id: str = ""
+    # Why a recognised person was refused (``denied`` only; see device.decide.access.DenyReason).
+    reason: str = ""
+    # Opt-in JPEG of the face region for unknown/spoof events, attached by the loop only when a sink
+    # asks for snapshots (device.protocol.snapshots). Biometric: excluded from repr so it never reaches logs.
+    snapshot: bytes | None = field(default=None, repr=False, compare=False)

@@ -6,12 +6,14 @@ candidate (another file, another sha256, same chip input)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, func, select
 
@@ -24,6 +26,7 @@ from device.vision.pipeline import FacePipeline
 from models.runtime.manifest import load_manifest
 from server.app import create_app
 from server.bundles.builder import load_bundle
+from server.bundles.cli import cli as bundle_cli
 from server.bundles.signing import generate_key
 from server.db.models import Chip, Template
 from server.enrollment.engine import RecognitionEngine
@@ -211,3 +214,22 @@ def test_a_failing_hook_undoes_the_promotion_and_nothing_is_bundled(client: Test
     assert not (state.config.bundles_root / "2").exists()
     assert state.engine.model_sha256 != load_manifest(
         version_models_dir(state.config, candidate)).get("embedder-int8").sha256
+
+
+def test_bundle_build_cli_exports_the_enrolled_gallery(client: TestClient, faces: Faces, built_models: Path,
+                                                       tmp_path: Path) -> None:
+    """`facegate bundle build` without --gallery bundles every enrolled person for the running embedder."""
+    state = state_of(client)
+    ids = _enroll_all(client, faces)
+    config_file = tmp_path / "server.toml"
+    config_file.write_text(f'data_dir = "{state.config.data_dir}"\n[models]\ndir = "{built_models}"\n'
+                           '[mqtt]\nenabled = false\n', encoding="utf-8")
+    result = CliRunner().invoke(bundle_cli, ["build", "--config", str(config_file), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["persons"] == PERSONS and summary["templates"] == PERSONS * ENROLL_IMAGES
+    _check_bundle(state, Path(summary["path"]), state.engine.model_sha256,
+                  {pid: f"Person {i}" for i, pid in enumerate(ids)})
+    assert not list(state.config.bundles_root.glob(f"{EXPORT_PREFIX}*"))  # the plain export is gone
+    refused = CliRunner().invoke(bundle_cli, ["build", "--config", str(config_file), "--embedder", "x"])
+    assert refused.exit_code == 2 and "--embedder goes with --gallery" in refused.output

@@ -117,7 +117,17 @@ class EventPayload(Payload):
     latencies_ms: dict[ShortText, FiniteFloat] = Field(default_factory=dict, description="Per stage.")
     model_version: ShortText = ""
     gallery_version: ShortText = ""
-    snapshot: bool = Field(False, description="A JPEG follows on the snapshot topic (opt-in).")
+    snapshot: bool = Field(
+        False, description="A JPEG with this event_id was queued on the snapshot topic (opt-in, best-effort)."
+    )
+    reason: ShortText | None = Field(
+        None, description="Why a recognised person was denied: 'blocked' or 'outside_schedule' (denied only)."
+    )
+
+    def to_bytes(self) -> bytes:
+        """Compact UTF-8 JSON; ``reason`` is left out when unset so other events stay as before."""
+        exclude = {"reason"} if self.reason is None else None
+        return self.model_dump_json(exclude_none=False, exclude=exclude).encode("utf-8")
 
 
 def _finite(value: float) -> float:
@@ -127,8 +137,8 @@ def _finite(value: float) -> float:
 
 
 def decision_to_event(decision: Decision, device_id: str, *, seq: int = 0, event_id: uuid.UUID | None = None,
-                      ts: datetime | None = None) -> EventPayload:
-    """The wire form of a Decision (wall-clock timestamp now unless ``ts`` is given)."""
+                      ts: datetime | None = None, snapshot: bool = False) -> EventPayload:
+    """The wire form of a Decision (wall-clock timestamp now unless ``ts`` is given; never the image)."""
     checks = [
         LivenessCheckPayload(name=c.name[:256], score=None if c.score is None else _finite(c.score),
                              verdict=c.verdict, detail=c.detail[:256])
@@ -148,6 +158,8 @@ def decision_to_event(decision: Decision, device_id: str, *, seq: int = 0, event
         latencies_ms={k[:256]: _finite(v) for k, v in decision.latencies_ms.items()},
         model_version=decision.model_version[:256],
         gallery_version=decision.gallery_version[:256],
+        snapshot=snapshot,
+        reason=decision.reason[:256] or None,
     )
 
 
@@ -312,6 +324,20 @@ class ChunkHeader(Payload):
     correlation_id: Identifier | None = Field(None, description="Set when answering a ChunkRequest.")
 
 
+class SnapshotHeader(Payload):
+    """JSON header of a snapshot frame on ``…/<device>/snapshot`` (:mod:`device.protocol.snapshots`)."""
+
+    event_id: uuid.UUID = Field(..., description="The event this snapshot belongs to.")
+    ts: AwareDatetime = Field(..., description="The event's timestamp.")
+    device: DeviceId
+    decision: Literal["unknown", "spoof"] = Field(..., description="Snapshots exist for these kinds only.")
+    content_type: Literal["image/jpeg"] = "image/jpeg"
+    width: int = Field(..., ge=1, le=4096, description="Image width in pixels.")
+    height: int = Field(..., ge=1, le=4096, description="Image height in pixels.")
+    size: int = Field(..., ge=1, le=4 << 20, description="Bytes of image data after the header.")
+    sha256: Sha256Hex = Field(..., description="sha256 of the image data.")
+
+
 BundleState = Literal["downloading", "verifying", "installed", "rejected", "rolled_back", "idle"]
 DeltaState = Literal["applied", "removals_only", "rejected"]
 
@@ -390,6 +416,7 @@ PAYLOADS: dict[str, type[Payload]] = {
     "command_response": CommandResponse,
     "bundle_announce": BundleAnnounce,
     "chunk_header": ChunkHeader,
+    "snapshot_header": SnapshotHeader,
     "chunk_request": ChunkRequest,
     "bundle_ack": BundleAck,
     "gallery_delta": GalleryDelta,

@@ -90,7 +90,7 @@ def keys_generate(config_path: Path | None, out: Path | None, force: bool) -> No
     """Create the signing key (mode 0600) and print the public key (base64) for device configs."""
     from server.bundles.signing import SigningKeyError, generate_key, public_key_b64
 
-    path = out or _config(config_path).data_dir / KEY_FILE
+    path = out or _config(config_path).signing_key_path
     try:
         key = generate_key(path, force=force)
     except SigningKeyError as exc:
@@ -108,7 +108,7 @@ def keys_show(config_path: Path | None, key_path: Path | None) -> None:
     from server.bundles.signing import SigningKeyError, load_private_key, public_key_b64
 
     try:
-        key = load_private_key(key_path or _config(config_path).data_dir / KEY_FILE)
+        key = load_private_key(key_path or _config(config_path).signing_key_path)
     except SigningKeyError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(public_key_b64(key))
@@ -121,8 +121,9 @@ def keys_show(config_path: Path | None, key_path: Path | None) -> None:
 @_config_option
 @click.option("--models", "models_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Folder with the models' manifest.json (default: the built models).")
-@click.option("--gallery", "gallery_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
-              help="Gallery folder (gallery.json) embedded with one of those embedders.")
+@click.option("--gallery", "gallery_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Gallery folder (gallery.json) embedded with one of those embedders; default: export "
+                   "every enrolled person from the server database (chip key needed).")
 @click.option("--out", "out_root", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Bundles folder (default: <data_dir>/bundles).")
 @click.option("--key", "key_path", type=click.Path(path_type=Path), default=None, help="Signing key file.")
@@ -131,29 +132,57 @@ def keys_show(config_path: Path | None, key_path: Path | None) -> None:
               help="Chunk size on the wire.")
 @click.option("--embedder", default=None, help="Embedder name in the manifest (default: the gallery's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def build(config_path: Path | None, models_dir: Path | None, gallery_dir: Path, out_root: Path | None,
+def build(config_path: Path | None, models_dir: Path | None, gallery_dir: Path | None, out_root: Path | None,
           key_path: Path | None, sequence: int | None, chunk_kb: int, embedder: str | None,
           as_json: bool) -> None:
-    """Build and sign a bundle from a models folder and a gallery."""
+    """Build and sign a bundle from a models folder and a gallery (default: the server's enrolled persons)."""
     from models.runtime.assets import default_models_dir
     from server.bundles.builder import BundleBuildError, build_bundle
     from server.bundles.signing import SigningKeyError, load_private_key
 
     config = _config(config_path)
-    try:
-        key = load_private_key(key_path or config.data_dir / KEY_FILE)
-        built = build_bundle(models_dir or config.models.dir or default_models_dir(), gallery_dir,
-                             out_root or config.data_dir / "bundles", key, sequence=sequence,
-                             chunk_size=chunk_kb * 1024, embedder=embedder)
-    except (BundleBuildError, SigningKeyError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    m = built.manifest
-    result = {"sequence": m.sequence, "path": str(built.path), "files": len(m.files),
-              "bytes": m.total_size, "chunks": m.total_chunks, "model_version": m.model_version,
-              "gallery_version": m.gallery_version}
+    if gallery_dir is None:
+        if embedder is not None:
+            raise click.UsageError("--embedder goes with --gallery; without it the server's [models] "
+                                   "embedder is used")
+        result = _build_from_database(config, models_dir, key_path, out_root, sequence, chunk_kb * 1024)
+    else:
+        try:
+            key = load_private_key(key_path or config.signing_key_path)
+            built = build_bundle(models_dir or config.models.dir or default_models_dir(), gallery_dir,
+                                 out_root or config.bundles_root, key, sequence=sequence,
+                                 chunk_size=chunk_kb * 1024, embedder=embedder)
+        except (BundleBuildError, SigningKeyError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        m = built.manifest
+        result = {"sequence": m.sequence, "path": str(built.path), "files": len(m.files),
+                  "bytes": m.total_size, "chunks": m.total_chunks, "model_version": m.model_version,
+                  "gallery_version": m.gallery_version}
     click.echo(json.dumps(result) if as_json else
-               f"bundle {m.sequence}: {built.path} ({len(m.files)} files, {m.total_size / 1e6:.1f} MB, "
-               f"{m.total_chunks} chunks)")
+               f"bundle {result['sequence']}: {result['path']} ({result['files']} files, "
+               f"{result['bytes'] / 1e6:.1f} MB, {result['chunks']} chunks)")
+
+
+def _build_from_database(config: ServerConfig, models_dir: Path | None, key_path: Path | None,
+                         out_root: Path | None, sequence: int | None, chunk_size: int) -> dict[str, Any]:
+    """Export the enrolled gallery for the active embedder and build a signed bundle from it."""
+    from models.runtime.assets import default_models_dir
+    from models.runtime.manifest import ManifestError
+    from server.bundles.builder import BundleBuildError
+    from server.bundles.gallery_export import GalleryExportError
+    from server.bundles.signing import SigningKeyError
+    from server.crypto import CryptoError
+    from server.db.engine import Database
+    from server.training.model_folder import active_models_dir
+    from server.training.promotion import PromotionContext, build_gallery_bundle
+
+    with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
+        folder = models_dir or active_models_dir(config, db) or config.models.dir or default_models_dir()
+        try:
+            return build_gallery_bundle(PromotionContext(config, db), folder, key_path=key_path,
+                                        out_root=out_root, sequence=sequence, chunk_size=chunk_size)
+        except (BundleBuildError, SigningKeyError, GalleryExportError, CryptoError, ManifestError) as exc:
+            raise click.ClickException(str(exc)) from exc
 
 
 @cli.command("publish")

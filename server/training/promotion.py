@@ -103,14 +103,17 @@ def reembed_hook(ctx: PromotionContext, event: gate.PromotionEvent) -> None:
                    event.active.version, report.embedded, report.skipped)
 
 
-def bundle_hook(ctx: PromotionContext, event: gate.PromotionEvent) -> None:
-    """Hook ``build-bundle``: export the gallery for the active embedder, build and sign the bundle."""
-    folder = _embedder_models(ctx, event)
-    if folder is None:
-        return
+def build_gallery_bundle(ctx: PromotionContext, folder: Path, *, key_path: Path | None = None,
+                         out_root: Path | None = None, sequence: int | None = None,
+                         chunk_size: int | None = None) -> dict[str, Any]:
+    """Export the stored gallery for ``folder``'s embedder, build and sign a bundle; return its summary.
+
+    Used by the ``build-bundle`` hook and by ``facegate bundle build`` without ``--gallery``; the
+    keyword arguments override the config's signing key, bundles folder, sequence and chunk size.
+    """
     entry = load_manifest(folder).get(embedder_entry_name(ctx.config))
-    key = load_private_key(ctx.config.signing_key_path)
-    root = ctx.config.bundles_root
+    key = load_private_key(key_path or ctx.config.signing_key_path)
+    root = out_root or ctx.config.bundles_root
     root.mkdir(parents=True, exist_ok=True)
     # The exported gallery is biometric data: a private temp folder, removed once the bundle holds it.
     with tempfile.TemporaryDirectory(prefix=EXPORT_PREFIX, dir=root) as tmp:
@@ -118,12 +121,26 @@ def bundle_hook(ctx: PromotionContext, event: gate.PromotionEvent) -> None:
         with ctx.db.session() as session:
             meta = export_gallery(session, ctx.chip_cipher(), entry.sha256, gallery_dir,
                                   model_version=f"{entry.name}@{entry.version}")
-        built = build_bundle(folder, gallery_dir, root, key, embedder=entry.name)
-    ctx.outcomes["bundle"] = {"sequence": built.manifest.sequence, "path": str(built.path),
-                              "persons": len(meta.persons), "templates": len(meta.template_ids),
-                              "model_version": built.manifest.model_version}
+        extra: dict[str, Any] = {} if chunk_size is None else {"chunk_size": chunk_size}
+        built = build_bundle(folder, gallery_dir, root, key, embedder=entry.name, sequence=sequence, **extra)
+    m = built.manifest
+    return {"sequence": m.sequence, "path": str(built.path), "persons": len(meta.persons),
+            "templates": len(meta.template_ids), "model_version": m.model_version,
+            "gallery_version": m.gallery_version, "files": len(m.files), "bytes": m.total_size,
+            "chunks": m.total_chunks}
+
+
+def bundle_hook(ctx: PromotionContext, event: gate.PromotionEvent) -> None:
+    """Hook ``build-bundle``: export the gallery for the active embedder, build and sign the bundle."""
+    folder = _embedder_models(ctx, event)
+    if folder is None:
+        return
+    summary = build_gallery_bundle(ctx, folder)
+    ctx.outcomes["bundle"] = {k: summary[k] for k in ("sequence", "path", "persons", "templates",
+                                                       "model_version")}
     logger.warning("%s %s: bundle %d built in %s (%d persons); publish it with `facegate bundle publish`",
-                   event.action, event.active.version, built.manifest.sequence, built.path, len(meta.persons))
+                   event.action, event.active.version, summary["sequence"], summary["path"],
+                   summary["persons"])
     if ctx.engine is not None:
         ctx.engine.use_models(folder)
         if ctx.index is not None:

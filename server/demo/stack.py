@@ -1,0 +1,206 @@
+"""The running pieces of the demo: the companion server on a loopback port, its HTTP API as a client
+uses it, one door agent wired as ``facegate device run`` wires it, and the signed bundle the server ships.
+
+The broker is :class:`server.broker.LocalBroker`; everything else is the project's own code, started
+in this process so the demo can tell when a scene has been seen and every event has arrived.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from device.agent.loop import Agent
+from device.agent.runner import build_agent
+from device.bundles.updater import BundleUpdater
+from device.camera import FrameSource
+from device.config import DeviceConfig, GalleryConfig
+from device.mqtt.client import MqttClient
+from device.mqtt.runtime import bundle_loader, open_store
+from device.mqtt.service import DeviceMqtt
+from device.protocol.topics import Topics
+from models.runtime.manifest import load_manifest
+from server.app import app_state, create_app
+from server.bundles.builder import BuiltBundle, build_bundle
+from server.bundles.gallery_export import export_gallery
+from server.bundles.publisher import BundleServer
+from server.bundles.rollout import RolloutTracker, installed
+from server.bundles.signing import load_private_key
+from server.config import ServerConfig
+from server.state import AppState
+
+logger = logging.getLogger(__name__)
+
+# Generous bounds against hangs (a slow CI machine); none of them is a performance claim.
+START_TIMEOUT_S = 60.0
+HTTP_TIMEOUT_S = 120.0
+INSTALL_TIMEOUT_S = 120.0
+POLL_S = 0.01
+
+
+class DemoError(Exception):
+    """A demo stage failed; the message says which and why."""
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = START_TIMEOUT_S) -> None:
+    """Poll ``predicate`` until it holds; raise DemoError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(POLL_S)
+
+
+class ServerRunner:
+    """``create_app`` served by uvicorn in a thread, as ``facegate server run`` serves it."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        import uvicorn
+
+        self.config = config
+        self.app = create_app(config)
+        # log_config=None keeps facegate's logging, as `facegate server run` does.
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host=config.http.host, port=config.http.port,
+                                                     log_config=None, access_log=False))
+        self._thread = threading.Thread(target=self._server.run, name="demo-server", daemon=True)
+
+    @property
+    def url(self) -> str:
+        """Base URL of the API and the web station."""
+        return f"http://{self.config.http.host}:{self.config.http.port}"
+
+    @property
+    def state(self) -> AppState:
+        """Database, engine, sync and audit subscriber of the running app."""
+        return app_state(self.app)
+
+    def start(self) -> ServerRunner:
+        """Serve, and wait until HTTP answers and the audit subscriber is subscribed."""
+        self._thread.start()
+        wait_until(lambda: self._server.started or not self._thread.is_alive(), "the server to start")
+        if not self._server.started:
+            raise DemoError("the server stopped during start-up (see the log)")
+        source = self.state.source
+        if source is None or not source.wait_connected(START_TIMEOUT_S):
+            raise DemoError("the server's audit subscriber did not connect to the broker")
+        return self
+
+    def close(self) -> None:
+        """Stop serving (runs the app's shutdown: audit subscriber, engine, database); idempotent."""
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+
+class Api:
+    """The server's HTTP API as an operator's script uses it: log in, enroll, list devices, delete."""
+
+    def __init__(self, base_url: str, username: str, password: str) -> None:
+        self._http = httpx.Client(base_url=base_url, timeout=HTTP_TIMEOUT_S)
+        response = self._http.post("/api/auth/login", json={"username": username, "password": password})
+        self._check(response, "log in")
+        self._http.headers["Authorization"] = f"Bearer {response.json()['access_token']}"
+
+    @staticmethod
+    def _check(response: httpx.Response, what: str) -> None:
+        if response.is_error:
+            raise DemoError(f"could not {what}: HTTP {response.status_code} {response.text[:500]}")
+
+    def enroll(self, name: str, photos: list[bytes]) -> dict[str, Any]:
+        """POST /api/enroll with consent; return the response (person, per-image results)."""
+        files = [("images", (f"{name}-{i}.jpg", data, "image/jpeg")) for i, data in enumerate(photos)]
+        response = self._http.post("/api/enroll", files=files, data={"name": name, "consent": "true"})
+        self._check(response, f"enroll {name!r}")
+        body: dict[str, Any] = response.json()
+        return body
+
+    def devices(self) -> list[dict[str, Any]]:
+        """GET /api/devices."""
+        response = self._http.get("/api/devices")
+        self._check(response, "list devices")
+        rows: list[dict[str, Any]] = response.json()
+        return rows
+
+    def event_count(self, device_id: str) -> int:
+        """How many of the door's events the audit log holds (GET /api/events)."""
+        response = self._http.get("/api/events", params={"device_id": device_id, "limit": 1})
+        self._check(response, "list events")
+        return int(response.json()["total"])
+
+    def delete(self, person_id: str, wait_s: float) -> dict[str, Any]:
+        """DELETE /api/persons/{id}: purge now, answer once every door confirmed (or after ``wait_s``)."""
+        response = self._http.delete(f"/api/persons/{person_id}", params={"wait_s": wait_s})
+        self._check(response, f"delete person {person_id}")
+        body: dict[str, Any] = response.json()
+        return body
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+
+class DoorRunner:
+    """One door: agent, MQTT side and bundle updater, wired as ``device.mqtt.runtime.run_connected`` does."""
+
+    def __init__(self, config: DeviceConfig, source: FrameSource | None = None) -> None:
+        self.config = config
+        store = open_store(config)
+        if store is None:
+            raise DemoError("the demo door needs bundles enabled")
+        store.recover()
+        self.agent: Agent = build_agent(config, loader=bundle_loader(config, store), source=source)
+        self.mqtt = DeviceMqtt(config, self.agent)
+        self.agent.add_sink(self.mqtt.sink)
+        self.updater = BundleUpdater(self.mqtt.client, self.mqtt.topics, config.device.id, store,
+                                     config.bundle, on_installed=self._reload,
+                                     on_gallery_changed=self._reload)
+        self.mqtt.attach_updater(self.updater)
+
+    def _reload(self, _bundle: object) -> None:
+        self.agent.reload()
+
+    def start(self) -> DoorRunner:
+        """Connect, listen for bundles and deltas, and start the camera and processing threads."""
+        self.mqtt.start()
+        self.updater.start()
+        self.agent.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the agent (door locked), the updater and the MQTT side; idempotent."""
+        self.agent.stop()
+        self.updater.close()
+        self.mqtt.close()
+
+
+def ship_bundle(state: AppState, models_dir: Path, work: Path, client: MqttClient, topics: Topics,
+                device_id: str) -> BuiltBundle:
+    """Export the enrolled templates, build and sign a bundle, publish it, wait until the door runs it."""
+    config = state.config
+    model_sha = state.engine.model_sha256
+    version = next((e.version for e in load_manifest(models_dir).models if e.sha256 == model_sha), "")
+    gallery_dir = work / "gallery-export"
+    try:
+        with state.db.session() as session:
+            export_gallery(session, state.cipher, model_sha, gallery_dir, config=GalleryConfig(),
+                           model_version=version)
+        key = load_private_key(config.signing_key_path)
+        built = build_bundle(models_dir, gallery_dir, config.bundles_root, key)
+    finally:
+        shutil.rmtree(gallery_dir, ignore_errors=True)  # embeddings: the bundle holds its own copy
+    seq = built.manifest.sequence
+    # The server keeps answering chunk requests until the door acknowledges the install.
+    with BundleServer(client, topics, config.bundles_root) as server, \
+            RolloutTracker(client, topics) as tracker:
+        server.publish(built, wait=True)
+        if not tracker.wait(lambda devices: device_id in installed(devices, seq), INSTALL_TIMEOUT_S):
+            row = tracker.snapshot().get(device_id)
+            raise DemoError(f"{device_id} did not install bundle {seq}: {row.as_dict() if row else 'no ack'}")
+    return built

@@ -36,7 +36,8 @@ def test_jsonl_sink_appends_one_object_per_line(tmp_path: Path) -> None:
     assert len(lines) == 2 and lines[0] == decision_to_dict(DECISION)
     assert lines[0]["kind"] == "granted" and lines[0]["liveness"]["checks"][0]["name"] == "passive"
     assert set(lines[0]) == {"kind", "person_id", "name", "score", "margin", "liveness", "latencies_ms",
-                             "model_version", "gallery_version", "timestamp", "source_id"}
+                             "model_version", "gallery_version", "timestamp", "source_id", "reason"}
+    assert lines[0]["reason"] is None  # set only for denied decisions
     with pytest.raises(ValueError, match="closed"):
         sink.emit(DECISION)
 

@@ -4,7 +4,9 @@ The capture thread owns the camera: it opens it, reads and paces frames, and han
 ``put_nowait`` into a bounded queue, dropping the oldest (or the newest) frame when full and counting it.
 When the camera fails it counts the error, locks the door, closes the source and retries with the
 source's exponential backoff until the camera is back. The processing thread owns the tracker and the
-decision engine: analyze (detect, align, embed) -> liveness -> gallery search -> decide -> door -> sink.
+decision engine: analyze (detect, align, embed) -> liveness -> gallery search -> decide (recognition, then
+the ``[access]`` policy) -> door -> sink. Only when a sink asks for snapshots does an unknown/spoof
+decision carry a JPEG of the face region (``Decision.snapshot``).
 Both stop on one ``threading.Event``; ``stop()`` joins them with a timeout (shutdown well under 2 s).
 """
 
@@ -24,11 +26,13 @@ from device.agent.sink import EventSink, FanOutSink
 from device.agent.status import AgentStatus, Counters, RateMeter
 from device.camera import CameraSetupError, FrameSource
 from device.config import DeviceConfig
-from device.decide import DecisionEngine, FaceObservation, Tracker
+from device.decide import AccessPolicy, DecisionEngine, FaceObservation, Tracker
 from device.door import Door, DoorError
 from device.gallery import Gallery
 from device.liveness.base import LivenessEngine, PassThroughLiveness
+from device.protocol.snapshots import SNAPSHOT_KINDS
 from device.types import Decision, DecisionKind, Detection, Embedding, Frame, ImageArray
+from device.vision.snapshot import encode_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -332,7 +336,7 @@ class Agent:
     # ------------------------------------------------------------------ processing thread
     def _process_loop(self) -> None:
         tracker = Tracker(self.config.decision.track_timeout_s)
-        engine = DecisionEngine(self.config.decision)
+        engine = DecisionEngine(self.config.decision, AccessPolicy(self.config.access))
         epoch = self._camera_epoch
         try:
             while not self._stop.is_set():
@@ -382,7 +386,18 @@ class Agent:
             decision = engine.observe(obs, models.pipeline.model_version)
             if decision is not None:
                 # the gallery version (a content hash, recomputed after a delta) only when it is needed
-                self._act(replace(decision, gallery_version=models.gallery.version))
+                snapshot = (self._snapshot(frame, face.detection)
+                            if decision.kind in SNAPSHOT_KINDS and self.sink.wants_snapshots else None)
+                self._act(replace(decision, gallery_version=models.gallery.version, snapshot=snapshot))
+
+    def _snapshot(self, frame: Frame, detection: Detection) -> bytes | None:
+        """JPEG of the face region for an opted-in sink, or None (a failed snapshot never costs the event)."""
+        try:
+            return encode_snapshot(frame.rgb, detection.box)
+        except Exception as exc:
+            logger.warning("snapshot of frame %d could not be made (%s); event sent without it", frame.index,
+                           type(exc).__name__)
+            return None
 
     def _act(self, decision: Decision) -> None:
         self._last_decision = decision

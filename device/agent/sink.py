@@ -21,7 +21,12 @@ logger = logging.getLogger(__name__)
 
 
 class EventSink(Protocol):
-    """Receives every decision the loop makes."""
+    """Receives every decision the loop makes.
+
+    A sink that publishes opt-in snapshots also has a ``wants_snapshots`` attribute that is True; only
+    then does the loop attach a JPEG (``Decision.snapshot``) to unknown/spoof decisions. Other sinks
+    need not declare it and must never write ``Decision.snapshot`` anywhere (biometric data).
+    """
 
     def emit(self, decision: Decision) -> None:
         """Deliver one decision (called on the processing thread)."""
@@ -50,6 +55,7 @@ def decision_to_dict(decision: Decision) -> dict[str, Any]:
         "gallery_version": decision.gallery_version,
         "timestamp": decision.timestamp,
         "source_id": decision.source_id,
+        "reason": decision.reason or None,
     }
 
 
@@ -133,6 +139,13 @@ class FanOutSink:
         """Attach another sink (e.g. MQTT once connected)."""
         with self._lock:
             self._sinks.append(sink)
+
+    @property
+    def wants_snapshots(self) -> bool:
+        """True when any sink asks for snapshots (``wants_snapshots`` attribute set to True)."""
+        with self._lock:
+            sinks = list(self._sinks)
+        return any(getattr(sink, "wants_snapshots", False) is True for sink in sinks)
 
     def emit(self, decision: Decision) -> None:
         """Emit to each sink, logging (never raising) individual failures."""

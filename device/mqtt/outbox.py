@@ -24,11 +24,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from device.mqtt.client import MqttClient
 from device.protocol.schemas import decision_to_event
+from device.protocol.snapshots import SNAPSHOT_KINDS
 from device.protocol.topics import Topics
 from device.types import Decision
+
+if TYPE_CHECKING:
+    from device.mqtt.snapshots import SnapshotPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -291,21 +296,37 @@ class OutboxPublisher:
 
 
 class MqttEventSink:
-    """The agent's EventSink over MQTT: ``emit(decision)`` stores the event durably, then publishes it."""
+    """The agent's EventSink over MQTT: ``emit(decision)`` stores the event durably, then publishes it.
 
-    def __init__(self, client: MqttClient, outbox: Outbox, topics: Topics, device_id: str) -> None:
+    With a :class:`~device.mqtt.snapshots.SnapshotPublisher` (``[mqtt] snapshots``) the sink asks the
+    loop for snapshots (``wants_snapshots``) and queues the JPEG of an unknown/spoof decision beside its
+    event, best-effort; the event says ``"snapshot": true`` when one was queued.
+    """
+
+    def __init__(self, client: MqttClient, outbox: Outbox, topics: Topics, device_id: str,
+                 snapshots: SnapshotPublisher | None = None) -> None:
         self.client = client
         self.outbox = outbox
         self.topic = topics.events(device_id)
         self.device_id = device_id
+        self.snapshots = snapshots
         self.failures = 0
         self.publisher = OutboxPublisher(client, outbox)
         self._closed = False
+
+    @property
+    def wants_snapshots(self) -> bool:
+        """True when snapshots are opted in: the loop then attaches a JPEG to unknown/spoof decisions."""
+        return self.snapshots is not None
 
     def emit(self, decision: Decision) -> None:
         """Queue ``decision`` as an event; never raises (a failed write is logged and counted)."""
         try:
             event = decision_to_event(decision, self.device_id)
+            if self.snapshots is not None and decision.snapshot and decision.kind in SNAPSHOT_KINDS:
+                # The snapshot is queued first so that the stored event can say whether one exists.
+                if self.snapshots.offer(event, decision.snapshot):
+                    event = event.model_copy(update={"snapshot": True})
             self.outbox.append(str(event.event_id), self.topic,
                                lambda seq: event.model_copy(update={"seq": seq}).to_bytes())
         except Exception as exc:

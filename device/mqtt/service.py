@@ -7,6 +7,8 @@
   answered with a :class:`CommandResponse` carrying the request's correlation id on
   ``…/cmd/<name>/response`` (and on the v5 response topic when the request named one).
 - Home Assistant discovery configs (retained), re-published when ``homeassistant/status`` is ``online``.
+- ``…/<device>/snapshot``: with ``[mqtt] snapshots`` only, best-effort JPEGs of unknown/spoof events
+  (framing and delivery rules in :mod:`device.protocol.snapshots`).
 Commands run on a worker thread, never on paho's network thread.
 """
 
@@ -25,6 +27,7 @@ from device.config import DeviceConfig
 from device.mqtt import homeassistant
 from device.mqtt.client import ClientSettings, Message, MqttClient, Will
 from device.mqtt.outbox import MqttEventSink, Outbox
+from device.mqtt.snapshots import SnapshotPublisher
 from device.protocol.schemas import (
     CommandRequest,
     CommandResponse,
@@ -97,7 +100,10 @@ class DeviceMqtt:
         settings = ClientSettings.from_config(config.mqtt, f"facegate-{config.device.site}-{self.device_id}")
         self.client = client or MqttClient(settings, will)
         self.outbox = Outbox(config.device.data_dir / OUTBOX_FILE, config.mqtt.outbox_max_events)
-        self.sink = MqttEventSink(self.client, self.outbox, self.topics, self.device_id)
+        # Opt-in, best-effort JPEGs of unknown/spoof events on …/snapshot (device.protocol.snapshots).
+        self.snapshots = (SnapshotPublisher(self.client, self.topics, self.device_id)
+                          if config.mqtt.snapshots else None)
+        self.sink = MqttEventSink(self.client, self.outbox, self.topics, self.device_id, self.snapshots)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mqtt-cmd")
         self._stop = threading.Event()
         self._status_thread = threading.Thread(target=self._status_loop, name="mqtt-status", daemon=True)
@@ -133,6 +139,8 @@ class DeviceMqtt:
             undo()
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.sink.close()
+        if self.snapshots is not None:
+            self.snapshots.close()
         if self._status_thread.is_alive():
             self._status_thread.join(timeout=5)
         self.client.close()

@@ -42,7 +42,7 @@ def face_crop(rgb: ImageArray, box: Box, margin: float = SNAPSHOT_MARGIN,
     if longest > max_side:
         scale = max_side / longest
         size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
-        crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
+        crop = np.asarray(cv2.resize(crop, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
     return np.ascontiguousarray(crop)
 
 

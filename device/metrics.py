@@ -1,6 +1,8 @@
 """Prometheus metrics of the door agent, on a private registry, served over HTTP when ``[metrics] enabled``.
 
 - Decisions and their per-stage latencies arrive through an event sink, as they leave the frame loop.
+- Every processed frame's stage latencies (each face, and the whole frame) arrive through the agent's
+  latency observer: ``facegate_device_processing_latency_seconds{stage}``.
 - Frame rate, queue drops, errors, uptime, door state and versions are read from ``Agent.status()`` on
   every scrape, so they are never stale and cost nothing between scrapes.
 - The MQTT runtime adds the outbox depth and the bundle sequences (absent on a standalone door).
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
@@ -45,6 +47,8 @@ LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 # "total" is their sum. Unknown stage names from a future stage are observed too.
 STAGES = ("detect", "align", "liveness", "embed", "search", "decide")
 TOTAL_STAGE = "total"
+# Per-frame histogram stages: each face's pipeline stages, and "frame" (a whole frame, faceless included).
+FRAME_STAGES = ("detect", "align", "embed", "liveness", "search", "frame")
 DOOR_STATES = ("locked", "unlocked", "fault")
 # stop() waits this long for the HTTP thread (serve_forever polls every 0.5 s).
 JOIN_TIMEOUT_S = 2.0
@@ -63,6 +67,10 @@ class AgentLike(Protocol):
 
     def add_sink(self, sink: EventSink) -> None:
         """Attach an event sink."""
+        ...
+
+    def add_latency_observer(self, observer: Callable[[Mapping[str, float]], None]) -> None:
+        """Get every processed frame's stage latencies (ms)."""
         ...
 
 
@@ -200,6 +208,12 @@ class DeviceMetrics:
         for stage in (*STAGES, TOTAL_STAGE):
             latency.labels(stage)
         self.sink = DecisionMetricsSink(decisions, latency)
+        self._processing = Histogram(f"{PREFIX}_processing_latency_seconds",
+                                     "Per-stage latency of every face of every processed frame; 'frame': "
+                                     "a whole frame's processing, faceless frames included.",
+                                     ["stage"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        for stage in FRAME_STAGES:
+            self._processing.labels(stage)
         self.status_source: Callable[[], AgentStatus] | None = None
         self.outbox: OutboxLike | None = None
         self.updater: UpdaterLike | None = None
@@ -210,7 +224,13 @@ class DeviceMetrics:
     def observe_agent(self, agent: AgentLike) -> None:
         """Count the agent's decisions and read its status on every scrape."""
         agent.add_sink(self.sink)
+        agent.add_latency_observer(self.observe_latencies)
         self.status_source = agent.status
+
+    def observe_latencies(self, latencies: Mapping[str, float]) -> None:
+        """Observe one face's (or one frame's) stage latencies, in ms."""
+        for stage, ms in latencies.items():
+            self._processing.labels(stage).observe(max(0.0, ms) / 1000.0)
 
     def observe_mqtt(self, outbox: OutboxLike, updater: UpdaterLike | None = None) -> None:
         """Export the outbox depth and, with bundles enabled, the running bundle and delta sequences."""

@@ -133,6 +133,14 @@ def test_agent_metrics_match_its_decisions_and_stop_with_it(tmp_path: Path, buil
         for stage in (*STAGES, TOTAL_STAGE):
             assert value(families, "facegate_device_stage_latency_seconds",
                          "facegate_device_stage_latency_seconds_sum", stage=stage) > 0
+        # Every processed frame is timed, faceless ones included: more frames than decisions.
+        frames = value(families, "facegate_device_processing_latency_seconds",
+                       "facegate_device_processing_latency_seconds_count", stage="frame")
+        faces = value(families, "facegate_device_processing_latency_seconds",
+                      "facegate_device_processing_latency_seconds_count", stage="embed")
+        assert frames > faces > sum(decisions(families, k.value) for k in DecisionKind)
+        assert frames <= value(families, "facegate_device_frames_processed",
+                               "facegate_device_frames_processed_total")
         assert value(families, "facegate_device_fps") > 0
         assert value(families, "facegate_device_uptime_seconds") > 0
         assert value(families, "facegate_device_frames_processed",

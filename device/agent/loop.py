@@ -16,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -79,6 +79,9 @@ class Models:
 
 
 Loader = Callable[[], Models]
+LatencyObserver = Callable[[Mapping[str, float]], None]
+# The latency key an observer gets once per processed frame: the whole frame's processing time.
+FRAME_STAGE = "frame"
 
 
 class Agent:
@@ -114,6 +117,7 @@ class Agent:
         self._started_at: float | None = None
         self._threads: list[threading.Thread] = []
         self._closed = False
+        self._latency_observers: list[LatencyObserver] = []
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -181,6 +185,19 @@ class Agent:
     def add_sink(self, sink: EventSink) -> None:
         """Attach another event sink (the MQTT publisher)."""
         self.sink.add(sink)
+
+    def add_latency_observer(self, observer: LatencyObserver) -> None:
+        """Call ``observer`` with the stage latencies (ms) of every face of every processed frame, and with
+        ``{"frame": ms}`` once per frame (faceless frames included). Observers must be quick; an observer
+        that raises is logged and never stops the door."""
+        self._latency_observers.append(observer)
+
+    def _observe_latencies(self, latencies: Mapping[str, float]) -> None:
+        for observer in self._latency_observers:
+            try:
+                observer(latencies)
+            except Exception:
+                logger.exception("latency observer failed")
 
     def manual_unlock(self, seconds: float | None = None) -> None:
         """Operator unlock (MQTT ``unlock`` command); raises DoorError when refused."""
@@ -366,6 +383,12 @@ class Agent:
             self.liveness.end_track(track_id)
 
     def _process(self, frame: Frame, tracker: Tracker, engine: DecisionEngine) -> None:
+        started = time.perf_counter()
+        self._process_faces(frame, tracker, engine)
+        if self._latency_observers:
+            self._observe_latencies({FRAME_STAGE: (time.perf_counter() - started) * 1000.0})
+
+    def _process_faces(self, frame: Frame, tracker: Tracker, engine: DecisionEngine) -> None:
         models = self._models
         faces = models.pipeline.analyze(frame.rgb)
         self._counters.frames_processed += 1
@@ -382,6 +405,8 @@ class Agent:
             t2 = time.perf_counter()
             latencies["liveness"] = (t1 - t0) * 1000.0
             latencies["search"] = (t2 - t1) * 1000.0
+            if self._latency_observers:
+                self._observe_latencies(latencies)
             obs = FaceObservation(track_id, match, live, frame.timestamp, frame.source_id, latencies)
             decision = engine.observe(obs, models.pipeline.model_version)
             if decision is not None:

@@ -95,6 +95,44 @@ def create_token_cmd(config_path: Path | None, username: str, name: str, ttl_day
     click.echo(token)
 
 
+@cli.command("rotate-chip-key")
+@CONFIG_OPTION
+@click.option("--new-key-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Where to write the new key. Required when the key comes from the environment; "
+                   "default: <key file>.new, installed as the key file when done.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (the server must be stopped).")
+def rotate_chip_key_cmd(config_path: Path | None, new_key_file: Path | None, yes: bool) -> None:
+    """Re-encrypt every chip and template under a new chip key, then install it.
+
+    Stop the server first. Safe to rerun after an interruption: rows already under the new key are
+    skipped. The old key file is kept as <key file>.old-<key id>; back up the new key before deleting it.
+    """
+    from server.db.engine import Database
+    from server.keyrotation import KeyRotationError, rotate_chip_key, rows_to_rotate
+
+    config = _load(config_path)
+    if not yes:
+        click.confirm("Is the facegate server stopped? (a running server would keep using the old key)",
+                      abort=True)
+    with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
+        db.create_schema()
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            task = bar.add_task("re-encrypting", total=rows_to_rotate(db))
+            try:
+                report = rotate_chip_key(config, db, new_key_file=new_key_file,
+                                         progress=lambda n: bar.advance(task, n))
+            except KeyRotationError as exc:
+                raise click.ClickException(str(exc)) from exc
+    click.echo(f"chip key {report.old_key_id} -> {report.new_key_id}: {report.chips} chips and "
+               f"{report.templates} templates re-encrypted ({report.skipped} already were)")
+    click.echo(f"new key: {report.key_file}" + (f"; old key kept at {report.retired_key_file}"
+                                                 if report.retired_key_file else
+                                                 " (put it in FACEGATE_SERVER__CRYPTO__CHIP_KEY or "
+                                                 "[crypto] chip_key_file before starting the server)"))
+
+
 @cli.command("gen-key")
 def gen_key() -> None:
     """Print a new base64 chip-encryption key (for FACEGATE_SERVER__CRYPTO__CHIP_KEY or a key file)."""

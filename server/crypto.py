@@ -82,6 +82,11 @@ def _decode_key(text: str, where: str) -> bytes:
     return key
 
 
+def cipher_from_text(text: str, where: str) -> ChipCipher:
+    """The cipher of a base64 key read from ``where`` (a file name or "the environment")."""
+    return ChipCipher(_decode_key(text, where))
+
+
 def generate_key_text() -> str:
     """A fresh base64 key for FACEGATE_SERVER__CRYPTO__CHIP_KEY or a key file."""
     return base64.b64encode(secrets.token_bytes(CHIP_KEY_BYTES)).decode("ascii")

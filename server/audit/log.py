@@ -27,6 +27,7 @@ class AuditAction(enum.StrEnum):
     USER_CREATED = "user_created"
     TOKEN_CREATED = "token_created"  # noqa: S105 - an action name
     LOGIN_FAILED = "login_failed"
+    KEY_ROTATED = "key_rotated"
 
 
 def record(

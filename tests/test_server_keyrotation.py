@@ -1,0 +1,168 @@
+"""Chip-key rotation on a real enrolled SQLite database: every chip and template is re-encrypted under
+the new key, the old key is retired (kept, 0600), the server reads everything with the new key, and an
+interrupted rotation finishes when rerun."""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from device.config import DetectorConfig
+from device.vision.pipeline import FacePipeline
+from server import keyrotation
+from server.app import create_app
+from server.cli import cli as server_cli
+from server.config import ServerConfig
+from server.crypto import ChipCipher, CryptoError, load_chip_cipher
+from server.db.engine import Database
+from server.db.models import AuditEntry, Chip, Template
+from server.enrollment.engine import RecognitionEngine
+from server.enrollment.templates import open_template
+from tests.face_kit import Faces, pick_faces
+from tests.server_support import login, make_config
+
+PERSONS = 2
+
+
+@pytest.fixture(scope="module")
+def faces(shared_dir: Path, built_models: Path) -> Faces:
+    with FacePipeline.from_models_dir(built_models, DetectorConfig()) as pipeline:
+        return pick_faces(shared_dir / "data" / "celeba-faces", pipeline, identities=PERSONS,
+                          per_identity=3, candidates=40)
+
+
+def _config(tmp_path: Path, built_models: Path, faces: Faces) -> ServerConfig:
+    return make_config(tmp_path, models={"dir": str(built_models)}, recognition={"tau": faces.tau},
+                       rate_limit={"per_minute": 6000, "burst": 1000})
+
+
+def _client(config: ServerConfig) -> TestClient:
+    return TestClient(create_app(config, engine=RecognitionEngine.from_config(config), start_mqtt=False))
+
+
+@pytest.fixture()
+def enrolled(tmp_path: Path, built_models: Path, faces: Faces) -> Iterator[ServerConfig]:
+    """A server database with two enrolled persons (two images each); the server is stopped after."""
+    config = _config(tmp_path, built_models, faces)
+    with _client(config) as client:
+        for i in range(PERSONS):
+            files = [("images", (f"img{j}.jpg", data, "image/jpeg"))
+                     for j, data in enumerate(faces.of(i)[:2])]
+            response = client.post("/api/enroll", headers=login(client), files=files,
+                                   data={"name": f"Person {i}", "consent": "true"})
+            assert response.status_code == 201, response.text
+    yield config
+
+
+def _plaintexts(config: ServerConfig, cipher: ChipCipher) -> dict[str, bytes]:
+    """Every chip and template opened with ``cipher``, by row id (raises CryptoError with a wrong key)."""
+    out: dict[str, bytes] = {}
+    with Database(config.database_url) as db, db.session() as session:
+        for chip in session.scalars(select(Chip)):
+            out[chip.id] = cipher.decrypt(chip.ciphertext, chip.id)
+        for template in session.scalars(select(Template)):
+            out[template.id] = open_template(cipher, template).tobytes()
+    return out
+
+
+def _key_ids(config: ServerConfig) -> set[str]:
+    with Database(config.database_url) as db, db.session() as session:
+        return set(session.scalars(select(Chip.key_id))) | set(session.scalars(select(Template.key_id)))
+
+
+def _toml(config: ServerConfig, tmp_path: Path) -> Path:
+    path = tmp_path / "server.toml"
+    path.write_text(f'data_dir = "{config.data_dir}"\n[mqtt]\nenabled = false\n', encoding="utf-8")
+    return path
+
+
+def test_rotation_reencrypts_everything_and_the_server_reads_it(enrolled: ServerConfig, tmp_path: Path,
+                                                                faces: Faces) -> None:
+    config = enrolled
+    old = load_chip_cipher(config)
+    before = _plaintexts(config, old)
+    assert len(before) == PERSONS * 2 * 2  # a chip and a template per image
+
+    result = CliRunner().invoke(server_cli, ["rotate-chip-key", "--config", str(_toml(config, tmp_path)),
+                                             "--yes"])
+    assert result.exit_code == 0, result.output
+    assert "4 chips and 4 templates re-encrypted" in result.output
+
+    new = load_chip_cipher(config)
+    assert new.key_id != old.key_id
+    assert _key_ids(config) == {new.key_id.hex()}
+    assert _plaintexts(config, new) == before  # same chips and vectors, new key
+    with pytest.raises(CryptoError, match="another key"):
+        _plaintexts(config, old)
+    key_file = config.chip_key_path
+    retired = key_file.with_name(f"{key_file.name}.old-{old.key_id.hex()}")
+    assert retired.is_file() and not key_file.with_name(key_file.name + ".new").exists()
+    for path in (key_file, retired):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with Database(config.database_url) as db, db.session() as session:
+        audit = session.scalars(select(AuditEntry).where(AuditEntry.action == "key_rotated")).one()
+        assert old.key_id.hex() in audit.detail and new.key_id.hex() in audit.detail
+
+    with _client(config) as client:  # a restarted server opens everything with the installed key
+        response = client.post("/api/identify", headers=login(client),
+                               files={"image": ("probe.jpg", faces.of(0)[2], "image/jpeg")})
+        assert response.status_code == 200, response.text
+        assert response.json()["candidates"][0]["name"] == "Person 0"
+
+
+def test_an_interrupted_rotation_finishes_when_rerun(enrolled: ServerConfig,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    config = enrolled
+    old = load_chip_cipher(config)
+    before = _plaintexts(config, old)
+    monkeypatch.setattr(keyrotation, "BATCH_ROWS", 1)
+    batches: list[int] = []
+
+    def crash_after_three(n: int) -> None:
+        batches.append(n)
+        if len(batches) == 3:
+            raise KeyboardInterrupt  # as if the process were stopped mid-way
+
+    with Database(config.database_url) as db:
+        with pytest.raises(KeyboardInterrupt):
+            keyrotation.rotate_chip_key(config, db, progress=crash_after_three)
+        staged = config.chip_key_path.with_name(config.chip_key_path.name + ".new")
+        assert staged.is_file() and len(_key_ids(config)) == 2  # half rotated, old key still installed
+        report = keyrotation.rotate_chip_key(config, db)
+    assert report.skipped == 3 and report.chips + report.templates == len(before) - 3
+    new = load_chip_cipher(config)
+    assert _key_ids(config) == {new.key_id.hex()} and _plaintexts(config, new) == before
+
+
+def test_a_tampered_row_stops_the_rotation_before_anything_changes(enrolled: ServerConfig) -> None:
+    config = enrolled
+    old = load_chip_cipher(config)
+    with Database(config.database_url) as db:
+        with db.transaction() as session:  # swap two templates' ciphertexts
+            first, second = session.scalars(select(Template).limit(2)).all()
+            first.ciphertext, second.ciphertext = second.ciphertext, first.ciphertext
+        with pytest.raises(keyrotation.KeyRotationError, match=r"failed authentication.*nothing was changed"):
+            keyrotation.rotate_chip_key(config, db)
+    assert load_chip_cipher(config).key_id == old.key_id
+    assert not config.chip_key_path.with_name(config.chip_key_path.name + ".new").exists()
+    assert _key_ids(config) == {old.key_id.hex()}
+
+
+def test_an_env_key_needs_a_file_for_its_successor(enrolled: ServerConfig, tmp_path: Path) -> None:
+    key_text = enrolled.chip_key_path.read_text(encoding="ascii").strip()
+    config = make_config(tmp_path, crypto={"chip_key": key_text, "create_key_file": False})
+    enrolled.chip_key_path.unlink()  # the key now lives only in the environment
+    with Database(config.database_url) as db:
+        with pytest.raises(keyrotation.KeyRotationError, match="--new-key-file"):
+            keyrotation.rotate_chip_key(config, db)
+        target = tmp_path / "next.key"
+        report = keyrotation.rotate_chip_key(config, db, new_key_file=target)
+    assert report.key_file == target and report.retired_key_file is None
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert _key_ids(config) == {report.new_key_id}

@@ -74,6 +74,19 @@ class AgentLike(Protocol):
         ...
 
 
+class SnapshotsLike(Protocol):
+    """``device.mqtt.snapshots.SnapshotPublisher``: best-effort face snapshots."""
+
+    offered: int
+    published: int
+    dropped: int
+
+    @property
+    def depth(self) -> int:
+        """Snapshots waiting to be published."""
+        ...
+
+
 class OutboxLike(Protocol):
     """``device.mqtt.outbox.Outbox``: events waiting for the broker."""
 
@@ -125,7 +138,8 @@ class _ScrapeCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         """The families of whatever sources are attached; a failing source is skipped, never the scrape."""
         owner = self._owner
-        for name, build in (("agent", self._agent), ("outbox", self._outbox), ("bundles", self._bundles)):
+        for name, build in (("agent", self._agent), ("outbox", self._outbox), ("bundles", self._bundles),
+                            ("snapshots", self._snapshots)):
             try:
                 yield from build(owner)
             except Exception as exc:  # a closed outbox or a reload in progress must not fail the scrape
@@ -181,6 +195,19 @@ class _ScrapeCollector(Collector):
         ]
 
     @staticmethod
+    def _snapshots(owner: DeviceMetrics) -> list[Metric]:
+        snapshots = owner.snapshots
+        if snapshots is None:
+            return []
+        counts = CounterMetricFamily(f"{PREFIX}_snapshots", "Opt-in face snapshots by outcome.",
+                                     labels=["outcome"])
+        for outcome, value in (("offered", snapshots.offered), ("published", snapshots.published),
+                               ("dropped", snapshots.dropped)):
+            counts.add_metric([outcome], value)
+        return [counts, GaugeMetricFamily(f"{PREFIX}_snapshot_queue_depth", "Snapshots waiting to be sent.",
+                                          value=snapshots.depth)]
+
+    @staticmethod
     def _bundles(owner: DeviceMetrics) -> list[Metric]:
         updater = owner.updater
         if updater is None:
@@ -217,6 +244,7 @@ class DeviceMetrics:
         self.status_source: Callable[[], AgentStatus] | None = None
         self.outbox: OutboxLike | None = None
         self.updater: UpdaterLike | None = None
+        self.snapshots: SnapshotsLike | None = None
         self.registry.register(_ScrapeCollector(self))
         self._server: MetricsServer | None = None
         self._lock = threading.Lock()
@@ -232,9 +260,11 @@ class DeviceMetrics:
         for stage, ms in latencies.items():
             self._processing.labels(stage).observe(max(0.0, ms) / 1000.0)
 
-    def observe_mqtt(self, outbox: OutboxLike, updater: UpdaterLike | None = None) -> None:
-        """Export the outbox depth and, with bundles enabled, the running bundle and delta sequences."""
-        self.outbox, self.updater = outbox, updater
+    def observe_mqtt(self, outbox: OutboxLike, updater: UpdaterLike | None = None,
+                     snapshots: SnapshotsLike | None = None) -> None:
+        """Export the outbox depth and, with bundles enabled, the running bundle and delta sequences;
+        with snapshots enabled, their counters."""
+        self.outbox, self.updater, self.snapshots = outbox, updater, snapshots
 
     def scrape(self) -> bytes:
         """The Prometheus text exposition of the registry."""

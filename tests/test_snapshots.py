@@ -9,9 +9,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from skimage import data
 
 from device.agent import FanOutSink, MemorySink, decision_to_dict
+from device.metrics import DeviceMetrics
 from device.mqtt.client import ClientSettings, MqttClient
 from device.mqtt.outbox import MqttEventSink, Outbox
 from device.mqtt.snapshots import SnapshotPublisher
@@ -146,6 +148,15 @@ def test_queue_full_or_broker_away_drops_snapshots_but_never_events(tmp_path: Pa
         assert snapshots.dropped >= flags.count(False)
         assert wait_until(lambda: snapshots.dropped == 4, timeout=30)  # the rest go stale: broker away
         assert snapshots.published == 0
+        metrics = DeviceMetrics()  # the counters reach Prometheus
+        metrics.observe_mqtt(outbox, None, snapshots)
+        samples = {(sample.name, sample.labels.get("outcome")): sample.value
+                   for family in text_string_to_metric_families(metrics.scrape().decode())
+                   for sample in family.samples}
+        assert samples[("facegate_device_snapshots_total", "dropped")] == 4
+        assert samples[("facegate_device_snapshots_total", "offered")] == snapshots.offered >= 1
+        assert samples[("facegate_device_snapshots_total", "published")] == 0
+        assert samples[("facegate_device_snapshot_queue_depth", None)] == 0
     finally:
         sink.close()
         snapshots.close()

@@ -74,7 +74,7 @@ def run_connected(config: DeviceConfig) -> int:
                                 on_installed=reload, on_gallery_changed=reload)
         mqtt.attach_updater(updater)
     metrics = DeviceMetrics()
-    metrics.observe_mqtt(mqtt.outbox, updater)
+    metrics.observe_mqtt(mqtt.outbox, updater, mqtt.snapshots)
     mqtt.start()
     if updater is not None:
         updater.start()

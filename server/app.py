@@ -27,6 +27,7 @@ from server.web import routes as web_routes
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "web" / "static"
+DOCS_ASSETS = "/docs-assets"  # Swagger UI files from the swagger-ui-bundle wheel (no CDN)
 FORM_OVERHEAD_BYTES = 1 << 20  # multipart boundaries and text fields on top of the image bytes
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -36,6 +37,9 @@ SECURITY_HEADERS = {
 # The web station loads only its own scripts and styles; camera frames stay in blob: URLs.
 PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; "
             "style-src 'self'; script-src 'self'; frame-ancestors 'none'; form-action 'self'")
+# Swagger UI: local scripts, plus the one inline script FastAPI's page uses to start it.
+DOCS_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+            "script-src 'self' 'unsafe-inline'; frame-ancestors 'none'")
 
 
 def _docs_router() -> APIRouter:
@@ -48,7 +52,11 @@ def _docs_router() -> APIRouter:
 
     @router.get("/docs")
     def docs(_: PrincipalDep) -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="facegate API")
+        # Swagger UI's scripts come from the swagger-ui-bundle wheel, served locally: /docs works offline.
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="facegate API",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
 
     return router
 
@@ -101,8 +109,9 @@ def create_app(config: ServerConfig, *, engine: RecognitionEngine | None = None,
         response = await call_next(request)
         for key, value in SECURITY_HEADERS.items():
             response.headers.setdefault(key, value)
-        if response.headers.get("content-type", "").startswith("text/html") and request.url.path != "/docs":
-            response.headers.setdefault("Content-Security-Policy", PAGE_CSP)
+        if response.headers.get("content-type", "").startswith("text/html"):
+            csp = DOCS_CSP if request.url.path == "/docs" else PAGE_CSP
+            response.headers.setdefault("Content-Security-Policy", csp)
         return response
 
     # Outermost of our middleware: it also times and counts what the limits above refuse.
@@ -114,6 +123,9 @@ def create_app(config: ServerConfig, *, engine: RecognitionEngine | None = None,
     _mount_style(app, state)
     app.include_router(web_routes.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
     return app
 
 

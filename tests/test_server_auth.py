@@ -158,3 +158,17 @@ def test_oversized_request_body_is_refused_before_parsing(client: TestClient) ->
     size = limits.max_files * limits.max_bytes + (2 << 20)
     response = client.post("/api/enroll", headers={**headers, "Content-Length": str(size)}, content=b"x")
     assert response.status_code == 413
+
+
+def test_api_docs_need_a_login_and_work_offline(client: TestClient) -> None:
+    """/docs and /openapi.json are behind auth; Swagger UI's files are served locally (no CDN)."""
+    assert client.get("/docs").status_code == 401
+    assert client.get("/openapi.json").status_code == 401
+    page = client.get("/docs", headers=login(client))
+    assert page.status_code == 200
+    assert "script-src 'self' 'unsafe-inline'" in page.headers["content-security-policy"]
+    assert "cdn." not in page.text and "https://" not in page.text
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert f"/docs-assets/{asset}" in page.text
+        served = client.get(f"/docs-assets/{asset}")
+        assert served.status_code == 200 and len(served.content) > 10_000

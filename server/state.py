@@ -113,8 +113,17 @@ class AppState:
         """Start the audit subscriber and its broker connection (no-op when MQTT is disabled)."""
         if not self.config.mqtt.enabled or self.audit is not None:
             return
+        from server.bundles.delta import MqttGallerySync
+
+        rebaser = None
+        if isinstance(self.sync, MqttGallerySync):  # NullSync publishes nothing, so has nothing to rebase
+            from server.bundles.rebase import DeltaRebaser
+
+            rebaser = DeltaRebaser(self.db, self.sync, self.config.bundles_root).start()
+            self.extra_closers.insert(0, rebaser)
         self.audit = AuditSubscriber(self.db, self.topics, on_delta_acks=self.deletions.on_acks,
-                                     after_commit=self.deletions.notify).start()
+                                     after_commit=self.deletions.notify,
+                                     on_running_bundles=rebaser.request if rebaser else None).start()
         self.source = ManualAckSource(self.config.mqtt, self.audit.filters, self.audit.handle).start()
 
     def close(self) -> None:

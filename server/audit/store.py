@@ -107,6 +107,7 @@ class BatchResult:
     duplicates: int = 0
     kinds: dict[str, int] = field(default_factory=dict)  # inserted events per decision kind
     delta_devices: set[str] = field(default_factory=set)
+    bundle_devices: set[str] = field(default_factory=set)  # devices whose running bundle changed
 
 
 def _event_row(parsed: Parsed) -> dict[str, Any]:
@@ -176,6 +177,13 @@ def _record_ack(session: Session, device_id: str, kind: str, sequence: int, stat
         row.state, row.percent, row.detail, row.at = state, percent, detail, at
 
 
+def _running(result: BatchResult, device: Device, sequence: int | None) -> None:
+    """Record the bundle a device runs, noting a change (delta rebasing re-checks the fleet then)."""
+    if device.bundle_sequence != sequence:
+        result.bundle_devices.add(device.device_id)
+    device.bundle_sequence = sequence
+
+
 def apply_batch(session: Session, messages: list[Parsed]) -> BatchResult:
     """Write one batch of parsed messages in the caller's transaction."""
     result = BatchResult()
@@ -198,7 +206,7 @@ def apply_batch(session: Session, messages: list[Parsed]) -> BatchResult:
             device.software_version = body.versions.software or None
             device.model_version = body.versions.model or None
             device.gallery_version = body.versions.gallery or None
-            device.bundle_sequence = body.versions.bundle_sequence
+            _running(result, device, body.versions.bundle_sequence)
             device.delta_sequence = body.versions.delta_sequence
         elif isinstance(body, BundleAck):
             if body.sequence > 0:
@@ -209,5 +217,5 @@ def apply_batch(session: Session, messages: list[Parsed]) -> BatchResult:
                             body.delta_reason or "", body.ts)
                 result.delta_devices.add(msg.device_id)
             if body.running_sequence is not None:
-                device.bundle_sequence = body.running_sequence
+                _running(result, device, body.running_sequence)
     return result

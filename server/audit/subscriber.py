@@ -57,7 +57,8 @@ class AuditSubscriber:
     def __init__(self, db: Database, topics: Topics,
                  on_delta_acks: Callable[[Session, set[str]], int] | None = None,
                  after_commit: Callable[[], None] | None = None, batch_max: int = BATCH_MAX,
-                 linger_s: float = LINGER_S) -> None:
+                 linger_s: float = LINGER_S,
+                 on_running_bundles: Callable[[set[str]], None] | None = None) -> None:
         if batch_max < 1 or linger_s < 0:
             raise ValueError("batch_max must be >= 1 and linger_s >= 0")
         self.batch_max = batch_max
@@ -67,6 +68,7 @@ class AuditSubscriber:
         self.stats = AuditStats()
         self._on_delta_acks = on_delta_acks
         self._after_commit = after_commit
+        self._on_running_bundles = on_running_bundles
         self._queue: queue.Queue[Delivery] = queue.Queue(maxsize=QUEUE_MAX)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -173,6 +175,7 @@ class AuditSubscriber:
             for kind, count in one.kinds.items():
                 total.kinds[kind] = total.kinds.get(kind, 0) + count
             total.delta_devices |= one.delta_devices
+            total.bundle_devices |= one.bundle_devices
         return total
 
     def _process(self, batch: list[Delivery]) -> None:
@@ -207,3 +210,8 @@ class AuditSubscriber:
                 self._after_commit()
             except Exception:
                 logger.exception("audit after-commit hook failed")
+        if result.bundle_devices and self._on_running_bundles is not None:
+            try:
+                self._on_running_bundles(result.bundle_devices)
+            except Exception:
+                logger.exception("audit running-bundle hook failed")

@@ -4,10 +4,17 @@ A bundle folder ``<root>/<seq>/`` holds ``models/`` (manifest.json and every mod
 ``gallery/`` (gallery.json and the data files it names) and ``bundle.json``: the signed
 :class:`BundleAnnounce` with every file's sha256 and size, the versions, the creation time, the
 monotonic sequence and the self-test vector. The folder is built in a temp folder and renamed.
+
+A bundle whose gallery was exported from the server database also holds ``gallery_export.json``
+(server-side only, not in the manifest): when that export started. Gallery delta rebasing
+(:mod:`server.bundles.rebase`) needs it; a bundle built from a ``--gallery`` folder has none, so it
+never lets the delta drop an add (the folder's provenance is unknown).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import os
 import shutil
@@ -42,6 +49,7 @@ from server.bundles.signing import sign
 logger = logging.getLogger(__name__)
 
 BUNDLE_JSON = "bundle.json"
+EXPORT_JSON = "gallery_export.json"
 SEQUENCE_FILE = "sequence"
 # 256 KiB chunks: ~100 messages for a 25 MB bundle, small enough for any broker's default limits.
 DEFAULT_CHUNK_SIZE = 256 * 1024
@@ -125,7 +133,7 @@ def _file_list(root: Path) -> list[BundleFile]:
         for name in names:
             path = Path(folder) / name
             rel = path.relative_to(root).as_posix()
-            if rel == BUNDLE_JSON:
+            if rel in (BUNDLE_JSON, EXPORT_JSON):
                 continue
             files.append(BundleFile(path=rel, sha256=sha256_of(path), size=path.stat().st_size))
     return sorted(files, key=lambda f: f.path)
@@ -133,8 +141,11 @@ def _file_list(root: Path) -> list[BundleFile]:
 
 def build_bundle(models_dir: Path, gallery_dir: Path, out_root: Path, key: Ed25519PrivateKey, *,
                  sequence: int | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 embedder: str | None = None) -> BuiltBundle:
-    """Copy, hash, self-test, sign; return the new bundle folder ``out_root/<sequence>``."""
+                 embedder: str | None = None, exported_at: dt.datetime | None = None) -> BuiltBundle:
+    """Copy, hash, self-test, sign; return the new bundle folder ``out_root/<sequence>``.
+
+    ``exported_at``: when the gallery's database export started (recorded for delta rebasing).
+    """
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     seq = sequence if sequence is not None else next_sequence(out_root)
@@ -166,6 +177,9 @@ def build_bundle(models_dir: Path, gallery_dir: Path, out_root: Path, key: Ed255
         announce = BundleAnnounce(manifest=manifest, signature=sign(key, manifest_bytes(manifest)),
                                   key_id=key_id(key.public_key()))
         atomic_write_bytes(tmp / BUNDLE_JSON, announce.to_bytes())
+        if exported_at is not None:
+            record = {"exported_at": exported_at.astimezone(dt.UTC).isoformat(), "source": "database"}
+            atomic_write_bytes(tmp / EXPORT_JSON, json.dumps(record).encode("utf-8"))
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -185,6 +199,19 @@ def load_bundle(path: Path) -> BuiltBundle:
     except (OSError, PayloadError) as exc:
         raise BundleBuildError(f"cannot read {path / BUNDLE_JSON}: {exc}") from exc
     return BuiltBundle(Path(path), announce)
+
+
+def export_time(path: Path) -> dt.datetime | None:
+    """When bundle ``path``'s gallery export from the database started; None if not recorded."""
+    try:
+        record = json.loads((Path(path) / EXPORT_JSON).read_text(encoding="utf-8"))
+        when = dt.datetime.fromisoformat(record["exported_at"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("bundle %s: unreadable %s (%s); treated as not recorded", path, EXPORT_JSON, exc)
+        return None
+    return when if when.tzinfo is not None else None
 
 
 def read_chunk(bundle: BuiltBundle, file_index: int, index: int) -> bytes:

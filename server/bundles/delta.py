@@ -1,18 +1,29 @@
 """Gallery deltas over MQTT: the server's :class:`GallerySync` implementation.
 
 The server keeps one cumulative ledger (``<root>/delta_state.json``): every person added or changed
-since the last bundle (with all the templates added for them since) and every person ever removed
-(tombstones). Each change bumps the sequence, and the whole ledger is signed and published retained
-on ``…/bundles/delta``. A device that was offline therefore needs only the latest delta, and a removal
-reaches every device, including ones that join later. :meth:`DeltaLedger.rebase` drops the adds once
-a new bundle (whose gallery contains them) is published; tombstones stay.
+since the last rebase (with all the templates added for them since, and the time of their latest add)
+and every person ever removed (tombstones). Each change bumps the sequence, and the whole ledger is
+signed and published retained on ``…/bundles/delta``. A device that was offline therefore needs only
+the latest delta, and a removal reaches every device, including ones that join later.
+
+A door rebuilds its working gallery as *its bundle + the latest delta*, so an add may leave the ledger
+only when every door's bundle already holds it. Publishing a bundle is not enough: a door still on the
+previous one would lose everyone enrolled in between. :meth:`DeltaLedger.rebase` therefore takes the
+:class:`GalleryCoverage` of every bundle a door runs or may still install (see
+:mod:`server.bundles.rebase`, which decides when from the doors' acks) and drops a person's add only
+if each of those galleries contains the person and was exported after the add entered the ledger.
+Tombstones always stay. A ledger written before add times were recorded loads with every add stamped
+at load time ("unknown, but no later than now"), so only bundles exported after that can drop them.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +42,32 @@ STATE_FILE = "delta_state.json"
 NO_MODEL = "0" * 64
 # How long a publish waits for the broker's PUBACK before the call returns anyway (paho keeps it queued).
 PUBLISH_WAIT_S = 5.0
+ADDED_AT = "added_at"  # per person in ``adds``: ISO time (UTC) of the person's latest add
+
+
+@dataclass(frozen=True, slots=True)
+class GalleryCoverage:
+    """What one bundle's gallery is known to hold: the persons exported, as of the export's start."""
+
+    sequence: int
+    exported_at: dt.datetime
+    persons: frozenset[str]
+
+    def covers(self, person_id: str, added_at: dt.datetime) -> bool:
+        """True when the export started after the add was recorded and holds the person."""
+        return added_at < self.exported_at and person_id in self.persons
+
+
+def _added_at(text: str) -> dt.datetime:
+    """Parse a stored add time; naive times are refused (they cannot be compared with export times)."""
+    when = dt.datetime.fromisoformat(text)
+    if when.tzinfo is None:
+        raise ValueError(f"add time {text!r} has no time zone")
+    return when
 
 
 class DeltaLedger:
-    """The cumulative gallery changes since the last bundle, persisted atomically."""
+    """The cumulative gallery changes since the last rebase, persisted atomically."""
 
     def __init__(self, root: Path) -> None:
         self.path = Path(root) / STATE_FILE
@@ -51,7 +84,11 @@ class DeltaLedger:
                 self.model_sha256 = str(state["model_sha256"])
                 self.adds = dict(state["adds"])
                 self.removes = set(state["removes"])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+                # A ledger from before add times were kept: "unknown, but no later than now".
+                loaded_at = utcnow().isoformat()
+                for person in self.adds.values():
+                    _added_at(person.setdefault(ADDED_AT, loaded_at))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise SyncError(f"gallery delta ledger {self.path} is unreadable: {exc}") from exc
 
     def _save(self) -> None:
@@ -67,9 +104,12 @@ class DeltaLedger:
                            len(self.adds))
             self.adds = {}
         self.model_sha256 = model_sha256
+        # Taken after the caller committed the templates: an export that starts later sees them.
+        now = utcnow().isoformat()
         for entry in entries:
             person = self.adds.setdefault(entry.person_id, {"name": entry.name, "templates": {}})
             person["name"] = entry.name
+            person[ADDED_AT] = now
             person["templates"][entry.template_id] = [float(v) for v in entry.vector]
             self.removes.discard(entry.person_id)
         self.seq += 1
@@ -84,12 +124,29 @@ class DeltaLedger:
         self._save()
         return self.seq
 
-    def rebase(self, bundle_sequence: int) -> int:
-        """A bundle containing every add was published: keep only the tombstones."""
-        self.bundle_sequence = bundle_sequence
-        self.adds = {}
+    def droppable(self, coverage: Sequence[GalleryCoverage]) -> list[str]:
+        """Persons whose add every gallery in ``coverage`` already holds (none for an empty coverage)."""
+        if not coverage:
+            return []
+        return sorted(pid for pid, person in self.adds.items()
+                      if all(c.covers(pid, _added_at(person[ADDED_AT])) for c in coverage))
+
+    def rebase(self, bundle_sequence: int, coverage: Sequence[GalleryCoverage]) -> int | None:
+        """Drop the adds that every covering gallery holds; return the new sequence, or None if unchanged.
+
+        ``coverage`` must list every bundle a door runs or may still install; ``bundle_sequence`` is the
+        oldest bundle a door runs. Tombstones stay: a door may still hold an older copy of the person.
+        """
+        dropped = self.droppable(coverage)
+        if not dropped and bundle_sequence <= self.bundle_sequence:
+            return None
+        for pid in dropped:
+            del self.adds[pid]
+        self.bundle_sequence = max(self.bundle_sequence, bundle_sequence)
         self.seq += 1
         self._save()
+        logger.info("gallery delta rebased on bundle %d: %d adds dropped, %d kept", self.bundle_sequence,
+                    len(dropped), len(self.adds))
         return self.seq
 
     def delta(self, key: Ed25519PrivateKey) -> GalleryDelta:
@@ -138,10 +195,11 @@ class MqttGallerySync:
             self.ledger.remove(person_id)
             return self._publish()
 
-    def rebase(self, bundle_sequence: int) -> int:
-        """Drop adds now contained in bundle ``bundle_sequence``; publish the smaller delta."""
+    def rebase(self, bundle_sequence: int, coverage: Sequence[GalleryCoverage]) -> int | None:
+        """Drop the adds every covering gallery holds and publish the smaller delta; None if unchanged."""
         with self._lock:
-            self.ledger.rebase(bundle_sequence)
+            if self.ledger.rebase(bundle_sequence, coverage) is None:
+                return None
             return self._publish()
 
     def republish(self) -> int | None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from device.protocol.schemas import utcnow
 from device.vision.embedder import Embedder
 from models.runtime.manifest import load_manifest
 from server.bundles.builder import build_bundle
@@ -118,11 +119,14 @@ def build_gallery_bundle(ctx: PromotionContext, folder: Path, *, key_path: Path 
     # The exported gallery is biometric data: a private temp folder, removed once the bundle holds it.
     with tempfile.TemporaryDirectory(prefix=EXPORT_PREFIX, dir=root) as tmp:
         gallery_dir = Path(tmp) / "gallery"
+        # Taken before the export reads anything: whatever was committed earlier is in the gallery.
+        exported_at = utcnow()
         with ctx.db.session() as session:
             meta = export_gallery(session, ctx.chip_cipher(), entry.sha256, gallery_dir,
                                   model_version=f"{entry.name}@{entry.version}")
         extra: dict[str, Any] = {} if chunk_size is None else {"chunk_size": chunk_size}
-        built = build_bundle(folder, gallery_dir, root, key, embedder=entry.name, sequence=sequence, **extra)
+        built = build_bundle(folder, gallery_dir, root, key, embedder=entry.name, sequence=sequence,
+                             exported_at=exported_at, **extra)
     m = built.manifest
     return {"sequence": m.sequence, "path": str(built.path), "persons": len(meta.persons),
             "templates": len(meta.template_ids), "model_version": m.model_version,

@@ -7,7 +7,8 @@ import datetime as dt
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +185,18 @@ def no_face_image(size: int = 256) -> np.ndarray[Any, Any]:
     yy, xx = np.mgrid[0:size, 0:size]
     rgb = np.stack([xx % 256, yy % 256, (xx + yy) % 256], axis=-1).astype(np.uint8)
     return rgb
+
+
+@contextmanager
+def connected_server(tmp_path: Path, host: str, port: int) -> Iterator[TestClient]:
+    """A server app with MQTT on (audit subscriber connected to host:port) and a bundle signing key."""
+    from server.app import create_app
+    from server.bundles.signing import generate_key
+
+    config = make_config(tmp_path, mqtt={"enabled": True, "host": host, "port": port,
+                                         "client_id": "server-under-test"})
+    generate_key(config.signing_key_path)
+    with TestClient(create_app(config)) as test_client:
+        state = state_of(test_client)
+        assert state.source is not None and state.source.wait_connected(10)
+        yield test_client

@@ -16,11 +16,9 @@ from sqlalchemy import select
 from device.bundles.signing import load_public_key, verify
 from device.protocol.schemas import BundleAck, GalleryDelta, canonical_json, utcnow
 from models.runtime.manifest import load_manifest, save_manifest
-from server.app import create_app
 from server.bundles.builder import EXPORT_JSON, export_time
 from server.bundles.delta import ADDED_AT, STATE_FILE, DeltaLedger, GalleryCoverage, MqttGallerySync
 from server.bundles.rebase import CoverageCache, DeltaRebaser, plan
-from server.bundles.signing import generate_key
 from server.db.models import Device
 from server.enrollment.sync import GalleryEntry, SyncError
 from server.enrollment.templates import new_template
@@ -30,18 +28,13 @@ from server.training.promotion import PromotionContext, build_gallery_bundle
 from tests.bundle_kit import build as build_from_gallery_folder
 from tests.conftest import Broker
 from tests.mqtt_kit import keypair, make_models_dir, sha_tag, unit_vectors
-from tests.server_support import login, make_config, state_of, wait_until
+from tests.server_support import connected_server, login, state_of, wait_until
 from tests.test_server_deletion import Door
 
 
 @pytest.fixture()
 def client(tmp_path: Path, mosquitto: Broker) -> Iterator[TestClient]:
-    config = make_config(tmp_path, mqtt={"enabled": True, "host": mosquitto.host, "port": mosquitto.port,
-                                         "client_id": "server-under-test"})
-    generate_key(config.signing_key_path)
-    with TestClient(create_app(config)) as test_client:
-        state = state_of(test_client)
-        assert state.source is not None and state.source.wait_connected(10)
+    with connected_server(tmp_path, mosquitto.host, mosquitto.port) as test_client:
         yield test_client
 
 

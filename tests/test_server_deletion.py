@@ -17,11 +17,18 @@ from sqlalchemy import func, select
 from device.bundles.signing import load_public_key, verify
 from device.protocol.schemas import GalleryDelta, canonical_json
 from server.app import create_app
-from server.bundles.signing import generate_key
 from server.db.models import AuditEntry, Chip, Device, Person, Template, new_id
 from server.enrollment.templates import new_template
 from tests.conftest import Broker
-from tests.server_support import SimDevice, delta_ack, login, make_config, state_of, wait_until
+from tests.server_support import (
+    SimDevice,
+    connected_server,
+    delta_ack,
+    login,
+    make_config,
+    state_of,
+    wait_until,
+)
 
 
 class Door(SimDevice):
@@ -52,12 +59,7 @@ class Door(SimDevice):
 
 @pytest.fixture()
 def client(tmp_path: Path, mosquitto: Broker) -> Iterator[TestClient]:
-    config = make_config(tmp_path, mqtt={"enabled": True, "host": mosquitto.host, "port": mosquitto.port,
-                                         "client_id": "server-under-test"})
-    generate_key(config.signing_key_path)
-    with TestClient(create_app(config)) as test_client:
-        state = state_of(test_client)
-        assert state.source is not None and state.source.wait_connected(10)
+    with connected_server(tmp_path, mosquitto.host, mosquitto.port) as test_client:
         yield test_client
 
 

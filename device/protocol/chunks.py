@@ -11,20 +11,16 @@ the data length and the sha256 of the data. :func:`decode_chunk` checks all of t
 from __future__ import annotations
 
 import hashlib
-import struct
 
+from device.protocol.framing import frame, unframe
 from device.protocol.schemas import ChunkHeader, PayloadError
 
 MAGIC = b"FGC1"
-_LEN = struct.Struct(">I")
-# Headers are small; anything larger is garbage and is refused before parsing.
-MAX_HEADER_BYTES = 4096
 
 
 def encode_chunk(header: ChunkHeader, data: bytes) -> bytes:
     """Frame ``data`` with its header."""
-    raw = header.to_bytes()
-    return MAGIC + _LEN.pack(len(raw)) + raw + data
+    return frame(MAGIC, header.to_bytes(), data)
 
 
 def make_chunk(sequence: int, file_index: int, index: int, total: int, data: bytes,
@@ -35,16 +31,10 @@ def make_chunk(sequence: int, file_index: int, index: int, total: int, data: byt
     return encode_chunk(header, data)
 
 
-def decode_chunk(frame: bytes) -> tuple[ChunkHeader, bytes]:
+def decode_chunk(payload: bytes) -> tuple[ChunkHeader, bytes]:
     """Split a frame into header and data; raise PayloadError when it is malformed or corrupted."""
-    if len(frame) < len(MAGIC) + _LEN.size or not frame.startswith(MAGIC):
-        raise PayloadError("chunk: missing FGC1 magic")
-    (length,) = _LEN.unpack_from(frame, len(MAGIC))
-    start = len(MAGIC) + _LEN.size
-    if length > MAX_HEADER_BYTES or start + length > len(frame):
-        raise PayloadError(f"chunk: header length {length} is out of range")
-    header = ChunkHeader.parse(frame[start:start + length])
-    data = frame[start + length:]
+    raw, data = unframe(payload, MAGIC, "chunk")
+    header = ChunkHeader.parse(raw)
     if len(data) != header.size:
         raise PayloadError(f"chunk {header.file_index}/{header.index}: {len(data)} bytes, header says "
                            f"{header.size}")

@@ -25,16 +25,13 @@ arrive before or after its event, or not at all; ``"snapshot": true`` means one 
 from __future__ import annotations
 
 import hashlib
-import struct
 from datetime import datetime
 
+from device.protocol.framing import frame, unframe
 from device.protocol.schemas import PayloadError, SnapshotHeader
 from device.types import DecisionKind
 
 MAGIC = b"FGS1"
-_LEN = struct.Struct(">I")
-# Headers are small; anything larger is garbage and is refused before parsing.
-MAX_HEADER_BYTES = 4096
 # Decisions that may carry a snapshot; a granted or denied person is known, so no image is needed.
 SNAPSHOT_KINDS = frozenset({DecisionKind.UNKNOWN, DecisionKind.SPOOF})
 
@@ -51,20 +48,13 @@ def make_header(event_id: str, ts: datetime, device: str, decision: DecisionKind
 
 def encode_snapshot_frame(header: SnapshotHeader, jpeg: bytes) -> bytes:
     """Frame ``jpeg`` with its header."""
-    raw = header.to_bytes()
-    return MAGIC + _LEN.pack(len(raw)) + raw + jpeg
+    return frame(MAGIC, header.to_bytes(), jpeg)
 
 
-def decode_snapshot(frame: bytes) -> tuple[SnapshotHeader, bytes]:
+def decode_snapshot(payload: bytes) -> tuple[SnapshotHeader, bytes]:
     """Split a frame into header and JPEG; raise PayloadError when it is malformed or corrupted."""
-    if len(frame) < len(MAGIC) + _LEN.size or not frame.startswith(MAGIC):
-        raise PayloadError("snapshot: missing FGS1 magic")
-    (length,) = _LEN.unpack_from(frame, len(MAGIC))
-    start = len(MAGIC) + _LEN.size
-    if length > MAX_HEADER_BYTES or start + length > len(frame):
-        raise PayloadError(f"snapshot: header length {length} is out of range")
-    header = SnapshotHeader.parse(frame[start:start + length])
-    data = frame[start + length:]
+    raw, data = unframe(payload, MAGIC, "snapshot")
+    header = SnapshotHeader.parse(raw)
     if len(data) != header.size:
         raise PayloadError(f"snapshot {header.event_id}: {len(data)} bytes, header says {header.size}")
     if hashlib.sha256(data).hexdigest() != header.sha256:

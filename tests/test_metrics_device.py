@@ -39,6 +39,7 @@ from tests.agent_support import (
     write_frames,
 )
 from tests.bundle_kit import TOPICS, build, copy_assembler
+from tests.metrics_kit import value
 from tests.mqtt_kit import keypair
 
 TAU = 0.92  # int8 embedder at FAR 1e-3 (as in test_agent_e2e)
@@ -51,15 +52,6 @@ def scrape(port: int) -> tuple[str, dict[str, Metric]]:
         assert response.status == 200
         text = response.read().decode("utf-8")
     return text, {family.name: family for family in text_string_to_metric_families(text)}
-
-
-def value(families: dict[str, Metric], name: str, sample: str | None = None, **labels: str) -> float:
-    """The one sample ``sample`` (default: the family name) with ``labels`` in family ``name``."""
-    wanted = sample or name
-    found = [s.value for s in families[name].samples
-             if s.name == wanted and all(s.labels.get(k) == v for k, v in labels.items())]
-    assert len(found) == 1, (wanted, labels, families[name].samples)
-    return float(found[0])
 
 
 def decisions(families: dict[str, Metric], kind: str) -> float:

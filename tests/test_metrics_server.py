@@ -18,6 +18,7 @@ from device.types import DecisionKind
 from server.app import create_app
 from server.bundles.signing import generate_key
 from tests.conftest import Broker
+from tests.metrics_kit import value
 from tests.server_support import (
     SimDevice,
     event_payload,
@@ -37,15 +38,6 @@ def scrape(client: TestClient) -> tuple[str, dict[str, Metric]]:
     response = client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     return response.text, {f.name: f for f in text_string_to_metric_families(response.text)}
-
-
-def value(families: dict[str, Metric], name: str, sample: str | None = None, **labels: str) -> float:
-    """The one sample ``sample`` (default: the family name) with ``labels`` in family ``name``."""
-    wanted = sample or name
-    found = [s.value for s in families[name].samples
-             if s.name == wanted and all(s.labels.get(k) == v for k, v in labels.items())]
-    assert len(found) == 1, (wanted, labels, families[name].samples)
-    return float(found[0])
 
 
 def counter(families: dict[str, Metric], name: str, **labels: str) -> float:

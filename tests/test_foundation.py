@@ -112,3 +112,17 @@ def test_device_imports_without_heavy_packages() -> None:
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tensorflow in sys.modules: False" in proc.stdout
+
+
+def test_atomic_writes_respect_the_umask_or_the_given_mode(tmp_path: Path) -> None:
+    """Models and manifests are readable like any new file; keys and biometric files stay 0600."""
+    import stat
+
+    from models.runtime.manifest import _UMASK, atomic_write_bytes
+
+    plain, private = tmp_path / "manifest.json", tmp_path / "chip.key"
+    atomic_write_bytes(plain, b"{}")
+    atomic_write_bytes(private, b"secret", mode=0o600)
+    assert stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~_UMASK
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert plain.read_bytes() == b"{}" and not list(tmp_path.glob(".*"))  # no temp file left behind

@@ -95,10 +95,22 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _umask() -> int:
-    current = os.umask(0)
+def _read_umask() -> int:
+    """The process umask without changing it (Linux /proc), else by the set-and-restore dance."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o077)  # restrictive while it is briefly changed: no other thread gets 0666
     os.umask(current)
     return current
+
+
+# Read once, at import: os.umask() is process-wide, and flipping it later could race other threads.
+_UMASK = _read_umask()
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
@@ -111,7 +123,7 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(fd, mode if mode is not None else 0o666 & ~_umask())
+        os.fchmod(fd, mode if mode is not None else 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

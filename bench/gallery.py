@@ -23,7 +23,8 @@ import click
 import numpy as np
 import numpy.typing as npt
 
-from bench.gallery_data import CHUNK, SyntheticFaces, cosine_stats, progress_bar, real_faces
+from bench.gallery_data import CHUNK, SyntheticFaces, cosine_stats, real_faces
+from facegate.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+
+from facegate.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -39,27 +39,6 @@ CHUNK = 65_536  # vectors generated per block (bounds memory at 1M)
 # Only used without ../shared (one real identity): between-identity spread as a multiple of the
 # within-identity spread, as measured on the CelebA crops with the int8 model.
 BETWEEN_OVER_WITHIN = 2.0
-
-
-@contextmanager
-def progress_bar(description: str, total: int, enabled: bool) -> Iterator[Callable[..., None]]:
-    """A rich progress bar on stderr; yields ``advance(n=1)``."""
-    if not enabled:
-        def nothing(n: int = 1) -> None:
-            return None
-
-        yield nothing
-        return
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=total)
-
-        def advance(n: int = 1) -> None:
-            bar.advance(task, n)
-
-        yield advance
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,13 +116,11 @@ def rotate_chip_key_cmd(config_path: Path | None, new_key_file: Path | None, yes
                       abort=True)
     with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
         db.create_schema()
-        from rich.progress import Progress
+        from facegate.progress import progress_bar
 
-        with Progress(transient=True) as bar:
-            task = bar.add_task("re-encrypting", total=rows_to_rotate(db))
+        with progress_bar("re-encrypting", rows_to_rotate(db)) as advance:
             try:
-                report = rotate_chip_key(config, db, new_key_file=new_key_file,
-                                         progress=lambda n: bar.advance(task, n))
+                report = rotate_chip_key(config, db, new_key_file=new_key_file, progress=advance)
             except KeyRotationError as exc:
                 raise click.ClickException(str(exc)) from exc
     click.echo(f"chip key {report.old_key_id} -> {report.new_key_id}: {report.chips} chips and "

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile, status
 from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
 from server.api.deps import AdminDep, LimitedAdminDep, SessionDep, StateDep
@@ -25,7 +25,8 @@ from server.audit.log import AuditAction, record
 from server.db.models import DeletionRequest, Person, Template, utcnow
 from server.enrollment.deletion import DeletionError
 from server.enrollment.engine import EngineUnavailableError
-from server.enrollment.service import EnrollmentError, EnrollmentErrorKind, NewPerson
+from server.enrollment.service import EnrollmentError, EnrollmentErrorKind, NewPerson, UploadedImage
+from server.state import AppState
 
 router = APIRouter(prefix="/api", tags=["persons"])
 
@@ -129,6 +130,22 @@ def list_templates(person_id: str, _: AdminDep, session: SessionDep) -> list[Tem
     return [TemplateOut.model_validate(t, from_attributes=True) for t in rows]
 
 
+async def _enroll(state: AppState, session: Session, actor: str, uploads: list[UploadedImage],
+                  response: Response, override_duplicate: bool, source: str,
+                  **target: Any) -> EnrollResponse:
+    """Run an enrollment off the event loop; map its errors to HTTP, a full rejection to 4xx."""
+    try:
+        result = await run_in_threadpool(state.enrollment.enroll, session, actor, uploads,
+                                         override_duplicate=override_duplicate, source=source, **target)
+    except EnrollmentError as exc:
+        raise HTTPException(ENROLLMENT_ERROR_STATUS[exc.kind], str(exc)) from exc
+    except EngineUnavailableError as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
+    if result.accepted == 0:
+        response.status_code = failure_status(result)
+    return enroll_response(result)
+
+
 @router.post("/persons/{person_id}/images", response_model=EnrollResponse,
              summary="Enroll more images of an existing person",
              responses={409: {"description": "duplicate of another person"},
@@ -142,17 +159,8 @@ async def add_images(
 ) -> EnrollResponse:
     """Run the quality gates, duplicate check and self-consistency on each image; store accepted ones."""
     uploads = await read_uploads(images, state.config.upload)
-    try:
-        result = await run_in_threadpool(
-            state.enrollment.enroll, session, who.username, uploads, person_id=person_id,
-            override_duplicate=override_duplicate, source=source)
-    except EnrollmentError as exc:
-        raise HTTPException(ENROLLMENT_ERROR_STATUS[exc.kind], str(exc)) from exc
-    except EngineUnavailableError as exc:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
-    if result.accepted == 0:
-        response.status_code = failure_status(result)
-    return enroll_response(result)
+    return await _enroll(state, session, who.username, uploads, response, override_duplicate, source,
+                         person_id=person_id)
 
 
 @router.post("/enroll", response_model=EnrollResponse, status_code=status.HTTP_201_CREATED,
@@ -172,17 +180,8 @@ async def enroll(
     """The person is created only when at least one image is accepted."""
     uploads = await read_uploads(images, state.config.upload)
     new = NewPerson(name=name.strip(), external_id=(external_id or "").strip() or None, consent=consent)
-    try:
-        result = await run_in_threadpool(
-            state.enrollment.enroll, session, who.username, uploads, new_person=new,
-            override_duplicate=override_duplicate, source=source)
-    except EnrollmentError as exc:
-        raise HTTPException(ENROLLMENT_ERROR_STATUS[exc.kind], str(exc)) from exc
-    except EngineUnavailableError as exc:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
-    if result.accepted == 0:
-        response.status_code = failure_status(result)
-    return enroll_response(result)
+    return await _enroll(state, session, who.username, uploads, response, override_duplicate, source,
+                         new_person=new)
 
 
 @router.delete("/persons/{person_id}", response_model=DeletionOut,

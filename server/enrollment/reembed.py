@@ -15,9 +15,6 @@ self-consistency score is an enrollment-time figure of the model that computed i
 from __future__ import annotations
 
 import logging
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,6 +23,7 @@ from sqlalchemy import exists, func, select
 from device.types import FloatArray, ImageArray
 from device.vision.embedder import EmbedderError
 from device.vision.image import ImageError, decode_image
+from facegate.progress import progress_bar
 from server.crypto import ChipCipher, CryptoError
 from server.db.engine import Database
 from server.db.models import Chip, Template
@@ -66,20 +64,6 @@ class ReembedReport:
 def open_chip(cipher: ChipCipher, chip: Chip) -> ImageArray:
     """The RGB pixels of a stored chip (decrypted, PNG-decoded)."""
     return decode_image(cipher.decrypt(chip.ciphertext, chip.id))
-
-
-@contextmanager
-def _progress(total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
-    """A rich bar on stderr for the CLI (no TensorFlow import, unlike server.training.progress)."""
-    if not enabled or total == 0:
-        yield lambda _n: None
-        return
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(file=sys.stderr), transient=False) as bar:
-        task = bar.add_task("re-embedding chips", total=total)
-        yield lambda n: bar.advance(task, n)
 
 
 def _pending(db: Database, model_sha256: str) -> tuple[int, list[str]]:
@@ -127,7 +111,7 @@ def reembed_gallery(db: Database, cipher: ChipCipher, embedder: ChipEmbedder, *,
     total, pending = _pending(db, embedder.sha256)
     logger.info("re-embedding %d of %d chips with embedder %s…", len(pending), total, embedder.sha256[:12])
     embedded = 0
-    with _progress(len(pending), progress) as advance:
+    with progress_bar("re-embedding chips", len(pending), progress, transient=False) as advance:
         for start in range(0, len(pending), batch_size):
             batch = pending[start:start + batch_size]
             embedded += _embed_batch(db, cipher, embedder, batch)

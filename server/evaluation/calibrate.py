@@ -60,7 +60,7 @@ def choose_tau(scores: npt.NDArray[np.float64], labels: npt.NDArray[np.int_], fa
 def run_calibrate(pairs_csv: Path, far: float, folds: frozenset[int], pipeline: str = "int8",
                   models_dir: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Embed, score, choose tau on ``folds`` and measure TAR there and on the other folds."""
-    from server.evaluation.verify import PIPELINES, PairsError, embed_all, pair_scores, read_pairs
+    from server.evaluation.verify import PIPELINES, PairsError, embed_pairs, pair_scores, read_pairs
 
     rows = read_pairs(pairs_csv)
     calib = [r for r in rows if r.fold in folds]
@@ -69,12 +69,7 @@ def run_calibrate(pairs_csv: Path, far: float, folds: frozenset[int], pipeline: 
         raise PairsError(f"no pairs in {pairs_csv} for folds {sorted(folds)}")
     if pipeline not in PIPELINES:
         raise PairsError(f"unknown pipeline '{pipeline}' (known: {sorted(PIPELINES)})")
-    paths = sorted({p for r in rows for p in (r.path_a, r.path_b)})
-    embedder = PIPELINES[pipeline](models_dir=models_dir)
-    try:
-        vectors = embed_all(embedder, pairs_csv.parent, paths, progress)
-    finally:
-        embedder.close()
+    _paths, vectors = embed_pairs(pairs_csv, rows, pipeline, models_dir, progress)
     c_scores = pair_scores(calib, vectors)
     c_labels = np.array([r.same for r in calib])
     tau = choose_tau(c_scores, c_labels, far)

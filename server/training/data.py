@@ -18,6 +18,9 @@ import keras
 import numpy as np
 import numpy.typing as npt
 
+from server.evaluation.verify import PairRow, PairsError
+from server.evaluation.verify import read_pairs as evaluation_read_pairs
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -104,29 +107,13 @@ def pair_identities(pairs_csv: Path, folds: Iterable[int] = EVAL_FOLDS) -> set[s
     return identities
 
 
-@dataclass(frozen=True, slots=True)
-class PairRow:
-    """One row of a pairs CSV."""
-
-    fold: int
-    path_a: str
-    path_b: str
-    same: int
-
-
 def read_pairs(pairs_csv: Path, folds: Iterable[int] | None = None) -> list[PairRow]:
-    """Rows of a pairs CSV, optionally only the given folds."""
-    wanted = None if folds is None else {int(f) for f in folds}
+    """Rows of a pairs CSV (the evaluation protocol's reader), optionally only the given folds."""
+    wanted = None if folds is None else frozenset(int(f) for f in folds)
     try:
-        with open(pairs_csv, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            need = {"fold", "path_a", "path_b", "same"}
-            if reader.fieldnames is None or not need <= set(reader.fieldnames):
-                raise DataError(f"{pairs_csv} needs the columns {sorted(need)}")
-            rows = [PairRow(int(r["fold"]), r["path_a"], r["path_b"], int(r["same"])) for r in reader]
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read pairs {pairs_csv}: {exc}") from exc
-    return [r for r in rows if wanted is None or r.fold in wanted]
+        return evaluation_read_pairs(pairs_csv, wanted)
+    except PairsError as exc:
+        raise DataError(str(exc)) from exc
 
 
 def check_disjoint(train_identities: Iterable[str], eval_identities: Iterable[str]) -> None:

@@ -18,8 +18,8 @@ import numpy.typing as npt
 
 from models.runtime.interpreter import TFLiteModel
 from server.evaluation.metrics import REPORT_FARS, verification_report
+from server.evaluation.verify import PairRow
 from server.training.chips import ChipSet
-from server.training.data import PairRow
 
 logger = logging.getLogger(__name__)
 

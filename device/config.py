@@ -178,7 +178,7 @@ class LivenessConfig(Strict):
         description="Manifest names of the MiniFASNet models whose softmax outputs are averaged.",
     )
     passive_threshold: float = Field(
-        0.527166, ge=0, le=1,
+        0.527165, ge=0, le=1,
         description="Passive score to pass (`facegate eval liveness-calibrate`: BPCER <= 5% on every set).",
     )
     uncertain_band: float = Field(

@@ -242,7 +242,7 @@ class PassiveLiveness:
         logger.info("passive liveness: %s", ", ".join(spec.manifest_name for spec, _ in self.models))
 
     def logits(self, rgb: ImageArray, det: Detection) -> npt.NDArray[np.float32]:
-        """(models, 3) logits for the face ``det`` in an RGB frame, each the mean of the patch and its mirror."""
+        """(models, 3) logits of the face ``det`` in an RGB frame: the mean over the patch and its mirror."""
         if not self.models:
             raise PassiveModelError("the passive liveness models are closed")
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])

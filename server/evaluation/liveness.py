@@ -273,7 +273,8 @@ def frame_logits(rows: list[LabelRow], root: Path, models_dir: Path | None, mini
     return logits
 
 
-def logits_to_scores(logits: npt.NDArray[np.float32], head: tuple[float, ...] | None) -> npt.NDArray[np.float64]:
+def logits_to_scores(logits: npt.NDArray[np.float32],
+                     head: tuple[float, ...] | None) -> npt.NDArray[np.float64]:
     """Scores as the device computes them from logits (NaN rows stay NaN)."""
     from device.liveness.passive import GENUINE_CLASS, head_score, softmax
 
@@ -286,7 +287,7 @@ def logits_to_scores(logits: npt.NDArray[np.float32], head: tuple[float, ...] | 
 
 
 def default_models(models_dir: Path | None, minifasnet_dir: Path | None) -> Path | None:
-    """The models folder to use: the given one, else none when a MiniFASNet folder is named, else the cache."""
+    """The models folder: the given one, else none when a MiniFASNet folder is named, else the cache."""
     if models_dir is None and minifasnet_dir is None and not os.environ.get("FACEGATE_MINIFASNET_DIR"):
         from models.runtime.assets import default_models_dir
 
@@ -319,7 +320,8 @@ def run_liveness_eval(labels_csv: Path, models_dir: Path | None = None, minifasn
         threshold = choose_threshold(scores, genuine)
         source = THRESHOLD_CV
     else:
-        rates, accepted, source = error_rates(scores, genuine, threshold), accept(scores, threshold), THRESHOLD_FIXED
+        rates, accepted = error_rates(scores, genuine, threshold), accept(scores, threshold)
+        source = THRESHOLD_FIXED
     in_sample = error_rates(scores, genuine, threshold)
     no_face = np.isnan(scores)
     if det_plot is not None:
@@ -377,7 +379,8 @@ def _echo_details(result: dict[str, Any]) -> None:
               show_default=True, help="BlazeFace variant.")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
               help="Apply this fixed threshold (no fitting), as a door would.")
-@click.option("--no-head", is_flag=True, help="Score Minivision's mean softmax instead of the calibrated head.")
+@click.option("--no-head", is_flag=True,
+              help="Score Minivision's mean softmax instead of the calibrated head.")
 @click.option("--det", "det_plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a DET plot (PNG) of APCER against BPCER, per attack kind when known.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")

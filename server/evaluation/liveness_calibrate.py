@@ -169,7 +169,8 @@ def _logit(p: float) -> float:
 def operating_point(scored: list[tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]], budget: float,
                     band_budget: float) -> tuple[float, float]:
     """(threshold, band in logits): the budget rule applied to every set, the lowest threshold kept."""
-    threshold = min(budget_threshold(s, g, budget) for s, g in scored)
+    # Floored to the 6 decimals a config holds, so the genuine frame at the threshold is still accepted.
+    threshold = math.floor(min(budget_threshold(s, g, budget) for s, g in scored) * 1e6) / 1e6
     low = min(budget_threshold(s, g, band_budget) for s, g in scored)
     return threshold, max(0.0, _logit(threshold) - _logit(min(low, threshold)))
 
@@ -187,8 +188,8 @@ def _fit(sets: list[CalibrationSet], masks: list[npt.NDArray[np.bool_]], scorer:
         head = fit_head([head_matrix(c.logits)[m] for c, m in zip(sets, masks, strict=True)],
                         [c.genuine[m] for c, m in zip(sets, masks, strict=True)])
     scores = _scores(sets, scorer, head)
-    threshold, band = operating_point([(s[m], c.genuine[m]) for s, c, m in zip(scores, sets, masks, strict=True)],
-                                      budget, band_budget)
+    scored = [(s[m], c.genuine[m]) for s, c, m in zip(scores, sets, masks, strict=True)]
+    threshold, band = operating_point(scored, budget, band_budget)
     return head, threshold, band
 
 
@@ -197,7 +198,8 @@ def rates_dict(accepted: npt.NDArray[np.bool_], c: CalibrationSet) -> dict[str, 
     g = c.genuine
     apcer, bpcer = float(accepted[~g].mean()), float((~accepted[g]).mean())
     return {"apcer": round(apcer, 6), "bpcer": round(bpcer, 6), "acer": round((apcer + bpcer) / 2, 6),
-            "n_genuine": int(g.sum()), "n_attack": int((~g).sum()), "apcer_by_kind": apcer_by_kind(accepted, c.kinds)}
+            "n_genuine": int(g.sum()), "n_attack": int((~g).sum()),
+            "apcer_by_kind": apcer_by_kind(accepted, c.kinds)}
 
 
 def band_shares(scores: npt.NDArray[np.float64], genuine: npt.NDArray[np.bool_], threshold: float,
@@ -205,9 +207,11 @@ def band_shares(scores: npt.NDArray[np.float64], genuine: npt.NDArray[np.bool_],
     """Share of genuine and attack frames inside the uncertain band (the ones the challenge decides)."""
     from device.liveness.passive import logit
 
-    distance = np.array([abs(logit(float(v)) - logit(threshold)) if not np.isnan(v) else np.inf for v in scores])
+    distance = np.array([abs(logit(float(v)) - logit(threshold)) if not np.isnan(v) else np.inf
+                         for v in scores])
     inside = distance < band
-    return {"genuine": round(float(inside[genuine].mean()), 4), "attack": round(float(inside[~genuine].mean()), 4)}
+    return {"genuine": round(float(inside[genuine].mean()), 4),
+            "attack": round(float(inside[~genuine].mean()), 4)}
 
 
 def leave_one_dataset_out(sets: list[CalibrationSet], scorer: str, budget: float,
@@ -262,24 +266,28 @@ def calibrate(sets: list[CalibrationSet], budget: float = DEFAULT_BUDGET,
     scores = _scores(sets, "head", head)
     result["final"] = {
         "passive_head": list(head) if head is not None else None,
-        "passive_threshold": round(threshold, 6),
+        "passive_threshold": threshold,
         "uncertain_band": round(band, 4),
         "in_sample": {c.name: rates_dict(accept(s, threshold), c) for c, s in zip(sets, scores, strict=True)},
-        "in_band": {c.name: band_shares(s, c.genuine, threshold, band) for c, s in zip(sets, scores, strict=True)},
+        "in_band": {c.name: band_shares(s, c.genuine, threshold, band)
+                    for c, s in zip(sets, scores, strict=True)},
     }
     return result
 
 
 @click.command("liveness-calibrate")
 @click.option("--labels", "labels_csvs", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              multiple=True, required=True, help="A labels CSV per dataset (repeat; kinds.csv beside it is read).")
+              multiple=True, required=True,
+              help="A labels CSV per dataset (repeat; kinds.csv beside it is read).")
 @click.option("--models", "models_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Built models folder with manifest.json (MiniFASNet entries, BlazeFace).")
 @click.option("--minifasnet", "minifasnet_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=None, envvar="FACEGATE_MINIFASNET_DIR", help="Folder with the MiniFASNet .tflite files.")
+              default=None, envvar="FACEGATE_MINIFASNET_DIR",
+              help="Folder with the MiniFASNet .tflite files.")
 @click.option("--budget", type=click.FloatRange(0.0, 0.5), default=DEFAULT_BUDGET, show_default=True,
               help="Most genuine frames refused on any calibration set.")
-@click.option("--band-budget", type=click.FloatRange(0.0, 0.5), default=DEFAULT_BAND_BUDGET, show_default=True,
+@click.option("--band-budget", type=click.FloatRange(0.0, 0.5), default=DEFAULT_BAND_BUDGET,
+              show_default=True,
               help="Most genuine frames below the uncertain band (spoof outright) on any set.")
 @click.option("--folds", type=click.IntRange(min=2), default=DEFAULT_FOLDS, show_default=True,
               help="Subject folds per set for leave-subjects-out.")
@@ -312,8 +320,8 @@ def liveness_calibrate(labels_csvs: tuple[Path, ...], models_dir: Path | None, m
         from server.evaluation.liveness_det import write_det_plot
 
         head = tuple(final["passive_head"])
-        write_det_plot(det_plot, {c.name: (logits_to_scores(c.logits, head), c.genuine, c.kinds) for c in sets},
-                       {c.name: final["passive_threshold"] for c in sets})
+        curves = {c.name: (logits_to_scores(c.logits, head), c.genuine, c.kinds) for c in sets}
+        write_det_plot(det_plot, curves, {c.name: final["passive_threshold"] for c in sets})
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -323,7 +331,9 @@ def liveness_calibrate(labels_csvs: tuple[Path, ...], models_dir: Path | None, m
                 if name == "fold_thresholds":
                     continue
                 kinds = r["apcer_by_kind"] or {}
-                click.echo(f"{protocol:22s} {scorer:12s} {name:16s} APCER {r['apcer']:.4f} BPCER {r['bpcer']:.4f} "
-                           f"ACER {r['acer']:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in kinds.items()))
-    click.echo(f"ship: passive_head = {final['passive_head']}, passive_threshold = {final['passive_threshold']}, "
+                by_kind = " ".join(f"{k} {v:.4f}" for k, v in kinds.items())
+                click.echo(f"{protocol:22s} {scorer:12s} {name:16s} APCER {r['apcer']:.4f} "
+                           f"BPCER {r['bpcer']:.4f} ACER {r['acer']:.4f} {by_kind}")
+    click.echo(f"ship: passive_head = {final['passive_head']}, "
+               f"passive_threshold = {final['passive_threshold']}, "
                f"uncertain_band = {final['uncertain_band']}")

@@ -6,6 +6,7 @@ is marked on each curve. A frame without a face (NaN score) is never accepted, w
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from statistics import NormalDist
 
@@ -37,8 +38,8 @@ def _probit(rates: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return np.array([inv(min(max(float(r), DET_EPS), 1.0 - DET_EPS)) for r in rates])
 
 
-def write_det_plot(path: Path, sets: dict[str, tuple[npt.ArrayLike, npt.ArrayLike, list[str] | None]],
-                   thresholds: dict[str, float]) -> None:
+def write_det_plot(path: Path, sets: Mapping[str, tuple[npt.ArrayLike, npt.ArrayLike, list[str] | None]],
+                   thresholds: Mapping[str, float]) -> None:
     """Write a DET plot of each set ``name -> (scores, genuine, kinds)`` with its threshold marked."""
     import matplotlib
 

@@ -5,7 +5,9 @@ otherwise packaged scikit-image / matplotlib faces):
 
 - the pipeline baseline: detect (BlazeFace short), align and embed (``FacePipeline`` from the built models
   when they exist; otherwise detect alone, and the JSON says so);
-- the liveness stages: ``passive`` (two MiniFASNets), ``mesh`` (face mesh + EAR/yaw/pitch, what the
+- the liveness stages: ``passive`` (two MiniFASNets, each on the patch and its mirror, and the head; the
+  same without the mirror pass is reported as ``passive_without_mirror_ms``), ``mesh`` (face mesh +
+  EAR/yaw/pitch, what the
   challenge and planar checks need), ``planar`` (one homography + similarity fit on the mesh subset).
 
 Share = liveness ms / (pipeline ms + liveness ms), for passive only and for all three checks.
@@ -66,9 +68,9 @@ def run_liveness_bench(models_dir: Path, minifasnet_dir: Path | None, shared: Pa
                        runs: int = MIN_RUNS) -> dict[str, Any]:
     """Median ms per frame of the pipeline stages and the liveness checks; shares of the total."""
     from bench.pipeline import packaged_images
-    from device.config import DetectorConfig
+    from device.config import DetectorConfig, LivenessConfig
     from device.liveness.facemesh import MeshMeasurer, mesh_model_path
-    from device.liveness.passive import PassiveLiveness, resolve_minifasnet_files
+    from device.liveness.passive import PassiveLiveness, crop_patch, face_box, resolve_minifasnet_files
     from device.liveness.planar import PLANAR_MESH_INDICES, frame_fit
     from device.vision.detector import BlazeFaceDetector
     from models.runtime.interpreter import ModelLoadError
@@ -100,8 +102,16 @@ def run_liveness_bench(models_dir: Path, minifasnet_dir: Path | None, shared: Pa
                 pipeline_note = "detect + align + embed (int8) from the built models"
         except (ManifestError, ModelLoadError, OSError, ValueError) as exc:  # partial build: say why
             logger.warning("pipeline models unavailable (%s); baseline is detect only", exc)
-    with PassiveLiveness(resolve_minifasnet_files(models_dir, minifasnet_dir)) as passive:
+    with PassiveLiveness(resolve_minifasnet_files(models_dir, minifasnet_dir),
+                         head=LivenessConfig().passive_head) as passive:
         live = {"passive": _median_ms(lambda fd: passive.score(fd[0], fd[1]), pairs, runs)}
+
+        def one_pass(fd: tuple[Any, Any]) -> None:
+            bgr = np.ascontiguousarray(fd[0][:, :, ::-1])
+            for spec, model in passive.models:
+                model.run(crop_patch(bgr, face_box(fd[1]), spec.scale)[None])
+
+        without_mirror = _median_ms(one_pass, pairs, runs)
     with MeshMeasurer(mesh_model_path(models_dir if manifest.is_file() else None, "facemesh")) as mesh:
         live["mesh"] = _median_ms(lambda fd: mesh.observe(fd[0], fd[1]), pairs, runs)
         observed = [mesh.observe(f, d) for f, d in pairs]
@@ -118,6 +128,7 @@ def run_liveness_bench(models_dir: Path, minifasnet_dir: Path | None, shared: Pa
         "share_passive": round(live["passive"] / (base + live["passive"]), 4),
         "share_all_checks": round(all_live / (base + all_live), 4),
         "ratio_passive_over_pipeline": round(live["passive"] / base, 3),
+        "passive_without_mirror_ms": round(without_mirror, 3),
     })
     return out
 
@@ -155,7 +166,8 @@ def liveness(models_dir: Path | None, minifasnet_dir: Path | None, shared: Path,
     click.echo(f"{result['runs']} runs on {result['frames']} frames ({result['source']}), one thread; "
                "median ms")
     click.echo(f"pipeline ({result['pipeline']}): {result['pipeline_ms']} = {result['pipeline_total_ms']} ms")
-    click.echo(f"liveness: {result['liveness_ms']}")
+    click.echo(f"liveness: {result['liveness_ms']} (passive without the mirror pass: "
+               f"{result['passive_without_mirror_ms']} ms)")
     click.echo(f"share of the frame: passive {result['share_passive']:.1%}, all three checks "
                f"{result['share_all_checks']:.1%}; passive / pipeline = "
                f"{result['ratio_passive_over_pipeline']}x")

@@ -164,6 +164,11 @@ class QualityConfig(Strict):
     )
 
 
+# The shipped passive head and operating point: `facegate eval liveness-calibrate` on NUAA and
+# Replay-Attack (train+devel) at once, BPCER budget 5% on each set (README, Liveness).
+PASSIVE_HEAD = (0.410862, 0.473467, -0.110549, 0.244424, -3.286294)
+
+
 class LivenessConfig(Strict):
     """Liveness checks and fusion policy (device/liveness/; thresholds from `facegate eval liveness`)."""
 
@@ -173,12 +178,17 @@ class LivenessConfig(Strict):
         description="Manifest names of the MiniFASNet models whose softmax outputs are averaged.",
     )
     passive_threshold: float = Field(
-        0.073, ge=0, le=1,
-        description="Fused genuine probability to pass (leave-subjects-out calibrated with BlazeFace short).",
+        0.527165, ge=0, le=1,
+        description="Passive score to pass (`facegate eval liveness-calibrate`: BPCER <= 5% on every set).",
     )
     uncertain_band: float = Field(
-        1.0, ge=0, le=10,
+        1.387, ge=0, le=10,
         description="Half-width, in logit units, of the band around passive_threshold that is uncertain.",
+    )
+    passive_head: tuple[float, ...] | None = Field(
+        PASSIVE_HEAD,
+        description="Logistic head on both MiniFASNets' logit margins (4 weights, then the bias; from "
+                    "`facegate eval liveness-calibrate`); null = Minivision's mean softmax.",
     )
     challenge: Literal["never", "uncertain", "always"] = Field("never", description="Active challenge mode.")
     challenge_actions: tuple[Literal["blink", "turn_left", "turn_right"], ...] = Field(
@@ -221,6 +231,9 @@ class LivenessConfig(Strict):
             raise ValueError("blink_closed_ratio must be below blink_open_ratio")
         if self.neutral_deg >= self.turn_deg:
             raise ValueError("neutral_deg must be below turn_deg")
+        if self.passive_head is not None and len(self.passive_head) != 2 * len(self.passive_models) + 1:
+            raise ValueError(f"passive_head needs {2 * len(self.passive_models) + 1} numbers (2 weights per "
+                             "passive model, then the bias)")
         return self
 
     @property

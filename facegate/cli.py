@@ -33,7 +33,8 @@ GROUPS: dict[str, GroupSpec] = {
     "eval": GroupSpec(
         "Evaluate verification, calibrate thresholds, measure liveness.",
         ("server.evaluation.cli:cli", "server.evaluation.calibrate:calibrate",
-         "server.evaluation.liveness:liveness", "server.evaluation.liveness_planar:liveness_planar"),
+         "server.evaluation.liveness:liveness", "server.evaluation.liveness_planar:liveness_planar",
+         "server.evaluation.liveness_calibrate:liveness_calibrate"),
         "server",
     ),
     "bench": GroupSpec(

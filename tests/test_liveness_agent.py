@@ -56,7 +56,8 @@ def _engine(config: LivenessConfig, models: Path, shared_dir: Path) -> FusedLive
         assert isinstance(engine, FusedLiveness)
         return engine
     files = find_minifasnet_files(shared_dir / "models" / "minifasnet")
-    return FusedLiveness(config, PassiveLiveness(files, config.passive_threshold, config.uncertain_band))
+    return FusedLiveness(config, PassiveLiveness(files, config.passive_threshold, config.uncertain_band,
+                                                 head=config.passive_head))
 
 
 def _run(config_path: Path, models: Path, shared_dir: Path) -> tuple[list[dict[str, Any]], list[DoorState]]:

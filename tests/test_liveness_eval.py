@@ -14,15 +14,74 @@ from click.testing import CliRunner
 
 from server.evaluation.liveness import (
     LivenessEvalError,
+    apcer_by_kind,
     choose_threshold,
     cross_validate,
     error_rates,
     liveness,
+    load_kinds,
     load_labels,
     subject_folds,
 )
 
-CONTRACT_KEYS = {"apcer", "bpcer", "acer", "n_genuine", "n_attack", "threshold"}
+CONTRACT_KEYS = {"apcer", "bpcer", "acer", "n_genuine", "n_attack", "threshold", "apcer_by_kind",
+                 "threshold_source"}
+
+
+def _replay_subset(shared_dir: Path, tmp_path: Path, per_kind: int = 2) -> Path:
+    """A few Replay-Attack frames per kind (with kinds.csv) from 3 clients, in a folder of their own."""
+    source = shared_dir / "data" / "replay-attack"
+    with open(source / "labels.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    with open(source / "kinds.csv", newline="", encoding="utf-8") as handle:
+        kind_of = {r["path"]: r["kind"] for r in csv.DictReader(handle)}
+    picked = []
+    for subject in sorted({r["subject"] for r in rows})[:3]:
+        for kind in ("genuine", "print", "screen"):
+            picked += [r for r in rows if r["subject"] == subject and kind_of[r["path"]] == kind][:per_kind]
+    folder = tmp_path / "replay-subset"
+    folder.mkdir()
+    with open(folder / "labels.csv", "w", newline="", encoding="utf-8") as labels, \
+            open(folder / "kinds.csv", "w", newline="", encoding="utf-8") as kinds:
+        lw, kw = csv.writer(labels), csv.writer(kinds)
+        lw.writerow(["path", "label", "subject", "session"])
+        kw.writerow(["path", "kind"])
+        for r in picked:
+            rel = os.path.relpath(source / r["path"], folder)
+            lw.writerow([rel, r["label"], r["subject"], r["session"]])
+            kw.writerow([rel, kind_of[r["path"]]])
+    return folder / "labels.csv"
+
+
+def test_fixed_threshold_kinds_and_det_plot(shared_dir: Path, tmp_path: Path) -> None:
+    """--threshold decides every frame at T (no fitting); kinds.csv gives APCER per kind; --det a PNG."""
+    labels = _replay_subset(shared_dir, tmp_path)
+    det = tmp_path / "det.png"
+    common = ["--labels", str(labels), "--minifasnet", str(shared_dir / "models" / "minifasnet"), "--json",
+              "--no-progress"]
+    result = CliRunner().invoke(liveness, [*common, "--threshold", "1.0", "--det", str(det)])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert set(payload) == CONTRACT_KEYS
+    assert payload["threshold_source"] == "fixed" and payload["threshold"] == 1.0
+    assert payload["apcer_by_kind"] == {"print": 0.0, "screen": 0.0}  # nothing scores above 1
+    assert payload["bpcer"] == 1.0 and payload["n_genuine"] == 6 and payload["n_attack"] == 12
+    assert det.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    everything = json.loads(CliRunner().invoke(liveness, [*common, "--threshold", "0.0"]).stdout)
+    assert everything["apcer_by_kind"] == {"print": 1.0, "screen": 1.0} and everything["bpcer"] == 0.0
+
+
+def test_kinds_file_must_cover_every_attack(tmp_path: Path) -> None:
+    labels = "path,label,subject\na.jpg,genuine,1\nb.jpg,attack,1\n"
+    (tmp_path / "labels.csv").write_text(labels, encoding="utf-8")
+    (tmp_path / "kinds.csv").write_text("path,kind\na.jpg,genuine\n", encoding="utf-8")
+    rows = load_labels(tmp_path / "labels.csv")
+    with pytest.raises(LivenessEvalError, match=r"no attack kind for the attack frame b\.jpg"):
+        load_kinds(tmp_path / "labels.csv", rows)
+    (tmp_path / "kinds.csv").write_text("path,kind\nb.jpg,screen\n", encoding="utf-8")
+    kinds = load_kinds(tmp_path / "labels.csv", rows)
+    assert kinds == ["genuine", "screen"]
+    assert apcer_by_kind([True, True], kinds) == {"screen": 1.0}
 
 
 def _logit(p: float) -> float:
@@ -63,8 +122,9 @@ def test_cross_validation_holds_subjects_out() -> None:
     scores = [0.9, 0.8, 0.01, 0.02, 0.95, 0.85, 0.03, 0.01, 0.1, 0.12, 0.001, 0.002]
     genuine = [True, True, False, False] * 3
     subjects = ["a"] * 4 + ["b"] * 4 + ["c"] * 4
-    rates, thresholds = cross_validate(scores, genuine, subjects, folds=3)
+    rates, thresholds, accepted = cross_validate(scores, genuine, subjects, folds=3)
     assert len(thresholds) == 3
+    assert accepted[8:10].tolist() == [False, False]  # subject c's genuine frames, held out
     assert rates.bpcer == pytest.approx(2 / 6) and rates.apcer == 0.0
     with pytest.raises(LivenessEvalError, match="at least 2 subjects"):
         cross_validate(scores, genuine, ["a"] * 12, folds=3)
@@ -115,6 +175,7 @@ def test_cli_prints_exactly_the_contract(shared_dir: Path, tmp_path: Path) -> No
     assert payload["bpcer"] == pytest.approx(1 / 10)  # only the faceless genuine frame is rejected
     assert payload["acer"] == pytest.approx((payload["apcer"] + payload["bpcer"]) / 2)
     assert 0.0 < payload["threshold"] < 1.0
+    assert payload["threshold_source"] == "leave-subjects-out" and payload["apcer_by_kind"] is None
     assert "no face found in 1 genuine" in result.stderr
 
 

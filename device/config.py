@@ -478,6 +478,18 @@ class DeviceConfig(Strict):
     access: AccessConfig = AccessConfig()
 
 
+def config_warnings(config: DeviceConfig) -> list[str]:
+    """Unsafe settings the config asks for explicitly (what `--validate-config` prints beside "OK")."""
+    out = []
+    if not config.liveness.enabled:
+        out.append("liveness off ([liveness] required = false): a printed photo of an enrolled person opens "
+                   "the door")
+    if config.decision.tau < lowest_tau_floor():
+        floor = lowest_tau_floor()
+        out.append(f"decision.tau {config.decision.tau:g} is below the calibrated floor {floor:g} (acknowledged)")
+    return out
+
+
 def load_device_config(path: Path | None, environ: dict[str, str] | None = None) -> DeviceConfig:
     """Load and validate a device config (raises ``facegate.configio.ConfigError``)."""
     return load_config(DeviceConfig, path, ENV_PREFIX, environ)

@@ -486,7 +486,8 @@ def config_warnings(config: DeviceConfig) -> list[str]:
                    "the door")
     if config.decision.tau < lowest_tau_floor():
         floor = lowest_tau_floor()
-        out.append(f"decision.tau {config.decision.tau:g} is below the calibrated floor {floor:g} (acknowledged)")
+        out.append(f"decision.tau {config.decision.tau:g} is below the calibrated floor {floor:g} "
+                   "(acknowledged)")
     return out
 
 

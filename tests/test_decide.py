@@ -95,7 +95,7 @@ def test_liveness_required_skipped_check_never_votes_to_grant() -> None:
     assert feed(engine, [alice()] * 6, liveness=SKIP) == []
     assert feed(engine, [alice()] * 2, t0=1.0, liveness=LIVE) == [DecisionKind.GRANTED]
     stranger = Match("bob", "Bob", 0.3, 0.2)
-    assert feed(engine, [stranger] * 3, track=2, liveness=SKIP) == [DecisionKind.UNKNOWN]  # never opens anyway
+    assert feed(engine, [stranger] * 3, track=2, liveness=SKIP) == [DecisionKind.UNKNOWN]  # never opens
 
 
 def test_liveness_required_false_lets_skipped_frames_vote() -> None:

@@ -58,23 +58,32 @@ def connected_door(config: DeviceConfig) -> Iterator[tuple[Agent, DeviceMqtt]]:
     agent = build_agent(config)
     mqtt = DeviceMqtt(config, agent)
     agent.add_sink(mqtt.sink)
+    online = Collector(config.mqtt.host, config.mqtt.port, [TOPICS.available(DEVICE)], client_id="online")
     mqtt.start()
     agent.start()
     try:
-        assert mqtt.client.wait_connected(10)
+        # "online" goes out after the door's subscriptions on the same connection: commands reach it now
+        assert online.wait(lambda ms: any(m.payload == b"online" for m in ms))
         yield agent, mqtt
     finally:
+        online.close()
         agent.stop()
         mqtt.close()
 
 
-def command(sender: Collector, payload: bytes, retain: bool = False) -> CommandResponse:
-    """Publish an unlock command and return the device's answer to it."""
+def command(sender: Collector, payload: bytes) -> CommandResponse:
+    """Publish an unlock command and return the device's answer to it (matched on its correlation id)."""
     topic = TOPICS.command_response(DEVICE, "unlock")
-    before = len(sender.on_topic(topic))
-    sender.client.publish(TOPICS.command(DEVICE, "unlock"), payload, qos=1, retain=retain).wait_for_publish(5)
-    assert sender.wait(lambda ms: len([m for m in ms if m.topic == topic]) > before)
-    return CommandResponse.parse(sender.on_topic(topic)[-1].payload)
+    wanted = CommandRequest.parse(payload).correlation_id
+    assert wanted is not None
+    sender.client.publish(TOPICS.command(DEVICE, "unlock"), payload, qos=1).wait_for_publish(5)
+
+    def answers() -> list[CommandResponse]:
+        parsed = [CommandResponse.parse(m.payload) for m in sender.on_topic(topic)]
+        return [r for r in parsed if r.correlation_id == wanted]
+
+    assert sender.wait(lambda _ms: bool(answers()))
+    return answers()[-1]
 
 
 def manual_events(collector: Collector) -> list[EventPayload]:
@@ -176,8 +185,8 @@ def test_manual_unlock_from_home_assistant_renders_a_fresh_stamped_command(
             (event,) = manual_events(ha)
             assert event.requested_by == "homeassistant" and event.seconds == 5.0  # the door's default
             assert event.correlation_id is not None and event.correlation_id.startswith("ha-")
-            lock_reply = command(ha, render_ha(LOCK_COMMAND_TEMPLATE, "LOCK",
-                                               lambda: dt.datetime.now().astimezone()).encode())
+            later = dt.datetime.now().astimezone() + dt.timedelta(milliseconds=5)  # another correlation id
+            lock_reply = command(ha, render_ha(LOCK_COMMAND_TEMPLATE, "LOCK", lambda: later).encode())
             assert not lock_reply.ok and "locks by itself" in lock_reply.detail
     finally:
         ha.close()

@@ -253,7 +253,8 @@ class Agent:
         opened = self.door.manual_unlock(seconds, reason=f"manual unlock by {who}")
         decision = Decision(kind=DecisionKind.MANUAL_UNLOCK, person_id=None, name=None, score=0.0, margin=0.0,
                             liveness=LivenessResult.skipped(),
-                            model_version=self._models.pipeline.model_version, timestamp=time.time(),
+                            model_version=self._models.pipeline.model_version,
+                            gallery_version=self._models.gallery.version, timestamp=time.time(),
                             source_id=self.source.source_id, requested_by=who,
                             correlation_id=correlation_id, seconds=opened)
         logger.info("manual unlock for %.1f s requested by %s (%s)", opened, who, correlation_id or "-")

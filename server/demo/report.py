@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from device.liveness.base import LIVENESS_OFF
@@ -89,10 +90,11 @@ class Summary:
         for name, why in self.skipped:
             console.print(f"  [yellow]skipped[/] {name}: {why}")
         if self.liveness.startswith(LIVENESS_OFF):
-            console.print(f"  [bold yellow]{self.liveness}[/]: this door opened for faces without any "
-                          "liveness check ([liveness] required = false)")
+            console.print(f"  [bold yellow]{escape(self.liveness)}[/]: this door ran with "
+                          f"{escape('[liveness] required = false')} and opened for faces without any "
+                          "liveness check")
         elif self.liveness:
-            console.print(f"  liveness: {self.liveness}")
+            console.print(f"  liveness: {escape(self.liveness)}")
         if self.error:
             console.print(f"[red]demo failed:[/] {self.error}")
         verdict = "PASS" if self.passed else "FAIL"

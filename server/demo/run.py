@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from device.config import DeviceConfig, LivenessConfig, ReplayCameraConfig
 from device.liveness.base import LIVENESS_OFF
@@ -235,8 +236,8 @@ class Demo:
                 # Photos that passive liveness calls spoof cannot play a live stranger: run without, say so.
                 cast = pick_cast(config, models_dir, with_attack=False, passive=False)
                 passive = False
-                self.summary.liveness = (f"{LIVENESS_OFF} (with passive liveness these faces cannot play the "
-                                         f"scenes: {exc})")
+                self.summary.liveness = (f"{LIVENESS_OFF} (passive liveness does not call enough of these "
+                                         f"photos live to cast the scenes: {exc})")
             self.summary.image_set, self.summary.notes = cast.source, cast.notes
             detail.append(cast.source)
         console.print(f"  {cast.describe()}")
@@ -257,7 +258,7 @@ class Demo:
             self.door = DoorRunner(door_config, source=self.camera).start()
             self.stack.callback(self.door.close)
             detail.append(f"{DEVICE_ID} on a {'real' if opts.camera is not None else 'replay'} camera, "
-                          f"liveness: {self.summary.liveness}, no bundle yet")
+                          f"liveness: {escape(self.summary.liveness)}, no bundle yet")
         ids: dict[str, str] = {}
         with phase(console, "enrolling over HTTP") as detail:
             self.api = Api(self.server.url, ADMIN, opts.password)

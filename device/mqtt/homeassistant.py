@@ -67,6 +67,7 @@ def discovery_configs(topics: Topics, device_id: str,
             "value_template": "{{ value_json.door }}",
             "state_locked": "locked",
             "state_unlocked": "unlocked",
+            "state_jammed": "fault",  # the relay could not be driven: HA shows the lock as jammed
             "optimistic": False,
             "qos": 1,
         }),

@@ -104,7 +104,14 @@ def test_home_assistant_discovery(device: tuple[DeviceMqtt, DoorAgent], mosquitt
             assert config["availability"] == [availability]
             assert config["unique_id"] and config["device"]["identifiers"]
             assert topic.split("/")[2] == DEVICE  # node id = device id (the broker ACL allows only that)
-        assert all(m.retain for m in ha.messages if m.topic.endswith("/config"))
+        # retained: a Home Assistant that subscribes later gets every config (the first subscriber may have
+        # been there before the device published them, and then saw them live)
+        late = Collector(mosquitto.host, mosquitto.port, ["homeassistant/+/+/+/config"], client_id="ha-late")
+        try:
+            assert late.wait(lambda ms: len(ms) >= len(configs))
+            assert all(m.retain for m in late.messages)
+        finally:
+            late.close()
         names = {c["name"] for c in configs.values()}
         assert {"Door", "Access", "Last person", "Frame rate", "Model version", "Liveness",
                 "Security warnings"} <= names

@@ -38,6 +38,7 @@ from device.protocol.topics import Topics
 from device.types import DecisionKind
 from device.vision.embedder import EMBEDDING_DIM
 from facegate.cli import main
+from models.runtime.manifest import load_manifest
 from tests.agent_support import (
     LIVENESS_OFF as LIVENESS_OFF_CONFIG,
 )
@@ -230,3 +231,58 @@ def test_calibrated_tau_floor_follows_the_live_gallery_size(tmp_path: Path, buil
     acknowledged = _door(tmp_path, built_models, frames, tau=0.92, acknowledge_low_tau=True)
     with build_agent(acknowledged, sinks=[]) as agent:
         assert "floor 0.95 for a gallery of 2 person(s)" in agent.status().warnings["low_tau"]
+
+
+# ----------------------------------------------------------------------------- fetch-liveness
+
+
+def _models_without_minifasnet(built: Path, dest: Path) -> Path:
+    """The built models as a fresh machine has them: links to every file but the MiniFASNets."""
+    dest.mkdir()
+    manifest = json.loads((built / "manifest.json").read_text(encoding="utf-8"))
+    manifest["models"] = [e for e in manifest["models"] if e["role"] != "liveness"]
+    for entry in manifest["models"]:
+        (dest / entry["file"]).symlink_to(built / entry["file"])
+    (dest / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    stamp = json.loads((built / ".build-stamp.json").read_text(encoding="utf-8"))
+    stamp["keys"] = {k: v for k, v in stamp["keys"].items() if not k.startswith("minifasnet")}
+    (dest / ".build-stamp.json").write_text(json.dumps(stamp), encoding="utf-8")
+    return dest
+
+
+def test_liveness_required_fetch_liveness_from_a_folder_installs_passive(
+        tmp_path: Path, built_models: Path, shared_dir: Path) -> None:
+    models = _models_without_minifasnet(built_models, tmp_path / "models")
+    liveness = DeviceConfig().liveness
+    from device.liveness.engine import FusedLiveness, build_liveness
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("FACEGATE_MINIFASNET_DIR", raising=False)
+        engine = build_liveness(liveness, models)
+        assert isinstance(engine, FusedLiveness)
+        with engine:
+            assert engine.mode == "challenge on every face (passive models missing)"
+        result = CliRunner().invoke(main, ["models", "fetch-liveness", "--from",
+                                           str(shared_dir / "models" / "minifasnet"), "--out", str(models),
+                                           "--no-progress"])
+        assert result.exit_code == 0, result.output
+        assert {"minifasnet-2.7", "minifasnet-4.0"} <= {e.name for e in load_manifest(models).models}
+        engine = build_liveness(liveness, models)
+        assert isinstance(engine, FusedLiveness)
+        with engine:
+            assert engine.mode == "passive + challenge on uncertain"
+
+
+def test_liveness_required_fetch_liveness_refuses_a_file_that_is_not_the_pinned_one(
+        tmp_path: Path, shared_dir: Path) -> None:
+    from models.build.liveness_fetch import PINNED, FetchError, fetch_minifasnet
+
+    source = tmp_path / "offered"
+    source.mkdir()
+    for pinned in PINNED:
+        data = (shared_dir / "models" / "minifasnet" / pinned.name).read_bytes()
+        (source / pinned.name).write_bytes(data[:-1] + bytes([data[-1] ^ 1]) if pinned.name.endswith(
+            "MiniFASNetV2_float32.tflite") else data)
+    with pytest.raises(FetchError, match="expected 9c7d6264"):
+        fetch_minifasnet(tmp_path / "dest", source)
+    assert not (tmp_path / "dest" / "2.7_80x80_MiniFASNetV2_float32.tflite").exists()

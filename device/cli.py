@@ -1,14 +1,15 @@
-"""``facegate device ...``: run the kiosk agent, enroll locally, validate its config."""
+"""``facegate device ...``: run the kiosk agent, enroll locally, validate its config, unlock remotely."""
 
 from __future__ import annotations
 
+import getpass
 import json
 import sys
 from pathlib import Path
 
 import click
 
-from device.config import load_device_config
+from device.config import config_warnings, load_device_config
 from facegate.configio import ConfigError, report_validation
 
 cli = click.Group("device", help="Run and manage the door kiosk agent.")
@@ -21,7 +22,11 @@ cli = click.Group("device", help="Run and manage the door kiosk agent.")
 def run(config_path: Path | None, validate_config: bool) -> None:
     """Run the door agent until SIGTERM/SIGINT."""
     if validate_config:
-        sys.exit(report_validation(load_device_config, config_path))
+        code = report_validation(load_device_config, config_path)
+        if code == 0:
+            for warning in config_warnings(load_device_config(config_path)):
+                click.echo(f"warning: {warning}", err=True)
+        sys.exit(code)
     try:
         config = load_device_config(config_path)
     except ConfigError as exc:
@@ -69,4 +74,35 @@ def enroll_cmd(config_path: Path | None, person_id: str, name: str, images: tupl
     for outcome in outcomes:
         click.echo(json.dumps(outcome.as_dict()))
     if not any(o.accepted for o in outcomes):
+        sys.exit(1)
+
+
+# How long `facegate device unlock` waits for the device's answer by default.
+UNLOCK_TIMEOUT_S = 10.0
+
+
+@cli.command("unlock")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="The door's config TOML ([device] id and site, [mqtt] broker).")
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True, max=600), default=None,
+              help="How long to open (default: the door's unlock_seconds).")
+@click.option("--requested-by", default=None, help="Who asks, for the event (default: cli:<user>).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1, max=300), default=UNLOCK_TIMEOUT_S,
+              show_default=True, help="Seconds to wait for the door's answer.")
+def unlock_cmd(config_path: Path | None, seconds: float | None, requested_by: str | None,
+               timeout_s: float) -> None:
+    """Open the door now through its MQTT command (on record as a manual_unlock event); print the answer."""
+    try:
+        config = load_device_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    from device.mqtt.command import CommandFailed, send_unlock
+
+    who = requested_by or f"cli:{getpass.getuser()}"
+    try:
+        response = send_unlock(config, seconds, who, timeout_s)
+    except CommandFailed as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(response.to_bytes().decode("utf-8"))
+    if not response.ok:
         sys.exit(1)

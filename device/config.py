@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from device.decide.operating_point import DEFAULT_DELTA, DEFAULT_TAU, lowest_tau_floor
 from facegate.configio import load_config
 
 ENV_PREFIX = "FACEGATE_DEVICE"
@@ -85,6 +86,10 @@ class SimulatedDoorConfig(Strict):
 
     type: Literal["simulated"] = "simulated"
     unlock_seconds: float = Field(5.0, gt=0, le=600, description="How long a grant keeps the door open.")
+    state_file: Path | None = Field(
+        None, description="Mirror the simulated relay's output into this file on every change, as a relay "
+                          "outlives the process (tests, a display without a relay).",
+    )
 
 
 class GpioDoorConfig(Strict):
@@ -136,10 +141,21 @@ class GalleryConfig(Strict):
 
 
 class DecisionConfig(Strict):
-    """Open-set decision thresholds and tracking."""
+    """Open-set decision thresholds and tracking.
 
-    tau: float = Field(0.5, ge=-1, le=1, description="Cosine threshold (from `facegate eval calibrate`).")
-    delta: float = Field(0.05, ge=0, le=2, description="Minimum margin over the runner-up identity.")
+    ``tau`` and ``delta`` default to the calibrated operating point (device/decide/operating_point.py). A
+    ``tau`` below the calibrated floor lets strangers in: it is refused here when it is below the floor of
+    every gallery size, and at run time (gallery load and reload) when it is below the floor for the live
+    gallery's size, unless ``acknowledge_low_tau`` is set; then every status surface shows the warning.
+    """
+
+    tau: float = Field(DEFAULT_TAU, ge=-1, le=1,
+                       description="Cosine threshold; default: the calibrated open-set operating point.")
+    delta: float = Field(DEFAULT_DELTA, ge=0, le=2, description="Minimum margin over the runner-up identity.")
+    acknowledge_low_tau: bool = Field(
+        False, description="Run with a tau below the calibrated floor (unsafe: shown on status, metrics, "
+                           "doctor and Home Assistant).",
+    )
     confirm_k: int = Field(2, ge=1, le=100, description="Frames that must agree before granting.")
     confirm_n: int = Field(3, ge=1, le=100, description="Window of frames for the k-of-n vote.")
     cooldown_s: float = Field(10.0, ge=0, le=3600, description="One event per person per this window.")
@@ -149,6 +165,13 @@ class DecisionConfig(Strict):
     def _k_le_n(self) -> DecisionConfig:
         if self.confirm_k > self.confirm_n:
             raise ValueError("confirm_k must be <= confirm_n")
+        floor = lowest_tau_floor()
+        if self.tau < floor and not self.acknowledge_low_tau:
+            raise ValueError(
+                f"[decision] tau = {self.tau:g} is below the calibrated floor {floor:g} for any gallery size "
+                f"(strangers would be granted); leave tau out for the calibrated default {DEFAULT_TAU:g}, or "
+                "set decision.acknowledge_low_tau = true to run it anyway (shown as a warning everywhere)"
+            )
         return self
 
 
@@ -170,9 +193,23 @@ PASSIVE_HEAD = (0.410862, 0.473467, -0.110549, 0.244424, -3.286294)
 
 
 class LivenessConfig(Strict):
-    """Liveness checks and fusion policy (device/liveness/; thresholds from `facegate eval liveness`)."""
+    """Liveness checks and fusion policy (device/liveness/; thresholds from `facegate eval liveness`).
 
-    passive: bool = Field(False, description="Run the MiniFASNet passive check.")
+    Secure by default: passive MiniFASNet with the active challenge on uncertain scores. A door with no
+    check at all does not start unless ``required = false`` says so; it then shows "liveness off" on its
+    status, metrics, ``facegate doctor`` and Home Assistant.
+    """
+
+    required: bool = Field(
+        True, description="Refuse to start without a liveness check; false runs with no check (unsafe, shown "
+                          "as 'liveness off' everywhere).",
+    )
+    passive: bool = Field(True, description="Run the MiniFASNet passive check.")
+    passive_missing: Literal["challenge", "refuse"] = Field(
+        "challenge",
+        description="Without the MiniFASNet files: fall back to the active challenge on every face, or "
+                    "refuse to start (`facegate models fetch-liveness` installs them).",
+    )
     passive_models: tuple[str, ...] = Field(
         ("minifasnet-2.7", "minifasnet-4.0"), min_length=1, max_length=2,
         description="Manifest names of the MiniFASNet models whose softmax outputs are averaged.",
@@ -190,7 +227,9 @@ class LivenessConfig(Strict):
         description="Logistic head on both MiniFASNets' logit margins (4 weights, then the bias; from "
                     "`facegate eval liveness-calibrate`); null = Minivision's mean softmax.",
     )
-    challenge: Literal["never", "uncertain", "always"] = Field("never", description="Active challenge mode.")
+    challenge: Literal["never", "uncertain", "always"] = Field(
+        "uncertain", description="Active challenge: on an uncertain passive score, on every face, or never."
+    )
     challenge_actions: tuple[Literal["blink", "turn_left", "turn_right"], ...] = Field(
         ("blink", "turn_left", "turn_right"), min_length=1, description="Actions drawn at random."
     )
@@ -218,15 +257,25 @@ class LivenessConfig(Strict):
     planar_required: bool = Field(
         False, description="Count 'too little motion' from the planar check as uncertain, not ignore it."
     )
-    uncertain_as: Literal["uncertain", "spoof", "live"] = Field(
+    uncertain_as: Literal["uncertain", "spoof"] = Field(
         "uncertain",
-        description="What an unresolved uncertain verdict becomes (a pending challenge stays uncertain).",
+        description="What an unresolved uncertain verdict becomes: no grant (uncertain) or a spoof alarm; "
+                    "never live.",
     )
 
     @model_validator(mode="after")
     def _consistent(self) -> LivenessConfig:
+        if self.required and not self.enabled:
+            raise ValueError(
+                "[liveness] has no check enabled (passive = false, challenge = \"never\", planar = false): a "
+                "printed photo of an enrolled person would open the door. Enable passive = true (run "
+                "`facegate models fetch-liveness`) or challenge = \"always\"; to run without liveness anyway "
+                "set [liveness] required = false (shown as 'liveness off' everywhere)"
+            )
         if self.challenge == "uncertain" and not self.passive:
-            raise ValueError("challenge = 'uncertain' needs passive = true (it reacts to the passive score)")
+            raise ValueError("[liveness] challenge = \"uncertain\" reacts to the passive score, but "
+                             "passive = false: set challenge = \"always\" (a challenge on every face) or "
+                             "passive = true")
         if self.blink_closed_ratio >= self.blink_open_ratio:
             raise ValueError("blink_closed_ratio must be below blink_open_ratio")
         if self.neutral_deg >= self.turn_deg:
@@ -240,6 +289,10 @@ class LivenessConfig(Strict):
     def enabled(self) -> bool:
         """True when at least one liveness check runs."""
         return self.passive or self.planar or self.challenge != "never"
+
+    def without_passive(self) -> LivenessConfig:
+        """This config with the passive check replaced by the active challenge on every face."""
+        return self.model_copy(update={"passive": False, "challenge": "always"})
 
 
 class MqttConfig(Strict):
@@ -260,6 +313,12 @@ class MqttConfig(Strict):
     snapshots: bool = Field(False, description="Opt-in: publish a JPEG for unknown/spoof events.")
     status_interval_s: float = Field(
         30.0, ge=1, le=3600, description="Retained status re-published this often."
+    )
+    command_max_age_s: float = Field(
+        30.0, gt=0, le=3600,
+        description="Commands whose `ts` is older than this (or this far in the future) are refused, as "
+                    "are commands without `ts` and retained ones: a queued or replayed unlock never opens "
+                    "the door.",
     )
     outbox_max_events: int = Field(
         100_000,
@@ -430,6 +489,19 @@ class DeviceConfig(Strict):
     loop: LoopConfig = LoopConfig()
     metrics: MetricsConfig = MetricsConfig()
     access: AccessConfig = AccessConfig()
+
+
+def config_warnings(config: DeviceConfig) -> list[str]:
+    """Unsafe settings the config asks for explicitly (what `--validate-config` prints beside "OK")."""
+    out = []
+    if not config.liveness.enabled:
+        out.append("liveness off ([liveness] required = false): a printed photo of an enrolled person opens "
+                   "the door")
+    if config.decision.tau < lowest_tau_floor():
+        floor = lowest_tau_floor()
+        out.append(f"decision.tau {config.decision.tau:g} is below the calibrated floor {floor:g} "
+                   "(acknowledged)")
+    return out
 
 
 def load_device_config(path: Path | None, environ: dict[str, str] | None = None) -> DeviceConfig:

@@ -1,7 +1,7 @@
 """``facegate doctor``: check an installation and say how to fix what is wrong.
 
-Each check returns ✓, ✗ or - (not applicable) with a one-line detail and, for ✗, the fix.
-The command exits non-zero when any check fails.
+Each check returns ✓, ✗, ! (works, but an unsafe setting is in force) or - (not applicable) with a
+one-line detail and, for ✗ and !, the fix. The command exits non-zero when any check fails (✗).
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ from urllib.request import urlopen
 import click
 
 from device.config import DeviceConfig, MqttConfig, load_device_config
+from device.decide.operating_point import lowest_tau_floor, tau_floor
+from device.gallery.store import GalleryError, read_meta
+from device.liveness.base import LIVENESS_OFF, describe_liveness
+from device.liveness.passive import PassiveModelError, manifest_minifasnet_files
 from facegate.configio import ConfigError
 from models.runtime.assets import default_models_dir
 from models.runtime.manifest import ManifestError, load_manifest, verify_entry
@@ -45,6 +49,7 @@ class Status(enum.StrEnum):
 
     OK = "✓"
     FAIL = "✗"
+    WARN = "!"
     NA = "-"
 
 
@@ -70,6 +75,54 @@ def check_models(config: DeviceConfig) -> CheckResult:
             "models", Status.FAIL, str(exc), "run `facegate models build` or wait for the next bundle install"
         )
     return CheckResult("models", Status.OK, f"{len(manifest.models)} files match {directory}/manifest.json")
+
+
+def check_liveness(config: DeviceConfig) -> CheckResult:
+    """Which liveness checks will run: "liveness off" (explicit) or a fallback for missing models is shown."""
+    live = config.liveness
+    if not live.enabled:
+        return CheckResult("liveness", Status.WARN,
+                           f"{LIVENESS_OFF} ([liveness] required = false): a printed photo of an enrolled "
+                           "person opens the door",
+                           'set passive = true (`facegate models fetch-liveness`) or challenge = "always"')
+    if live.passive:
+        directory = config.models.dir or default_models_dir()
+        try:
+            manifest_minifasnet_files(directory, live.passive_models)
+        except PassiveModelError:
+            fix = "run `facegate models fetch-liveness` (or `--from DIR` offline)"
+            if live.passive_missing == "refuse":
+                return CheckResult("liveness", Status.FAIL, f"MiniFASNet files missing from {directory}: the "
+                                   "agent will not start (passive_missing = \"refuse\")", fix)
+            fallback = describe_liveness(live.without_passive())
+            return CheckResult("liveness", Status.WARN, f"MiniFASNet files missing from {directory}: runs "
+                               f"{fallback} instead of {describe_liveness(live)}", fix)
+    return CheckResult("liveness", Status.OK, describe_liveness(live))
+
+
+def _local_gallery_size(config: DeviceConfig) -> int | None:
+    """Persons in the standalone gallery, or None (bundled door, or none yet)."""
+    try:
+        return len(read_meta(config.device.data_dir / "gallery").persons)
+    except GalleryError:
+        return None
+
+
+def check_threshold(config: DeviceConfig) -> CheckResult:
+    """``decision.tau`` against the calibrated floor for the gallery size (an acknowledged low tau shows)."""
+    tau = config.decision.tau
+    size = _local_gallery_size(config)
+    if size is None:
+        floor, where = lowest_tau_floor(), "the smallest gallery"
+    else:
+        floor, where = tau_floor(size), f"this door's {size} person(s)"
+    if tau >= floor:
+        return CheckResult("threshold", Status.OK, f"tau {tau:g} (calibrated floor {floor:g} for {where})")
+    detail = f"tau {tau:g} is below the calibrated floor {floor:g} for {where}: strangers may be granted"
+    fix = "leave [decision] tau out (the calibrated default) or raise it"
+    if config.decision.acknowledge_low_tau:
+        return CheckResult("threshold", Status.WARN, detail + " (acknowledged)", fix)
+    return CheckResult("threshold", Status.FAIL, detail + ": the agent will refuse to start", fix)
 
 
 def check_camera(config: DeviceConfig) -> CheckResult:
@@ -308,6 +361,8 @@ def run_checks(config: DeviceConfig, time_url: str | None = None) -> list[CheckR
     """Run every check, turning an unexpected exception into a failed row."""
     checks: list[tuple[str, Callable[[], CheckResult]]] = [
         ("models", lambda: check_models(config)),
+        ("liveness", lambda: check_liveness(config)),
+        ("threshold", lambda: check_threshold(config)),
         ("camera", lambda: check_camera(config)),
         ("broker", lambda: check_broker(config)),
         ("signing key", lambda: check_signing_key(config)),
@@ -330,7 +385,7 @@ def run_checks(config: DeviceConfig, time_url: str | None = None) -> list[CheckR
 )
 @click.option("--time-url", default=None, help="HTTP URL whose Date header is the reference clock.")
 def cli(config_path: Path | None, time_url: str | None) -> None:
-    """Check camera, models, broker (TLS), signing key, clock, disk and GPIO; exit 1 on any ✗."""
+    """Check models, liveness, threshold, camera, broker, signing key, clock, disk, GPIO; exit 1 on any ✗."""
     from rich.console import Console
     from rich.table import Table
 

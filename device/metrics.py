@@ -31,7 +31,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from device.agent.sink import EventSink
-from device.agent.status import AgentStatus
+from device.agent.status import UNSAFE_SETTINGS, AgentStatus
 from device.config import MetricsConfig
 from device.types import Decision, DecisionKind
 from facegate import __version__
@@ -157,6 +157,13 @@ class _ScrapeCollector(Collector):
         versions = InfoMetricFamily(f"{p}_versions", "Software, model and gallery versions in use.", value={
             "software": owner.software_version, "model_version": s.model_version,
             "model_sha256": s.model_sha256, "gallery_version": s.gallery_version})
+        liveness = InfoMetricFamily(f"{p}_liveness", "The liveness checks the door runs ('liveness off': "
+                                    "none).", value={"mode": s.liveness})
+        unsafe = GaugeMetricFamily(f"{p}_unsafe_setting",
+                                   "1 while an unsafe setting is in force (liveness off, tau below the "
+                                   "calibrated floor), explicitly configured.", labels=["setting"])
+        for key in UNSAFE_SETTINGS:
+            unsafe.add_metric([key], float(key in s.warnings))
         return [
             GaugeMetricFamily(f"{p}_fps", "Frames processed per second (sliding window).", value=s.fps),
             GaugeMetricFamily(f"{p}_capture_fps", "Frames captured per second (sliding window).",
@@ -180,6 +187,8 @@ class _ScrapeCollector(Collector):
                               value=s.gallery_persons),
             door,
             versions,
+            liveness,
+            unsafe,
         ]
 
     @staticmethod

@@ -18,12 +18,22 @@ ImageArray = npt.NDArray[np.uint8]
 
 
 class DecisionKind(enum.StrEnum):
-    """Outcome of an access decision."""
+    """Outcome of an access decision, or another door event that must be on record.
+
+    ``manual_unlock`` is an operator opening (MQTT command, Home Assistant, CLI); ``door_fault`` says the
+    door actuator failed (state fault): neither comes from a face, and neither is ever a grant.
+    """
 
     GRANTED = "granted"
     DENIED = "denied"
     UNKNOWN = "unknown"
     SPOOF = "spoof"
+    MANUAL_UNLOCK = "manual_unlock"
+    DOOR_FAULT = "door_fault"
+
+
+# Kinds that come from a face at the door (the rest are door events without a face).
+FACE_KINDS = frozenset({DecisionKind.GRANTED, DecisionKind.DENIED, DecisionKind.UNKNOWN, DecisionKind.SPOOF})
 
 
 class LivenessVerdict(enum.StrEnum):
@@ -139,8 +149,13 @@ class Decision:
     gallery_version: str = ""
     timestamp: float = 0.0
     source_id: str = ""
-    # Why a recognised person was refused (``denied`` only; see device.decide.access.DenyReason).
+    # Why a recognised person was refused (``denied``: device.decide.access.DenyReason, or "door_fault"),
+    # or what failed (``door_fault``).
     reason: str = ""
+    # ``manual_unlock`` only: who asked, the request's correlation id, and how long the door opened.
+    requested_by: str = ""
+    correlation_id: str = ""
+    seconds: float | None = None
     # Opt-in JPEG of the face region for unknown/spoof events, attached by the loop only when a sink
     # asks for snapshots (device.protocol.snapshots). Biometric: excluded from repr so it never reaches logs.
     snapshot: bytes | None = field(default=None, repr=False, compare=False)

@@ -41,3 +41,27 @@ def build(out: Path | None, minifasnet: Path | None, calibration: Path | None, n
     except (BuildError, CalibrationError, DlibFormatError, ExportError, AssetNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(str(path))
+
+
+@cli.command("fetch-liveness")
+@click.option("--from", "source", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Take the MiniFASNet files from this folder (offline) instead of downloading them.")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Models folder to add them to (default: as for `models build`).")
+@click.option("--no-progress", is_flag=True, help="Do not draw a progress bar.")
+def fetch_liveness(source: Path | None, out: Path | None, no_progress: bool) -> None:
+    """Install the Apache-2.0 MiniFASNet passive-liveness models (sha256-pinned) into the models folder."""
+    from models.build.artifacts import BuildError
+    from models.build.builder import build_all
+    from models.build.liveness_fetch import FetchError, fetch_minifasnet
+
+    target = out if out is not None else default_models_dir()
+    folder = target / "sources" / "minifasnet"
+    try:
+        files = fetch_minifasnet(folder, source)
+        path = build_all(target, minifasnet_dir=folder, progress=not no_progress)
+    except (FetchError, BuildError, AssetNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for file in files:
+        click.echo(f"verified {file}")
+    click.echo(str(path))

@@ -13,6 +13,10 @@ from skimage import data
 
 # Generous bound against hangs while waiting for the loop; never asserted as a duration.
 WAIT_S = 120.0
+# `[liveness]` of loop tests that replay still photos (they cannot blink, and on a fresh clone there is no
+# MiniFASNet): explicitly off, as a user would have to write it. Liveness is tested with its engine
+# (test_liveness_agent.py, test_fail_secure.py).
+LIVENESS_OFF: dict[str, Any] = {"required": False, "passive": False, "challenge": "never"}
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = WAIT_S) -> bool:

@@ -18,7 +18,7 @@ import pytest
 from device.config import AccessConfig, DecisionConfig, DeviceConfig, load_device_config
 from device.decide import AccessPolicy, DecisionEngine, DenyReason, FaceObservation
 from device.protocol.schemas import EventPayload, decision_to_event
-from device.types import Decision, DecisionKind, LivenessResult, Match
+from device.types import Decision, DecisionKind, LivenessCheck, LivenessResult, LivenessVerdict, Match
 from facegate.configio import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +26,9 @@ UTC = ZoneInfo("UTC")
 BERLIN = ZoneInfo("Europe/Berlin")
 OFFICE = {"days": ["mon", "tue", "wed", "thu", "fri"], "start": "07:00", "end": "19:00"}
 FRIDAY_NIGHT = {"days": ["fri"], "start": "22:00", "end": "06:00", "overnight": True}
-CFG = DecisionConfig(tau=0.6, delta=0.05, confirm_k=2, confirm_n=3, cooldown_s=10.0, track_timeout_s=1.0)
+LIVE = LivenessResult(LivenessVerdict.LIVE, (LivenessCheck("passive", 0.9, LivenessVerdict.LIVE),))
+CFG = DecisionConfig(tau=0.6, delta=0.05, confirm_k=2, confirm_n=3, cooldown_s=10.0, track_timeout_s=1.0,
+                     acknowledge_low_tau=True)  # synthetic scores: the policy is under test, not tau
 
 
 def at(year: int, month: int, day: int, hour: int, minute: int = 0, second: int = 0,
@@ -233,7 +235,7 @@ def feed(engine: DecisionEngine, person: str, track: int, t0: float, frames: int
     """Show ``person`` (well above tau) on ``track`` for ``frames`` frames 0.1 s apart."""
     out = []
     for i in range(frames):
-        obs = FaceObservation(track, Match(person, person.title(), 0.8, 0.3), LivenessResult.skipped(),
+        obs = FaceObservation(track, Match(person, person.title(), 0.8, 0.3), LIVE,
                               t0 + 0.1 * i, "cam", {"detect": 1.0})
         decision = engine.observe(obs, "m1", "g1")
         if decision is not None:

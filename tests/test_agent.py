@@ -22,6 +22,7 @@ from device.door import DoorState
 from device.enroll import enroll
 from device.types import DecisionKind, Frame
 from tests.agent_support import (
+    LIVENESS_OFF,
     astronaut_frames,
     no_face_frames,
     save_rgb,
@@ -41,6 +42,7 @@ def make_config(tmp_path: Path, models: Path, frames: Path, **overrides: dict[st
         "door": {"type": "simulated", "unlock_seconds": 300.0},
         "decision": {"cooldown_s": 3600.0, "track_timeout_s": 5.0},
         "loop": {"queue_size": 64},
+        "liveness": dict(LIVENESS_OFF),
     }
     for name, values in overrides.items():
         sections.setdefault(name, {}).update(values)

@@ -18,7 +18,7 @@ from device.door import DoorState
 from device.enroll import enroll
 from device.protocol.schemas import EventPayload, decision_to_event
 from device.types import DecisionKind
-from tests.agent_support import WAIT_S, astronaut_frames, no_face_frames, save_rgb, write_frames
+from tests.agent_support import LIVENESS_OFF, WAIT_S, astronaut_frames, no_face_frames, save_rgb, write_frames
 
 ALL_DAY = {"start": "00:00", "end": "24:00"}
 
@@ -53,6 +53,7 @@ def test_schedule_and_block_list_in_the_agent(tmp_path: Path, built_models: Path
         "door": {"type": "simulated", "unlock_seconds": 300.0},
         "decision": {"cooldown_s": 3600.0, "track_timeout_s": 5.0},
         "loop": {"queue_size": 64},
+        "liveness": LIVENESS_OFF,
         "access": _access(case),
     })
     photo = save_rgb(tmp_path / "enroll" / "astronaut.png", data.astronaut())

@@ -20,6 +20,7 @@ from device.agent.runner import run_agent
 from device.cli import cli as device_cli
 from device.config import load_device_config
 from tests.agent_support import (
+    LIVENESS_OFF,
     astronaut_frames,
     no_face_frames,
     save_rgb,
@@ -43,6 +44,7 @@ def _config(tmp_path: Path, models: Path, frames: Path) -> Path:
         "decision": {"tau": TAU, "delta": 0.02, "confirm_k": 2, "confirm_n": 3, "cooldown_s": 600.0,
                      "track_timeout_s": 1.0},
         "loop": {"queue_size": 512, "events_jsonl": str(tmp_path / "events.jsonl")},
+        "liveness": LIVENESS_OFF,
     })
 
 

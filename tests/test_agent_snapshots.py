@@ -23,6 +23,7 @@ from device.protocol.topics import Topics
 from device.types import DecisionKind
 from device.vision.snapshot import SNAPSHOT_MAX_SIDE
 from tests.agent_support import (
+    LIVENESS_OFF,
     WAIT_S,
     astronaut_frames,
     no_face_frames,
@@ -51,6 +52,7 @@ def _config(tmp_path: Path, models: Path, frames: Path, broker: Broker, snapshot
         "mqtt": {"enabled": True, "host": broker.host, "port": broker.port, "homeassistant": False,
                  "snapshots": snapshots},
         "bundle": {"enabled": False},
+        "liveness": LIVENESS_OFF,
     })
 
 

@@ -10,7 +10,9 @@ LIVE = LivenessResult(LivenessVerdict.LIVE, (LivenessCheck("passive", 0.9, Liven
 SKIP = LivenessResult.skipped()
 SPOOF = LivenessResult(LivenessVerdict.SPOOF, (LivenessCheck("passive", 0.1, LivenessVerdict.SPOOF),))
 UNCERTAIN = LivenessResult(LivenessVerdict.UNCERTAIN)
-CFG = DecisionConfig(tau=0.6, delta=0.05, confirm_k=2, confirm_n=3, cooldown_s=10.0, track_timeout_s=1.0)
+# Synthetic scores around tau 0.6: the engine's rules, not the calibrated operating point, are under test.
+CFG = DecisionConfig(tau=0.6, delta=0.05, confirm_k=2, confirm_n=3, cooldown_s=10.0, track_timeout_s=1.0,
+                     acknowledge_low_tau=True)
 
 
 def alice(score: float = 0.8, runner: float = 0.3) -> Match:
@@ -18,7 +20,7 @@ def alice(score: float = 0.8, runner: float = 0.3) -> Match:
 
 
 def feed(engine: DecisionEngine, matches: list[Match], track: int = 1, t0: float = 0.0,
-         liveness: LivenessResult = SKIP) -> list[DecisionKind]:
+         liveness: LivenessResult = LIVE) -> list[DecisionKind]:
     """Feed one match per frame (0.1 s apart); return the kinds emitted."""
     kinds = []
     for i, m in enumerate(matches):
@@ -31,7 +33,7 @@ def feed(engine: DecisionEngine, matches: list[Match], track: int = 1, t0: float
 
 def test_k_of_n_confirms_before_granting_and_grants_once_per_track() -> None:
     engine = DecisionEngine(CFG)
-    d1 = engine.observe(FaceObservation(1, alice(), SKIP, 0.0, "cam", {"detect": 3.0}), "m1", "g7")
+    d1 = engine.observe(FaceObservation(1, alice(), LIVE, 0.0, "cam", {"detect": 3.0}), "m1", "g7")
     assert d1 is None  # 1 of 3 is not enough
     d2 = engine.observe(FaceObservation(1, alice(0.82, 0.35), LIVE, 0.1, "cam", {"detect": 3.0}), "m1", "g7")
     assert d2 is not None and d2.kind is DecisionKind.GRANTED
@@ -86,6 +88,19 @@ def test_spoof_is_reported_once_and_never_grants() -> None:
     assert feed(engine, [alice()] * 4, t0=0.2) == []  # the track is tainted even if later frames pass
     d = engine.observe(FaceObservation(9, alice(), SPOOF, 3.0), "", "")
     assert d is not None and d.kind is DecisionKind.SPOOF and d.person_id == "alice"
+
+
+def test_liveness_required_skipped_check_never_votes_to_grant() -> None:
+    engine = DecisionEngine(CFG)  # liveness required: the default
+    assert feed(engine, [alice()] * 6, liveness=SKIP) == []
+    assert feed(engine, [alice()] * 2, t0=1.0, liveness=LIVE) == [DecisionKind.GRANTED]
+    stranger = Match("bob", "Bob", 0.3, 0.2)
+    assert feed(engine, [stranger] * 3, track=2, liveness=SKIP) == [DecisionKind.UNKNOWN]  # never opens
+
+
+def test_liveness_required_false_lets_skipped_frames_vote() -> None:
+    engine = DecisionEngine(CFG, liveness_required=False)  # [liveness] required = false: "liveness off"
+    assert feed(engine, [alice()] * 2, liveness=SKIP) == [DecisionKind.GRANTED]
 
 
 def test_uncertain_liveness_abstains_from_the_vote() -> None:

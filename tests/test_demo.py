@@ -65,6 +65,7 @@ def test_demo_with_shared_data(tmp_path: Path, shared_dir: Path, built_models: P
     spoof = steps["printed photo"]
     assert spoof["observed"] == "spoof" and "granted" not in spoof["events"] and not spoof["door_opened"]
     assert result["skipped"] == []
+    assert result["liveness"] == "passive (MiniFASNet)"
 
 
 @pytest.mark.slow
@@ -75,3 +76,6 @@ def test_demo_on_a_fresh_clone_uses_packaged_faces(tmp_path: Path, built_models:
     assert "printed photo" not in steps
     assert [s["name"] for s in result["skipped"]] == ["printed photo"]
     assert "absent" in result["skipped"][0]["reason"]
+    # still photos cannot take a challenge: the door runs without liveness, on purpose and visibly
+    assert result["liveness"].startswith("liveness off")
+    assert "liveness off" in output and "required = false" in output

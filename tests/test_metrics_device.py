@@ -30,6 +30,7 @@ from device.mqtt.client import ClientSettings, MqttClient
 from device.mqtt.outbox import Outbox
 from device.types import DecisionKind
 from tests.agent_support import (
+    LIVENESS_OFF,
     astronaut_frames,
     no_face_frames,
     save_rgb,
@@ -70,6 +71,7 @@ def _door_config(tmp_path: Path, models: Path) -> Path:
                      "track_timeout_s": 1.0},
         "loop": {"queue_size": 512, "events_jsonl": str(tmp_path / "events.jsonl")},
         "metrics": {"enabled": True, "host": "127.0.0.1", "port": 0},
+        "liveness": LIVENESS_OFF,
     })
 
 

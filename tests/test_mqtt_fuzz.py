@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from device.config import BundleConfig, DeviceConfig
 from device.mqtt.service import DeviceMqtt
 from device.protocol.chunks import MAGIC
-from device.protocol.schemas import CommandRequest
+from device.protocol.schemas import CommandRequest, utcnow
 from device.protocol.topics import HA_STATUS_TOPIC
 from server.bundles.builder import BuiltBundle
 from tests.bundle_kit import TOPICS, Device, Server, build, serving
@@ -114,7 +114,8 @@ def _settle(fleet: Fleet, marker: str) -> None:
     """Wait until the device has worked through everything sent so far (a command round trip)."""
     before = len(fleet.responses.messages)
     fleet.fuzzer.client.publish(TOPICS.command(DEVICE, "reload"),
-                                CommandRequest(correlation_id=marker).to_bytes(), qos=1).wait_for_publish(10)
+                                CommandRequest(correlation_id=marker, ts=utcnow()).to_bytes(),
+                                qos=1).wait_for_publish(10)
     assert fleet.responses.wait(lambda ms: any(b'"' + marker.encode() + b'"' in m.payload
                                                for m in ms[before:]), timeout=60)
     assert wait_until(lambda: fleet.bundles.updater._queue.empty(), timeout=60)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -18,8 +18,9 @@ from device.config import DeviceConfig
 from device.door import SimulatedDoor
 from device.mqtt.client import Message
 from device.mqtt.service import DeviceMqtt
-from device.protocol.schemas import CommandRequest, CommandResponse, StatusPayload
+from device.protocol.schemas import CommandRequest, CommandResponse, StatusPayload, utcnow
 from device.protocol.topics import HA_STATUS_TOPIC, Topics
+from device.types import DecisionKind
 from tests.conftest import Broker
 from tests.mqtt_kit import Collector, wait_until
 
@@ -35,6 +36,8 @@ class Snapshot:
     door_state: str
     model_version: str = "embedder-int8@1"
     gallery_version: str = "4-0123456789ab"
+    liveness: str = "passive + challenge on uncertain"
+    warnings: dict[str, str] = field(default_factory=dict)
 
 
 class DoorAgent:
@@ -43,12 +46,15 @@ class DoorAgent:
     def __init__(self) -> None:
         self.door = SimulatedDoor(unlock_seconds=5.0)
         self.reloads = 0
+        self.unlocks: list[tuple[str, str]] = []
 
     def status(self) -> Snapshot:
         return Snapshot(fps=12.5, queue_drops=3, door_state=self.door.state.value)
 
-    def manual_unlock(self, seconds: float | None = None) -> None:
-        self.door.manual_unlock(seconds)
+    def manual_unlock(self, seconds: float | None = None, *, requested_by: str = "",
+                      correlation_id: str = "") -> float:
+        self.unlocks.append((requested_by, correlation_id))
+        return self.door.manual_unlock(seconds)
 
     def reload(self) -> str:
         self.reloads += 1
@@ -86,10 +92,10 @@ def test_home_assistant_discovery(device: tuple[DeviceMqtt, DoorAgent], mosquitt
     ha = Collector(mosquitto.host, mosquitto.port, ["homeassistant/+/+/+/config", topics.all_available,
                                                     topics.all_status], client_id="homeassistant")
     try:
-        assert ha.wait(lambda ms: len([m for m in ms if m.topic.endswith("/config")]) >= 6)
+        assert ha.wait(lambda ms: len([m for m in ms if m.topic.endswith("/config")]) >= 8)
         configs = {m.topic: json.loads(m.payload) for m in ha.messages if m.topic.endswith("/config")}
         components = sorted(topic.split("/")[1] for topic in configs)
-        assert components == ["event", "lock", "sensor", "sensor", "sensor", "sensor"]
+        assert components == ["event", "lock"] + ["sensor"] * 6
         for topic, config in configs.items():
             component = topic.split("/")[1]
             assert REQUIRED[component] <= set(config), topic
@@ -98,11 +104,20 @@ def test_home_assistant_discovery(device: tuple[DeviceMqtt, DoorAgent], mosquitt
             assert config["availability"] == [availability]
             assert config["unique_id"] and config["device"]["identifiers"]
             assert topic.split("/")[2] == DEVICE  # node id = device id (the broker ACL allows only that)
-        assert all(m.retain for m in ha.messages if m.topic.endswith("/config"))
+        # retained: a Home Assistant that subscribes later gets every config (the first subscriber may have
+        # been there before the device published them, and then saw them live)
+        late = Collector(mosquitto.host, mosquitto.port, ["homeassistant/+/+/+/config"], client_id="ha-late")
+        try:
+            assert late.wait(lambda ms: len(ms) >= len(configs))
+            assert all(m.retain for m in late.messages)
+        finally:
+            late.close()
         names = {c["name"] for c in configs.values()}
-        assert {"Door", "Access", "Last person", "Frame rate", "Model version"} <= names
+        assert {"Door", "Access", "Last person", "Frame rate", "Model version", "Liveness",
+                "Security warnings"} <= names
         event = next(c for c in configs.values() if "event_types" in c)
-        assert event["event_types"] == ["granted", "denied", "unknown", "spoof"]
+        assert event["event_types"] == [k.value for k in DecisionKind]  # manual_unlock, door_fault too
+        assert {"granted", "spoof", "manual_unlock", "door_fault"} <= set(event["event_types"])
         online = topics.available(DEVICE)
         assert ha.wait(lambda ms: any(m.topic == online and m.payload == b"online" for m in ms))
         assert ha.wait(lambda ms: any(m.topic == topics.status(DEVICE) for m in ms))
@@ -111,7 +126,7 @@ def test_home_assistant_discovery(device: tuple[DeviceMqtt, DoorAgent], mosquitt
 
         before = len(ha.messages)
         ha.client.publish(HA_STATUS_TOPIC, b"online", qos=1).wait_for_publish(5)
-        assert ha.wait(lambda ms: len([m for m in ms[before:] if m.topic.endswith("/config")]) >= 6)
+        assert ha.wait(lambda ms: len([m for m in ms[before:] if m.topic.endswith("/config")]) >= 8)
     finally:
         ha.close()
 
@@ -131,24 +146,25 @@ def test_commands_answer_with_correlation_id(device: tuple[DeviceMqtt, DoorAgent
     server = Collector(mosquitto.host, mosquitto.port, [f"{topics.device(DEVICE)}/cmd/+/response",
                                                         "replies/#"], client_id="server")
     try:
-        reply = _command(server, "unlock", CommandRequest(correlation_id="c-1", seconds=2).to_bytes())
+        reply = _command(server, "unlock", CommandRequest(correlation_id="c-1", seconds=2, ts=utcnow(),
+                                                          requested_by="reception").to_bytes())
         assert (reply.ok, reply.correlation_id, reply.command) == (True, "c-1", "unlock")
-        assert agent.door.state.value == "unlocked"
-        reply = _command(server, "reload", CommandRequest(correlation_id="c-2").to_bytes())
+        assert agent.door.state.value == "unlocked" and agent.unlocks == [("reception", "c-1")]
+        reply = _command(server, "reload", CommandRequest(correlation_id="c-2", ts=utcnow()).to_bytes())
         assert (reply.ok, reply.correlation_id, agent.reloads) == (True, "c-2", 1)
-        reply = _command(server, "dance", CommandRequest(correlation_id="c-3").to_bytes())
+        reply = _command(server, "dance", CommandRequest(correlation_id="c-3", ts=utcnow()).to_bytes())
         assert not reply.ok and "unknown command" in reply.detail
         reply = _command(server, "unlock", b'{"schema_version": 1, "seconds": "many"}')
         assert not reply.ok and reply.correlation_id is None and "malformed" in reply.detail
-        reply = _command(server, "unlock", b'{"schema_version": 1, "action": "LOCK"}')
+        reply = _command(server, "unlock", CommandRequest(action="LOCK", ts=utcnow()).to_bytes())
         assert not reply.ok
-        reply = _command(server, "sync", CommandRequest(correlation_id="c-4").to_bytes())
+        reply = _command(server, "sync", CommandRequest(correlation_id="c-4", ts=utcnow()).to_bytes())
         assert not reply.ok and "disabled" in reply.detail
 
         # MQTT v5 request/response: the answer also goes to the requester's response topic.
         got: list[Message] = []
         server.client.subscribe("replies/me", got.append)
-        request = CommandRequest(correlation_id="c-5").to_bytes()
+        request = CommandRequest(correlation_id="c-5", ts=utcnow()).to_bytes()
         server.client.publish(topics.command(DEVICE, "reload"), request, qos=1, response_topic="replies/me",
                               correlation_data=b"xyz")
         assert wait_until(lambda: len(got) >= 1)

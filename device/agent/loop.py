@@ -8,6 +8,13 @@ decision engine: analyze (detect, align, embed) -> liveness -> gallery search ->
 the ``[access]`` policy) -> door -> sink. Only when a sink asks for snapshots does an unknown/spoof
 decision carry a JPEG of the face region (``Decision.snapshot``).
 Both stop on one ``threading.Event``; ``stop()`` joins them with a timeout (shutdown well under 2 s).
+
+Fail-secure: an exception while processing a frame (pipeline, liveness, gallery) locks the door; a grant
+the door cannot carry out becomes ``denied`` with reason ``door_fault``, and a door that enters ``fault``
+is a ``door_fault`` event. Every opening is an event: a manual unlock (MQTT, Home Assistant, CLI) goes
+through the sinks (the outbox) as ``manual_unlock`` with who asked. A door without a liveness engine does
+not start unless ``[liveness] required = false``; a ``tau`` below the calibrated floor for the live
+gallery's size is refused at start and reload unless acknowledged. Both then show in ``warnings``.
 """
 
 from __future__ import annotations
@@ -23,15 +30,16 @@ from types import TracebackType
 from typing import Protocol
 
 from device.agent.sink import EventSink, FanOutSink
-from device.agent.status import AgentStatus, Counters, RateMeter
+from device.agent.status import LIVENESS_OFF_KEY, LOW_TAU_KEY, AgentStatus, Counters, RateMeter
 from device.camera import CameraSetupError, FrameSource
 from device.config import DeviceConfig
 from device.decide import AccessPolicy, DecisionEngine, FaceObservation, Tracker
-from device.door import Door, DoorError
+from device.decide.operating_point import low_tau_warning
+from device.door import Door, DoorError, DoorState, Transition
 from device.gallery import Gallery
-from device.liveness.base import LivenessEngine, PassThroughLiveness
+from device.liveness.base import LIVENESS_OFF, LivenessEngine, PassThroughLiveness
 from device.protocol.snapshots import SNAPSHOT_KINDS
-from device.types import Decision, DecisionKind, Detection, Embedding, Frame, ImageArray
+from device.types import Decision, DecisionKind, Detection, Embedding, Frame, ImageArray, LivenessResult
 from device.vision.snapshot import encode_snapshot
 
 logger = logging.getLogger(__name__)
@@ -42,6 +50,8 @@ POLL_S = 0.1
 WATCH_INTERVAL_S = 2.0
 # Threads get this long to finish the frame in hand on stop(); the whole shutdown stays under 2 s.
 JOIN_TIMEOUT_S = 1.5
+# The reason a grant carries when the door could not open for it (a ``denied`` event).
+DOOR_FAULT_REASON = "door_fault"
 
 
 class FaceLike(Protocol):
@@ -70,6 +80,16 @@ class AgentError(Exception):
     """The agent cannot start or reload."""
 
 
+def tau_warning(config: DeviceConfig, gallery: Gallery) -> str | None:
+    """The acknowledged low-tau warning for this gallery, or None; AgentError when it is not acknowledged."""
+    warning = low_tau_warning(config.decision.tau, gallery.person_count)
+    if warning is None:
+        return None
+    if not config.decision.acknowledge_low_tau:
+        raise AgentError(f"{warning}; raise [decision] tau or set decision.acknowledge_low_tau = true")
+    return f"{warning} (acknowledged)"
+
+
 @dataclass(slots=True)
 class Models:
     """The swappable pair: the pipeline and the gallery built for its embedder."""
@@ -92,6 +112,10 @@ class Agent:
                  loader: Loader | None = None, watch: Path | None = None) -> None:
         if models.gallery.model_sha256 != models.pipeline.model_sha256:
             raise AgentError("gallery and embedder differ (sha256); load the gallery for this model")
+        if liveness is None and config.liveness.required:
+            raise AgentError("[liveness] is required but no liveness engine was given; build it with "
+                             "device.liveness.engine.build_liveness, or set [liveness] required = false")
+        self._tau_warning = tau_warning(config, models.gallery)
         self.config = config
         self._models = models
         self._loader = loader
@@ -102,6 +126,8 @@ class Agent:
         self.source = source
         self.sink = FanOutSink(*sinks)
         self.liveness: LivenessEngine = liveness if liveness is not None else PassThroughLiveness()
+        self._emit_lock = threading.Lock()  # the frame loop, the command thread and the door timer all emit
+        door.add_listener(self._on_door_transition)
         self._queue: queue.Queue[Frame] = queue.Queue(maxsize=config.loop.queue_size)
         self._stop = threading.Event()
         self._capture_done = threading.Event()
@@ -199,9 +225,65 @@ class Agent:
             except Exception:
                 logger.exception("latency observer failed")
 
-    def manual_unlock(self, seconds: float | None = None) -> None:
-        """Operator unlock (MQTT ``unlock`` command); raises DoorError when refused."""
-        self.door.manual_unlock(seconds, reason="manual unlock")
+    @property
+    def liveness_mode(self) -> str:
+        """What liveness the door runs ("passive + challenge on uncertain", "liveness off", ...)."""
+        return str(getattr(self.liveness, "mode", "custom"))
+
+    @property
+    def warnings(self) -> dict[str, str]:
+        """Unsafe settings in force by key (``liveness_off``, ``low_tau``) with their text, for status,
+        metrics, doctor and Home Assistant (empty when none)."""
+        out = {}
+        if self.liveness_mode == LIVENESS_OFF or not self.config.liveness.enabled:
+            out[LIVENESS_OFF_KEY] = LIVENESS_OFF
+        if self._tau_warning is not None:
+            out[LOW_TAU_KEY] = self._tau_warning
+        return out
+
+    def _emit(self, decision: Decision) -> None:
+        with self._emit_lock:
+            self.sink.emit(decision)
+
+    def manual_unlock(self, seconds: float | None = None, *, requested_by: str = "",
+                      correlation_id: str = "") -> float:
+        """Operator unlock (MQTT, Home Assistant, CLI): open the door, then put a ``manual_unlock`` event
+        with who asked through the sinks (the outbox). Returns the seconds opened; DoorError when refused."""
+        who = requested_by or "unknown"
+        opened = self.door.manual_unlock(seconds, reason=f"manual unlock by {who}")
+        decision = Decision(kind=DecisionKind.MANUAL_UNLOCK, person_id=None, name=None, score=0.0, margin=0.0,
+                            liveness=LivenessResult.skipped(),
+                            model_version=self._models.pipeline.model_version,
+                            gallery_version=self._models.gallery.version, timestamp=time.time(),
+                            source_id=self.source.source_id, requested_by=who,
+                            correlation_id=correlation_id, seconds=opened)
+        logger.info("manual unlock for %.1f s requested by %s (%s)", opened, who, correlation_id or "-")
+        self._count(decision)
+        self._emit(decision)
+        return opened
+
+    def _on_door_transition(self, transition: Transition) -> None:
+        """A door that enters fault is on record: a ``door_fault`` event (called under the door's lock)."""
+        if transition.state is not DoorState.FAULT:
+            return
+        decision = Decision(kind=DecisionKind.DOOR_FAULT, person_id=None, name=None, score=0.0, margin=0.0,
+                            liveness=LivenessResult.skipped(), timestamp=transition.wall_time,
+                            source_id=self.source.source_id, reason=transition.reason[:256])
+        self._count(decision)
+        try:
+            self._emit(decision)
+        except Exception:
+            logger.exception("door fault event could not be recorded")
+
+    def remove_persons(self, person_ids: Sequence[str]) -> list[str]:
+        """Remove persons from the live gallery in place (a deletion); return those still present (none
+        unless the removal failed). The next frame already searches without them."""
+        with self._models_lock:
+            gallery = self._models.gallery
+            for person_id in person_ids:
+                if person_id in gallery:
+                    gallery.remove_person(person_id)
+            return [person_id for person_id in person_ids if person_id in gallery]
 
     def reload(self) -> str:
         """Re-open models and gallery from disk (after a bundle install); return the new gallery version.
@@ -219,8 +301,15 @@ class Agent:
             new.pipeline.close()
             new.gallery.close()
             raise AgentError("reload failed: the new gallery was built for another embedder")
+        try:
+            warning = tau_warning(self.config, new.gallery)
+        except AgentError as exc:
+            new.pipeline.close()
+            new.gallery.close()
+            raise AgentError(f"reload refused, keeping the running models: {exc}") from exc
         with self._models_lock:
             old, self._models = self._models, new
+            self._tau_warning = warning
         old.pipeline.close()
         old.gallery.close()
         logger.info("reloaded: model %s, gallery %s", new.pipeline.model_version, new.gallery.version)
@@ -256,6 +345,8 @@ class Agent:
             gallery_persons=persons,
             door_state=self.door.state.value,
             error=self._error,
+            liveness=self.liveness_mode,
+            warnings=self.warnings,
         )
 
     def _stamp(self) -> int | None:
@@ -353,7 +444,8 @@ class Agent:
     # ------------------------------------------------------------------ processing thread
     def _process_loop(self) -> None:
         tracker = Tracker(self.config.decision.track_timeout_s)
-        engine = DecisionEngine(self.config.decision, AccessPolicy(self.config.access))
+        engine = DecisionEngine(self.config.decision, AccessPolicy(self.config.access),
+                                liveness_required=self.config.liveness.required)
         epoch = self._camera_epoch
         try:
             while not self._stop.is_set():
@@ -371,11 +463,20 @@ class Agent:
                 try:
                     with self._models_lock:
                         self._process(frame, tracker, engine)
-                except Exception:  # one bad frame must never stop the door
+                except Exception:  # one bad frame must never stop the door, and never leave it open
                     self._counters.processing_errors += 1
                     logger.exception("frame %d could not be processed", frame.index)
+                    self._lock_on_error("processing error")
         finally:
             self._finished.set()
+
+    def _lock_on_error(self, reason: str) -> None:
+        """Fail-secure: lock the door after an error (a lock that fails leaves it in fault)."""
+        try:
+            self.door.lock(reason)
+        except DoorError as exc:
+            self._counters.door_errors += 1
+            logger.error("cannot lock the door after an error: %s", exc)
 
     def _end_tracks(self, ended: list[int], engine: DecisionEngine) -> None:
         for track_id in ended:
@@ -424,14 +525,18 @@ class Agent:
                            type(exc).__name__)
             return None
 
-    def _act(self, decision: Decision) -> None:
+    def _count(self, decision: Decision) -> None:
         self._last_decision = decision
         counts = self._counters.decisions
         counts[decision.kind.value] = counts.get(decision.kind.value, 0) + 1
+
+    def _act(self, decision: Decision) -> None:
         if decision.kind is DecisionKind.GRANTED:
             try:
                 self.door.grant(reason=f"granted {decision.person_id}")
-            except DoorError as exc:
+            except DoorError as exc:  # no grant: the event says the recognised person was not let in
                 self._counters.door_errors += 1
                 logger.error("door did not open for a grant: %s", exc)
-        self.sink.emit(decision)
+                decision = replace(decision, kind=DecisionKind.DENIED, reason=DOOR_FAULT_REASON)
+        self._count(decision)
+        self._emit(decision)

@@ -6,6 +6,10 @@ enrolled). A standalone door reloads by itself when ``facegate device enroll`` c
 Decisions go to a JSON-lines file (``[loop] events_jsonl``, or ``<data_dir>/events.jsonl`` for a
 standalone door without MQTT) and to any extra sinks the caller passes (the MQTT publisher). With
 ``[metrics] enabled`` a Prometheus endpoint runs for as long as the agent does.
+
+Fail-secure start: the door is created, and so driven locked, before anything else is opened (bundle
+recovery, models, gallery, liveness, camera): a restart after a crash or a SIGKILL while the door was
+unlocked comes up locked even when the models then fail to load.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from device.agent.loop import Agent, Loader, Models
 from device.agent.sink import EventSink, JsonLinesSink, LoggingSink
 from device.camera import FrameSource, create_source
 from device.config import DeviceConfig
-from device.door import create_door
+from device.door import Door, create_door
 from device.gallery import Gallery
 from device.gallery.store import META_NAME
 from device.liveness.base import LivenessEngine
@@ -85,39 +89,50 @@ def default_sinks(config: DeviceConfig) -> list[EventSink]:
     return [JsonLinesSink(path)] if path is not None else [LoggingSink()]
 
 
+def open_door(config: DeviceConfig) -> Door:
+    """The configured door, driven locked: the first thing a start does."""
+    door = create_door(config.door)
+    logger.info("door (%s) locked at start", config.door.type)
+    return door
+
+
 def build_agent(config: DeviceConfig, *, loader: Loader | None = None,
                 sinks: Sequence[EventSink] | None = None, liveness: LivenessEngine | None = None,
-                source: FrameSource | None = None) -> Agent:
-    """Open models, gallery, door and camera from the config and return a ready (not started) agent.
+                source: FrameSource | None = None, door: Door | None = None) -> Agent:
+    """Lock the door, then open models, gallery, liveness and camera; return a ready (not started) agent.
 
-    ``source`` replaces the camera the config names (the demo feeds its replay scene by scene).
+    ``source`` replaces the camera the config names (the demo feeds its replay scene by scene); ``door``
+    is a door the caller already locked (it stays the caller's to close when the build fails).
     """
+    own_door = door is None
+    door = open_door(config) if door is None else door
     load = loader or default_loader(config)
-    models = load()
+    models: Models | None = None
     try:
-        door = create_door(config.door)
-    except BaseException:
-        models.pipeline.close()
-        models.gallery.close()
-        raise
-    if liveness is None and config.liveness.enabled:
-        # Liveness models come from the configured models folder (MiniFASNet entries of its manifest);
-        # a configured check whose model is missing stops the start with the reason, never silently off.
-        from device.liveness.engine import build_liveness
+        models = load()
+        if liveness is None and config.liveness.enabled:
+            # Liveness models come from the configured models folder (MiniFASNet entries of its manifest).
+            # Missing MiniFASNet files fall back to the active challenge (or stop the start, as configured),
+            # never to no check.
+            from device.liveness.engine import build_liveness
 
-        try:
             liveness = build_liveness(config.liveness, models_dir(config), config.models.threads)
-        except BaseException:
-            door.close()
+        chosen = list(sinks) if sinks is not None else default_sinks(config)
+        # A standalone door (no broker, our own loader) picks up `facegate device enroll` without a restart.
+        watch = gallery_dir(config) / META_NAME if loader is None and not config.mqtt.enabled else None
+        camera = source if source is not None else create_source(config.camera)
+        return Agent(config, models=models, door=door, source=camera, sinks=chosen, liveness=liveness,
+                     loader=load, watch=watch)
+    except BaseException:
+        closer = getattr(liveness, "close", None)
+        if callable(closer):
+            closer()
+        if models is not None:
             models.pipeline.close()
             models.gallery.close()
-            raise
-    chosen = list(sinks) if sinks is not None else default_sinks(config)
-    # A standalone door (no broker, our own loader) picks up `facegate device enroll` without a restart.
-    watch = gallery_dir(config) / META_NAME if loader is None and not config.mqtt.enabled else None
-    camera = source if source is not None else create_source(config.camera)
-    return Agent(config, models=models, door=door, source=camera, sinks=chosen, liveness=liveness,
-                 loader=load, watch=watch)
+        if own_door:
+            door.close()
+        raise
 
 
 def run_agent(config: DeviceConfig, agent: Agent | None = None, metrics: DeviceMetrics | None = None) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
-from device.types import Decision
+from device.types import Decision, DecisionKind
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ def decision_to_dict(decision: Decision) -> dict[str, Any]:
         "timestamp": decision.timestamp,
         "source_id": decision.source_id,
         "reason": decision.reason or None,
+        # manual_unlock only, like the event's optional fields
+        **({"requested_by": decision.requested_by, "correlation_id": decision.correlation_id or None,
+            "seconds": decision.seconds} if decision.kind is DecisionKind.MANUAL_UNLOCK else {}),
     }
 
 

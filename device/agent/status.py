@@ -13,6 +13,9 @@ from device.types import Decision
 
 # Frame rates are measured over this sliding window.
 FPS_WINDOW_S = 5.0
+# Keys of the unsafe settings a door may run with (only when configured explicitly); metrics label by them.
+LIVENESS_OFF_KEY, LOW_TAU_KEY = "liveness_off", "low_tau"
+UNSAFE_SETTINGS = (LIVENESS_OFF_KEY, LOW_TAU_KEY)
 
 
 class RateMeter:
@@ -85,6 +88,9 @@ class AgentStatus:
     gallery_persons: int
     door_state: str
     error: str | None = None
+    liveness: str = ""
+    # Unsafe settings in force, by key ("liveness_off", "low_tau") with their text; empty when none.
+    warnings: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-safe dict (the last decision without any biometric data)."""
@@ -110,4 +116,6 @@ class AgentStatus:
             "gallery_persons": self.gallery_persons,
             "door_state": self.door_state,
             "error": self.error,
+            "liveness": self.liveness,
+            "warnings": list(self.warnings.values()),
         }

@@ -48,6 +48,10 @@ PROGRESS_STEP = 10.0
 TRANSFER_CODES = frozenset({RejectCode.TAMPERED, RejectCode.TRUNCATED})
 
 LoadHook = Callable[[ActiveBundle], None]
+# Makes an accepted delta live in the running door (removals in place first). Returns None when every change
+# is live, or (state, reason) for a partial result; raising means the removals are not proven live, and the
+# delta is acked ``rejected`` with the reason (the server keeps the deletion pending).
+DeltaHook = Callable[[ActiveBundle, GalleryDelta], "tuple[DeltaState, str] | None"]
 
 
 class BundleUpdater:
@@ -55,7 +59,7 @@ class BundleUpdater:
 
     def __init__(self, client: MqttClient, topics: Topics, device_id: str, store: BundleStore,
                  config: BundleConfig | None = None, *, on_installed: LoadHook | None = None,
-                 on_gallery_changed: LoadHook | None = None) -> None:
+                 on_gallery_changed: DeltaHook | None = None) -> None:
         self.client = client
         self.topics = topics
         self.device_id = device_id
@@ -331,8 +335,8 @@ class BundleUpdater:
         except PayloadError as exc:
             logger.warning("ignoring a malformed gallery delta: %s", exc)
             return
-        if delta.seq == self.last_ack.delta_sequence and self.last_ack.delta_state is not None:
-            return
+        if delta.seq == self.last_ack.delta_sequence and self.last_ack.delta_state not in (None, "rejected"):
+            return  # a rejected delta is tried again when it is offered again
         self._apply_delta(delta, reload=True)
 
     def _apply_delta(self, delta: GalleryDelta, reload: bool) -> None:
@@ -348,16 +352,21 @@ class BundleUpdater:
             logger.error("gallery delta %d could not be applied: %s", delta.seq, exc)
             self._ack_delta(delta.seq, "rejected", f"apply failed: {exc}")
             return
+        state, reason = outcome.state, outcome.reason
         active = self.store.active()
         hook = self.on_gallery_changed if reload else None
-        if hook is not None and active is not None and outcome.state != "rejected":
+        if hook is not None and active is not None and state != "rejected":
             try:
-                hook(active)
-            except Exception as exc:
-                logger.error("reloading the gallery after delta %d failed: %s", delta.seq, exc)
-        logger.info("gallery delta %d: %s (-%d persons, +%d templates)", delta.seq, outcome.state,
+                partial = hook(active, delta)
+            except Exception as exc:  # the running door may still know a removed person: never ack applied
+                logger.error("gallery delta %d is not live in the running door: %s", delta.seq, exc)
+                state, reason = "rejected", f"not live in the running door: {exc}"
+            else:
+                if partial is not None:
+                    state, reason = partial
+        logger.info("gallery delta %d: %s (-%d persons, +%d templates)", delta.seq, state,
                     outcome.removed, outcome.added)
-        self._ack_delta(delta.seq, outcome.state, outcome.reason)
+        self._ack_delta(delta.seq, state, reason)
 
 
 def _failure_key(announce: BundleAnnounce) -> bytes:

@@ -12,7 +12,10 @@ Per frame and face: the gallery's best identity is *accepted* when ``score >= ta
 - ``unknown`` once a face stays below ``tau`` for ``confirm_n`` consecutive frames, once per track;
 - ``spoof`` as soon as liveness says so, once per track; a spoofed track can never be granted.
 
-Frames whose liveness is ``uncertain`` (a challenge still running) abstain from the vote.
+Frames whose liveness is ``uncertain`` (a challenge still running) abstain from the vote. While liveness
+is required (the default), only a ``live`` verdict votes: a ``skipped`` check abstains too, so a door
+whose checks did not run never grants. Only a door configured with ``[liveness] required = false`` lets
+skipped frames vote.
 Ambiguous faces (above tau but within delta of the runner-up) produce no event: the door stays locked.
 """
 
@@ -57,9 +60,11 @@ class _TrackState:
 class DecisionEngine:
     """Turns per-frame observations into at most one event per track and kind."""
 
-    def __init__(self, config: DecisionConfig, access: AccessPolicy | None = None) -> None:
+    def __init__(self, config: DecisionConfig, access: AccessPolicy | None = None, *,
+                 liveness_required: bool = True) -> None:
         self.config = config
         self.access = access
+        self.liveness_required = liveness_required
         self._tracks: dict[int, _TrackState] = {}
         self._last_event: dict[tuple[str, DecisionKind], float] = {}  # (person, granted|denied) -> time
 
@@ -91,7 +96,7 @@ class DecisionEngine:
             state.spoofed = True
         else:
             state.below = state.below + 1 if match.score < cfg.tau else 0
-            if obs.liveness.verdict is not LivenessVerdict.UNCERTAIN:
+            if self._votes(obs.liveness.verdict):
                 state.votes.append(match.person_id if accepted else None)
             kind, reason = self._vote(state, obs)
 
@@ -117,6 +122,12 @@ class DecisionEngine:
         logger.info("decision %s track=%d person=%s score=%.3f margin=%.3f%s", kind.value, obs.track_id,
                     decision.person_id, match.score, match.margin, f" reason={reason}" if reason else "")
         return decision
+
+    def _votes(self, verdict: LivenessVerdict) -> bool:
+        """Whether a frame with this liveness verdict takes part in the vote."""
+        if verdict is LivenessVerdict.LIVE:
+            return True
+        return verdict is LivenessVerdict.SKIPPED and not self.liveness_required
 
     def _vote(self, state: _TrackState, obs: FaceObservation) -> tuple[DecisionKind | None, str]:
         """The track's decision now due, if any, and the reason of a denial."""

@@ -48,3 +48,17 @@ def operating_point(gallery_size: int) -> OperatingPoint:
 def tau_floor(gallery_size: int) -> float:
     """The lowest ``tau`` a door with ``gallery_size`` persons may run without an acknowledgement."""
     return operating_point(gallery_size).tau
+
+
+def lowest_tau_floor() -> float:
+    """The floor of the smallest gallery: a ``tau`` under it is below the floor for every gallery size."""
+    return min(row.tau for row in CALIBRATED)
+
+
+def low_tau_warning(tau: float, gallery_size: int) -> str | None:
+    """Why ``tau`` is unsafe for ``gallery_size`` persons (below the calibrated floor), else None."""
+    floor = tau_floor(gallery_size)
+    if tau >= floor:
+        return None
+    return (f"decision.tau {tau:g} is below the calibrated floor {floor:g} for a gallery of {gallery_size} "
+            f"person(s): strangers may be granted")

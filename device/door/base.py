@@ -2,7 +2,9 @@
 
 A grant or a manual unlock opens the door until ``now + seconds``; a later grant extends the window,
 never shortens it. A timer thread relocks when the window ends. If driving the output fails, the
-door tries to lock, records ``fault`` and raises ``DoorError``. Every transition is recorded.
+door tries to lock, records ``fault`` when even that fails, and raises ``DoorError``. A door in
+``fault`` refuses every unlock until a lock succeeds again. Every transition is recorded and handed to
+the listeners (the agent turns a fault into a ``door_fault`` event).
 Thread-safe: the frame loop grants while the MQTT thread may unlock manually.
 """
 
@@ -14,6 +16,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -51,6 +54,9 @@ class Transition:
     reason: str
 
 
+TransitionListener = Callable[[Transition], None]
+
+
 class Door(abc.ABC):
     """Timed, fail-secure door; subclasses only drive the output. Context manager, close() idempotent."""
 
@@ -61,6 +67,7 @@ class Door(abc.ABC):
         self._until: float | None = None
         self._closed = False
         self._history: deque[Transition] = deque(maxlen=HISTORY)
+        self._listeners: list[TransitionListener] = []
         self._set(False, "start", force=True)  # fail-secure: locked before anything else happens
         self._timer = threading.Thread(target=self._run, name="door-timer", daemon=True)
         self._timer.start()
@@ -112,15 +119,30 @@ class Door(abc.ABC):
 
     def _record(self, state: DoorState, reason: str) -> None:
         self._state = state
-        self._history.append(Transition(time.time(), time.monotonic(), state, reason))
+        transition = Transition(time.time(), time.monotonic(), state, reason)
+        self._history.append(transition)
         log = logger.error if state is DoorState.FAULT else logger.info
         log("door %s (%s)", state.value, reason)
+        for listener in self._listeners:
+            try:
+                listener(transition)
+            except Exception:  # a listener must never keep the door from locking
+                logger.exception("door transition listener failed")
+
+    def add_listener(self, listener: TransitionListener) -> None:
+        """Call ``listener`` with every later transition (under the door's lock: be quick, never call
+        the door)."""
+        with self._cond:
+            self._listeners.append(listener)
 
     # ---------------------------------------------------------------- commands
     def _open_for(self, seconds: float, reason: str) -> None:
         with self._cond:
             if self._closed:
                 raise DoorError("door is closed")
+            if self._state is DoorState.FAULT:
+                raise DoorError(f"door is in fault ({self._history[-1].reason}); it stays locked until a "
+                                "lock succeeds: check the relay and restart the agent")
             until = time.monotonic() + seconds
             self._until = max(until, self._until or until)
             self._set(True, reason)
@@ -130,12 +152,13 @@ class Door(abc.ABC):
         """Unlock for ``seconds`` (default: the configured window), extending an open window."""
         self._open_for(self.unlock_seconds if seconds is None else seconds, reason)
 
-    def manual_unlock(self, seconds: float | None = None, reason: str = "manual") -> None:
-        """Operator unlock (MQTT command); capped at MAX_MANUAL_UNLOCK_S."""
+    def manual_unlock(self, seconds: float | None = None, reason: str = "manual") -> float:
+        """Operator unlock (MQTT command); capped at MAX_MANUAL_UNLOCK_S; returns the seconds opened."""
         wanted = self.unlock_seconds if seconds is None else seconds
         if not 0 < wanted <= MAX_MANUAL_UNLOCK_S:
             raise DoorError(f"manual unlock of {wanted} s refused: must be in (0, {MAX_MANUAL_UNLOCK_S}]")
         self._open_for(wanted, reason)
+        return wanted
 
     def lock(self, reason: str = "lock") -> None:
         """Lock now and cancel any open window."""

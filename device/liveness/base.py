@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from device.config import LivenessConfig
 from device.types import Detection, ImageArray, LivenessResult
+
+# What status, metrics, doctor and Home Assistant show for a door that runs no liveness check.
+LIVENESS_OFF = "liveness off"
 
 
 class LivenessEngine(Protocol):
@@ -21,8 +25,23 @@ class LivenessEngine(Protocol):
         ...
 
 
+def describe_liveness(config: LivenessConfig) -> str:
+    """A short, human-readable summary of the checks a liveness config runs ("liveness off" when none)."""
+    parts = []
+    if config.passive:
+        parts.append("passive")
+    if config.challenge != "never":
+        parts.append("challenge on uncertain" if config.challenge == "uncertain"
+                     else "challenge on every face")
+    if config.planar:
+        parts.append("planar")
+    return " + ".join(parts) if parts else LIVENESS_OFF
+
+
 class PassThroughLiveness:
-    """No liveness checks: every face is reported as ``skipped``."""
+    """No liveness checks: every face is reported as ``skipped`` (never a vote to grant while required)."""
+
+    mode = LIVENESS_OFF
 
     def assess(
         self, rgb: ImageArray, detection: Detection, track_id: int, timestamp: float

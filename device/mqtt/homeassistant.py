@@ -11,13 +11,20 @@ import re
 from typing import Any
 
 from device.protocol.topics import Topics, ha_config_topic
+from device.types import DecisionKind
 
-DECISION_TYPES = ["granted", "denied", "unknown", "spoof"]
+DECISION_TYPES = [kind.value for kind in DecisionKind]
 # Home Assistant accepts [a-zA-Z0-9_-] in node and object ids.
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
-# HA's lock sends "LOCK"/"UNLOCK"; the template wraps it into our CommandRequest JSON.
-LOCK_COMMAND_TEMPLATE = '{"schema_version": 1, "action": "{{ value }}", "requested_by": "homeassistant"}'
+# HA's lock sends "LOCK"/"UNLOCK"; the template wraps it into our CommandRequest JSON, stamped with HA's
+# `now()` (the device refuses commands without a fresh `ts`) and a correlation id for the event.
+LOCK_COMMAND_TEMPLATE = (
+    '{"schema_version": 1, "action": "{{ value }}", "requested_by": "homeassistant", '
+    '"correlation_id": "ha-{{ (now().timestamp() * 1000) | int }}", "ts": "{{ now().isoformat() }}"}'
+)
+# "liveness off" and an acknowledged low tau, as Home Assistant shows them ("none" when all is safe).
+WARNINGS_TEMPLATE = "{{ (value_json.warnings | join('; '))[:255] if value_json.warnings else 'none' }}"
 EVENT_VALUE_TEMPLATE = (
     "{{ {'event_type': value_json.decision, 'person_id': value_json.person_id, 'name': value_json.name, "
     "'score': value_json.score, 'event_id': value_json.event_id} | to_json }}"
@@ -60,6 +67,7 @@ def discovery_configs(topics: Topics, device_id: str,
             "value_template": "{{ value_json.door }}",
             "state_locked": "locked",
             "state_unlocked": "unlocked",
+            "state_jammed": "fault",  # the relay could not be driven: HA shows the lock as jammed
             "optimistic": False,
             "qos": 1,
         }),
@@ -87,6 +95,20 @@ def discovery_configs(topics: Topics, device_id: str,
             "unit_of_measurement": "fps",
             "state_class": "measurement",
             "entity_category": "diagnostic",
+        }),
+        ("sensor", "liveness", {
+            "name": "Liveness",
+            "state_topic": status,
+            "value_template": "{{ value_json.liveness }}",
+            "entity_category": "diagnostic",
+            "icon": "mdi:shield-account",
+        }),
+        ("sensor", "security_warnings", {
+            "name": "Security warnings",
+            "state_topic": status,
+            "value_template": WARNINGS_TEMPLATE,
+            "entity_category": "diagnostic",
+            "icon": "mdi:shield-alert",
         }),
         ("sensor", "model_version", {
             "name": "Model version",

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import logging
 
-from device.agent.loop import Loader, Models
-from device.agent.runner import build_agent, default_loader, run_agent
+from device.agent.loop import Agent, AgentError, Loader, Models
+from device.agent.runner import build_agent, default_loader, open_door, run_agent
 from device.bundles.signing import BundleKeyError, load_public_key
 from device.bundles.store import ActiveBundle, BundleStore
-from device.bundles.updater import BundleUpdater
+from device.bundles.updater import BundleUpdater, DeltaHook
 from device.config import DeviceConfig
 from device.metrics import DeviceMetrics
 from device.mqtt.service import DeviceMqtt
+from device.protocol.schemas import DeltaState, GalleryDelta
 
 logger = logging.getLogger(__name__)
 
@@ -47,19 +48,50 @@ def bundle_loader(config: DeviceConfig, store: BundleStore) -> Loader:
     return load
 
 
+class DeletionNotLive(Exception):
+    """Persons a delta removes are still in the running door's gallery."""
+
+
+def make_delta_live(agent: Agent) -> DeltaHook:
+    """The hook that makes an accepted gallery delta live: removals in place, then a reload for the adds.
+
+    Removals go first and in place, so a deletion holds even when the reload fails; the ack then says
+    ``removals_only`` with the reason. Persons still in the live gallery raise (acked ``rejected``).
+    """
+
+    def hook(_bundle: ActiveBundle, delta: GalleryDelta) -> tuple[DeltaState, str] | None:
+        still = agent.remove_persons(delta.remove)
+        if still:
+            raise DeletionNotLive(f"{len(still)} removed person(s) still in the live gallery")
+        try:
+            agent.reload()
+        except AgentError as exc:
+            return "removals_only", f"removals applied in the live gallery; adds not loaded: {exc}"
+        return None
+
+    return hook
+
+
 def run_connected(config: DeviceConfig) -> int:
     """Run the agent with MQTT events, status, commands and bundles until SIGTERM/SIGINT."""
     try:
+        door = open_door(config)  # locked before bundle recovery and model loading (fail-secure restart)
+    except Exception as exc:
+        logger.error("agent cannot start: the door cannot be driven: %s", exc)
+        return EXIT_FAILED
+    try:
         store = open_store(config)
+        if store is not None:
+            active = store.recover()
+            logger.info("active bundle: %s", active.sequence if active else "none (models from the config)")
+        agent = build_agent(config, loader=bundle_loader(config, store) if store is not None else None,
+                            door=door)
     except BundleKeyError as exc:
+        door.close()
         logger.error("cannot start: %s", exc)
         return EXIT_FAILED
-    if store is not None:
-        active = store.recover()
-        logger.info("active bundle: %s", active.sequence if active else "none (models from the config)")
-    try:
-        agent = build_agent(config, loader=bundle_loader(config, store) if store is not None else None)
-    except Exception as exc:  # models, gallery or door could not be opened: say why and exit non-zero
+    except Exception as exc:  # models, gallery or liveness could not be opened: say why and exit non-zero
+        door.close()
         logger.error("agent cannot start: %s", exc)
         return EXIT_FAILED
 
@@ -71,7 +103,7 @@ def run_connected(config: DeviceConfig) -> int:
     updater = None
     if store is not None:
         updater = BundleUpdater(mqtt.client, mqtt.topics, config.device.id, store, config.bundle,
-                                on_installed=reload, on_gallery_changed=reload)
+                                on_installed=reload, on_gallery_changed=make_delta_live(agent))
         mqtt.attach_updater(updater)
     metrics = DeviceMetrics()
     metrics.observe_mqtt(mqtt.outbox, updater, mqtt.snapshots)

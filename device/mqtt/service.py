@@ -5,7 +5,10 @@
 - ``…/<device>/status``: retained :class:`StatusPayload` every ``mqtt.status_interval_s`` and on connect.
 - ``…/<device>/cmd/<name>/set``: ``unlock`` (``seconds`` or HA's ``action``), ``reload``, ``sync``; each
   answered with a :class:`CommandResponse` carrying the request's correlation id on
-  ``…/cmd/<name>/response`` (and on the v5 response topic when the request named one).
+  ``…/cmd/<name>/response`` (and on the v5 response topic when the request named one). A command that
+  was retained, carries no ``ts``, or whose ``ts`` is more than ``mqtt.command_max_age_s`` away from the
+  device's clock is refused, and the response says why: a queued or replayed unlock never opens the door.
+  An unlock is an event (``manual_unlock``, with ``requested_by`` and the correlation id) in the outbox.
 - Home Assistant discovery configs (retained), re-published when ``homeassistant/status`` is ``online``.
 - ``…/<device>/snapshot``: with ``[mqtt] snapshots`` only, best-effort JPEGs of unknown/spoof events
   (framing and delivery rules in :mod:`device.protocol.snapshots`).
@@ -17,8 +20,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from types import TracebackType
 from typing import Literal, Protocol
 
@@ -62,6 +67,10 @@ class AgentStatusLike(Protocol):
     def model_version(self) -> str: ...
     @property
     def gallery_version(self) -> str: ...
+    @property
+    def liveness(self) -> str: ...
+    @property
+    def warnings(self) -> Mapping[str, str]: ...
 
 
 class AgentControl(Protocol):
@@ -71,8 +80,9 @@ class AgentControl(Protocol):
         """Current snapshot."""
         ...
 
-    def manual_unlock(self, seconds: float | None = None) -> None:
-        """Open the door for ``seconds`` (None: the configured default)."""
+    def manual_unlock(self, seconds: float | None = None, *, requested_by: str = "",
+                      correlation_id: str = "") -> float:
+        """Open the door for ``seconds`` (None: the configured default), record the event; return seconds."""
         ...
 
     def reload(self) -> object:
@@ -81,7 +91,24 @@ class AgentControl(Protocol):
 
 
 class CommandError(Exception):
-    """A command was refused (unknown name, bad arguments, no agent)."""
+    """A command was refused (unknown name, bad arguments, no agent, stale or retained)."""
+
+
+def stale_reason(request: CommandRequest, retained: bool, max_age_s: float,
+                 now: datetime | None = None) -> str | None:
+    """Why a command must not be obeyed (retained, no ``ts``, too old or from the future), or None."""
+    if retained:
+        return ("refused: retained command (a retained command would run again at every reconnect); publish "
+                "commands with retain = false")
+    if request.ts is None:
+        return "refused: the command has no ts (ISO-8601 time it was sent); add one"
+    age = ((now or utcnow()) - request.ts).total_seconds()
+    if age > max_age_s:
+        return f"refused: the command is {age:.0f} s old (limit mqtt.command_max_age_s = {max_age_s:g} s)"
+    if age < -max_age_s:
+        return (f"refused: the command's ts is {-age:.0f} s in the future (limit {max_age_s:g} s): check the "
+                "clocks of sender and device")
+    return None
 
 
 class DeviceMqtt:
@@ -174,7 +201,8 @@ class DeviceMqtt:
 
     def status_payload(self) -> StatusPayload:
         """The current status."""
-        fps, drops, model, gallery = 0.0, 0, "", ""
+        fps, drops, model, gallery, liveness = 0.0, 0, "", "", ""
+        warnings: list[str] = []
         door: DoorText = "unknown"
         if self.agent is not None:
             try:
@@ -182,6 +210,7 @@ class DeviceMqtt:
                 fps, drops = snap.fps, snap.queue_drops
                 model, gallery = snap.model_version, snap.gallery_version
                 door = DOOR_STATES.get(snap.door_state, "unknown")
+                liveness, warnings = snap.liveness, [w[:256] for w in list(snap.warnings.values())[:16]]
             except Exception as exc:
                 logger.warning("agent status unavailable: %s", exc)
         updater = self.updater
@@ -192,7 +221,8 @@ class DeviceMqtt:
         uptime = time.monotonic() - self._started_at
         return StatusPayload(device=self.device_id, ts=utcnow(), uptime_s=uptime, fps=max(0.0, float(fps)),
                              outbox_depth=self.outbox.depth, outbox_dropped=self.outbox.dropped, door=door,
-                             queue_drops=max(0, int(drops)), versions=versions)
+                             queue_drops=max(0, int(drops)), versions=versions, liveness=liveness[:256],
+                             warnings=warnings)
 
     def publish_status(self) -> None:
         """Publish the retained status now."""
@@ -219,6 +249,11 @@ class DeviceMqtt:
         except PayloadError as exc:
             logger.warning("malformed %s command: %s", name, exc)
             self._respond(name, None, False, f"malformed request: {exc}", message)
+            return
+        stale = stale_reason(request, message.retain, self.config.mqtt.command_max_age_s)
+        if stale is not None:
+            logger.warning("%s command %s %s", name, request.correlation_id or "-", stale)
+            self._respond(name, request.correlation_id, False, stale, message)
             return
         if not self._closed:
             self._executor.submit(self._run_command, name, request, message)
@@ -247,8 +282,11 @@ class DeviceMqtt:
         if name == "unlock":
             if request.action == "LOCK":
                 raise CommandError("the door locks by itself when the unlock window ends")
-            self.agent.manual_unlock(request.seconds)
-            return f"unlocked for {request.seconds or 'the configured'} s"
+            # Home Assistant sends no correlation id: the event gets one of its own.
+            correlation = request.correlation_id or f"{self.device_id}-{uuid.uuid4().hex[:12]}"
+            opened = self.agent.manual_unlock(request.seconds, requested_by=request.requested_by or "mqtt",
+                                              correlation_id=correlation)
+            return f"unlocked for {opened:.1f} s"
         if name == "reload":
             result = self.agent.reload()
             return f"reloaded ({result})" if isinstance(result, str) else "reloaded"

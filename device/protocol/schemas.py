@@ -121,13 +121,21 @@ class EventPayload(Payload):
         False, description="A JPEG with this event_id was queued on the snapshot topic (opt-in, best-effort)."
     )
     reason: ShortText | None = Field(
-        None, description="Why a recognised person was denied: 'blocked' or 'outside_schedule' (denied only)."
+        None, description="Why a recognised person was denied ('blocked', 'outside_schedule', 'door_fault'), "
+                          "or what failed (door_fault).",
     )
+    requested_by: ShortText | None = Field(None, description="manual_unlock: who asked (operator, HA, CLI).")
+    correlation_id: Identifier | None = Field(None, description="manual_unlock: the command's correlation.")
+    seconds: FiniteFloat | None = Field(None, ge=0, description="manual_unlock: how long the door opened.")
 
     def to_bytes(self) -> bytes:
-        """Compact UTF-8 JSON; ``reason`` is left out when unset so other events stay as before."""
-        exclude = {"reason"} if self.reason is None else None
+        """Compact UTF-8 JSON; optional fields that are unset are left out so other events stay as before."""
+        exclude = {name for name in OPTIONAL_EVENT_FIELDS if getattr(self, name) is None} or None
         return self.model_dump_json(exclude_none=False, exclude=exclude).encode("utf-8")
+
+
+# EventPayload fields only some kinds carry; to_bytes leaves them out when unset.
+OPTIONAL_EVENT_FIELDS = ("reason", "requested_by", "correlation_id", "seconds")
 
 
 def _finite(value: float) -> float:
@@ -160,6 +168,9 @@ def decision_to_event(decision: Decision, device_id: str, *, seq: int = 0, event
         gallery_version=decision.gallery_version[:256],
         snapshot=snapshot,
         reason=decision.reason[:256] or None,
+        requested_by=decision.requested_by[:256] or None,
+        correlation_id=decision.correlation_id[:128] or None,
+        seconds=None if decision.seconds is None else max(0.0, _finite(decision.seconds)),
     )
 
 
@@ -191,15 +202,26 @@ class StatusPayload(Payload):
     queue_drops: int = Field(0, ge=0, description="Frames dropped by the capture queue.")
     challenge: ShortText | None = Field(None, description="Active liveness challenge, if any.")
     versions: VersionsPayload = VersionsPayload()
+    liveness: ShortText = Field("", description="Liveness checks the door runs; 'liveness off' when none.")
+    warnings: list[ShortText] = Field(
+        default_factory=list, max_length=16,
+        description="Unsafe settings in force ('liveness off', tau below the calibrated floor); [] if none.",
+    )
 
 
 CommandName = Literal["unlock", "reload", "sync"]
 
 
 class CommandRequest(Payload):
-    """A command on ``…/<device>/cmd/<name>/set``; every field is optional so Home Assistant can send one."""
+    """A command on ``…/<device>/cmd/<name>/set``.
+
+    ``ts`` is what the device checks before obeying: a command without it, older than
+    ``mqtt.command_max_age_s``, or delivered as a retained message is refused with the reason.
+    Home Assistant's lock renders it with ``now()`` in its ``command_template``.
+    """
 
     correlation_id: Identifier | None = Field(None, description="Echoed in the response.")
+    ts: AwareDatetime | None = Field(None, description="When the command was sent (ISO-8601 with a zone).")
     seconds: FiniteFloat | None = Field(None, gt=0, le=3600, description="unlock: how long.")
     action: Literal["LOCK", "UNLOCK"] | None = Field(None, description="unlock: Home Assistant lock payload.")
     requested_by: ShortText | None = None

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 from sqlalchemy import Select, func, select
 
+from device.types import DecisionKind
 from server.api.deps import AdminDep, PrincipalDep, SessionDep, StateDep
 from server.api.schemas import (
     AuditList,
@@ -33,7 +34,27 @@ ROLLOUT_SEQUENCES = 5
 DONE_STATES = frozenset({"installed"})
 FAILED_STATES = frozenset({"rejected", "rolled_back"})
 CSV_COLUMNS = ("event_id", "ts", "device_id", "kind", "person_id", "person_name", "score", "margin",
-               "liveness", "received_at")
+               "liveness", "received_at", "detail")
+# Every kind a door reports: face decisions, manual unlocks (with who asked) and door faults.
+EVENT_KINDS = tuple(kind.value for kind in DecisionKind)
+
+
+def event_detail(payload: dict[str, Any]) -> str | None:
+    """What a reader needs beyond the columns: who unlocked and for how long, or why (denied, door_fault)."""
+    if payload.get("decision") == DecisionKind.MANUAL_UNLOCK.value:
+        seconds = payload.get("seconds")
+        length = f" for {seconds:g} s" if isinstance(seconds, int | float) else ""
+        correlation = payload.get("correlation_id")
+        return f"by {payload.get('requested_by') or 'unknown'}{length}" + (f" ({correlation})" if correlation
+                                                                            else "")
+    reason = payload.get("reason")
+    return str(reason) if reason else None
+
+
+def event_out(row: EventRow) -> EventOut:
+    """The API form of a stored event."""
+    return EventOut.model_validate(row, from_attributes=True).model_copy(
+        update={"detail": event_detail(row.payload or {})})
 
 
 def event_query(person_id: str | None, device_id: str | None, kind: str | None,
@@ -59,7 +80,7 @@ def _utc(value: dt.datetime) -> dt.datetime:
 
 PersonQ = Annotated[str | None, Query(max_length=64, description="Only this person id")]
 DeviceQ = Annotated[str | None, Query(max_length=64, description="Only this device id")]
-KindQ = Annotated[str | None, Query(pattern="^(granted|denied|unknown|spoof)$", description="Decision kind")]
+KindQ = Annotated[str | None, Query(pattern=f"^({'|'.join(EVENT_KINDS)})$", description="Decision kind")]
 SinceQ = Annotated[dt.datetime | None, Query(description="From this time (ISO-8601; naive = UTC), inclusive")]
 UntilQ = Annotated[dt.datetime | None, Query(description="Until this time, exclusive")]
 
@@ -74,7 +95,7 @@ def list_events(
     query = event_query(person_id, device_id, kind, since, until)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = session.scalars(query.order_by(EventRow.ts.desc(), EventRow.id.desc()).limit(limit).offset(offset))
-    return EventList(total=total, items=[EventOut.model_validate(r, from_attributes=True) for r in rows])
+    return EventList(total=total, items=[event_out(r) for r in rows])
 
 
 def _csv_rows(state: StateDep, query: Select[EventRow]) -> Iterator[str]:
@@ -92,7 +113,8 @@ def _csv_rows(state: StateDep, query: Select[EventRow]) -> Iterator[str]:
             buffer.seek(0)
             buffer.truncate()
             for row in rows:
-                writer.writerow([_cell(getattr(row, c)) for c in CSV_COLUMNS])
+                detail = event_detail(row.payload or {})
+                writer.writerow([_cell(detail if c == "detail" else getattr(row, c)) for c in CSV_COLUMNS])
             last_id, sent = rows[-1].id, sent + len(rows)
             yield buffer.getvalue()
 

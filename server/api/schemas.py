@@ -174,6 +174,7 @@ class EventOut(ApiModel):
     liveness: str | None
     ts: dt.datetime
     received_at: dt.datetime
+    detail: str | None = Field(None, description="manual_unlock: who asked, for how long; else the reason.")
 
 
 class EventList(ApiModel):

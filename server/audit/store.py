@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from device.protocol.schemas import BundleAck, EventPayload, PayloadError, StatusPayload
 from device.protocol.topics import Topics
+from device.types import FACE_KINDS
 from server.db.models import BundleAckRow, Device, EventRow, utcnow
 
 logger = logging.getLogger(__name__)
@@ -114,15 +115,17 @@ def _event_row(parsed: Parsed) -> dict[str, Any]:
     ev = parsed.body
     if not isinstance(ev, EventPayload):
         raise TypeError("not an event")
+    face = ev.decision in FACE_KINDS
     return {
         "event_id": str(ev.event_id),
         "device_id": parsed.device_id,
         "kind": ev.decision.value,
         "person_id": ev.person_id,
         "person_name": ev.name,
-        "score": ev.score,
-        "margin": ev.margin,
-        "liveness": ev.liveness.verdict.value,
+        # manual unlocks and door faults come from no face: no score, margin or liveness to show
+        "score": ev.score if face else None,
+        "margin": ev.margin if face else None,
+        "liveness": ev.liveness.verdict.value if face else None,
         "ts": ev.ts,
         "received_at": parsed.received_at,
         "payload": ev.model_dump(mode="json"),

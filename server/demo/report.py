@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from device.liveness.base import LIVENESS_OFF
 from device.protocol.schemas import EventPayload
 from models.runtime.manifest import atomic_write_bytes
 from server.demo.scene import Step
@@ -45,6 +47,7 @@ class Summary:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (scene, why)
     error: str = ""
     live: bool = False  # a real camera: no scripted scenes to judge
+    liveness: str = ""  # what the door ran: "passive (MiniFASNet)" or "liveness off (why)"
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -70,7 +73,8 @@ class Summary:
         return {"passed": self.passed, "image_set": self.image_set, "notes": self.notes,
                 "broker": self.broker, "steps": steps,
                 "skipped": [{"name": n, "reason": r} for n, r in self.skipped], "error": self.error,
-                "live": self.live, "duration_s": round(time.monotonic() - self.started, 1)}
+                "live": self.live, "liveness": self.liveness,
+                "duration_s": round(time.monotonic() - self.started, 1)}
 
     def write_json(self, path: Path) -> None:
         """Write the JSON summary atomically."""
@@ -85,6 +89,12 @@ class Summary:
                 console.print(f"  {s.name}: {text}")
         for name, why in self.skipped:
             console.print(f"  [yellow]skipped[/] {name}: {why}")
+        if self.liveness.startswith(LIVENESS_OFF):
+            console.print(f"  [bold yellow]{escape(self.liveness)}[/]: this door ran with "
+                          f"{escape('[liveness] required = false')} and opened for faces without any "
+                          "liveness check")
+        elif self.liveness:
+            console.print(f"  liveness: {escape(self.liveness)}")
         if self.error:
             console.print(f"[red]demo failed:[/] {self.error}")
         verdict = "PASS" if self.passed else "FAIL"

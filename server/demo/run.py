@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from device.config import DeviceConfig, LivenessConfig, ReplayCameraConfig
+from device.liveness.base import LIVENESS_OFF
 from device.liveness.engine import build_liveness
 from device.mqtt.client import ClientSettings, MqttClient
 from device.protocol.topics import Topics
@@ -32,6 +34,7 @@ from server.config import ServerConfig
 from server.crypto import generate_key_text
 from server.demo.cast import (
     Cast,
+    CastError,
     Judge,
     celeba_candidates,
     choose,
@@ -80,13 +83,28 @@ def phase(console: Console, text: str) -> Iterator[list[str]]:
     console.print(f"[green]✓[/] {text}{extra} [dim]({time.monotonic() - started:.1f} s)[/]")
 
 
+def passive_available(models_dir: Path) -> bool:
+    """Whether the models folder has the MiniFASNet files passive liveness needs."""
+    manifest = load_manifest(models_dir)
+    return all(manifest.has(name) for name in LivenessConfig().passive_models)
+
+
+def door_liveness(passive: bool) -> dict[str, Any]:
+    """The demo door's ``[liveness]``: passive MiniFASNet, or explicitly none (printed as "liveness off").
+
+    The challenge stays off: the replay camera shows still photos, which cannot blink or turn.
+    """
+    if passive:
+        return {"passive": True, "challenge": "never"}
+    return {"required": False, "passive": False, "challenge": "never"}
+
+
 def spoof_unavailable(models_dir: Path) -> str | None:
     """Why the printed-photo scene cannot run here, or None when it can."""
     labels = shared_dir() / "data" / "liveness-nuaa" / "labels.csv"
     if not labels.is_file():
         return f"no printed-photo data ({labels} is absent)"
-    manifest = load_manifest(models_dir)
-    if not all(manifest.has(name) for name in LivenessConfig().passive_models):
+    if not passive_available(models_dir):
         return ("the models were built without MiniFASNet (passive liveness): "
                 f"{shared_dir() / 'models' / 'minifasnet'} is absent")
     return None
@@ -108,7 +126,7 @@ def server_config(opts: Options, broker: LocalBroker, models_dir: Path) -> Serve
 
 
 def device_config(opts: Options, broker: LocalBroker, models_dir: Path, public_key: str,
-                  liveness: bool, doorway: Path) -> DeviceConfig:
+                  passive: bool, doorway: Path) -> DeviceConfig:
     """The door: replay camera on the blank doorway (or a real camera), simulated relay, MQTT, bundles."""
     camera: dict[str, Any] = ({"type": "opencv", "source": opts.camera} if opts.camera is not None else
                               {"type": "replay", "path": str(doorway), "fps": FPS, "loop": True})
@@ -119,7 +137,7 @@ def device_config(opts: Options, broker: LocalBroker, models_dir: Path, public_k
         "models": {"dir": str(models_dir)},
         "decision": {"tau": TAU, "delta": DELTA, "confirm_k": 2, "confirm_n": 3, "cooldown_s": 600.0,
                      "track_timeout_s": TRACK_TIMEOUT_S},
-        "liveness": {"passive": liveness},
+        "liveness": door_liveness(passive),
         "mqtt": {"enabled": True, "host": broker.host, "port": broker.port, "prefix": PREFIX,
                  "homeassistant": False, "status_interval_s": 5.0},
         "bundle": {"public_key": public_key},
@@ -127,10 +145,12 @@ def device_config(opts: Options, broker: LocalBroker, models_dir: Path, public_k
     })
 
 
-def pick_cast(config: ServerConfig, models_dir: Path, with_attack: bool) -> Cast:
-    """Choose enrollees, door frames, a stranger and printed photos with the door's own pipeline."""
+def pick_cast(config: ServerConfig, models_dir: Path, with_attack: bool, passive: bool) -> Cast:
+    """Choose enrollees, door frames, a stranger and printed photos with the door's own pipeline (and, with
+    ``passive``, its passive liveness: door frames are frames it calls live)."""
     shared = shared_dir()
-    liveness = build_liveness(LivenessConfig(passive=True), models_dir) if with_attack else None
+    liveness = (build_liveness(LivenessConfig.model_validate(door_liveness(True)), models_dir)
+                if passive else None)
     try:
         with FacePipeline.from_models_dir(models_dir, config.detector) as pipeline:
             judge = Judge(pipeline, config.quality, liveness, TAU, DELTA)
@@ -204,8 +224,20 @@ class Demo:
             self.server = ServerRunner(config).start()
             self.stack.callback(self.server.close)
             detail.append(f"{self.server.url}, SQLite in {config.data_dir}, audit subscriber connected")
+        passive = passive_available(models_dir)
         with phase(console, "choosing faces") as detail:
-            cast = pick_cast(config, models_dir, with_attack=no_spoof is None)
+            try:
+                cast = pick_cast(config, models_dir, with_attack=no_spoof is None, passive=passive)
+                self.summary.liveness = ("passive (MiniFASNet)" if passive
+                                         else f"{LIVENESS_OFF} (no MiniFASNet files)")
+            except CastError as exc:
+                if not passive or no_spoof is None:
+                    raise
+                # Photos that passive liveness calls spoof cannot play a live stranger: run without, say so.
+                cast = pick_cast(config, models_dir, with_attack=False, passive=False)
+                passive = False
+                self.summary.liveness = (f"{LIVENESS_OFF} (passive liveness does not call enough of these "
+                                         f"photos live to cast the scenes: {exc})")
             self.summary.image_set, self.summary.notes = cast.source, cast.notes
             detail.append(cast.source)
         console.print(f"  {cast.describe()}")
@@ -219,14 +251,14 @@ class Demo:
         if not client.wait_connected(30):
             raise DemoError("the demo's MQTT subscriber could not connect")
         with phase(console, "door") as detail:
-            door_config = device_config(opts, broker, models_dir, public_key_b64(key), no_spoof is None,
+            door_config = device_config(opts, broker, models_dir, public_key_b64(key), passive,
                                         self.stage.blank)
             if isinstance(door_config.camera, ReplayCameraConfig):
                 self.camera = SceneCamera(door_config.camera)
             self.door = DoorRunner(door_config, source=self.camera).start()
             self.stack.callback(self.door.close)
             detail.append(f"{DEVICE_ID} on a {'real' if opts.camera is not None else 'replay'} camera, "
-                          f"passive liveness {'on' if no_spoof is None else 'off'}, no bundle yet")
+                          f"liveness: {escape(self.summary.liveness)}, no bundle yet")
         ids: dict[str, str] = {}
         with phase(console, "enrolling over HTTP") as detail:
             self.api = Api(self.server.url, ADMIN, opts.password)

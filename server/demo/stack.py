@@ -23,7 +23,7 @@ from device.bundles.updater import BundleUpdater
 from device.camera import FrameSource
 from device.config import DeviceConfig, GalleryConfig
 from device.mqtt.client import MqttClient
-from device.mqtt.runtime import bundle_loader, open_store
+from device.mqtt.runtime import bundle_loader, make_delta_live, open_store
 from device.mqtt.service import DeviceMqtt
 from device.protocol.topics import Topics
 from models.runtime.manifest import load_manifest
@@ -160,7 +160,7 @@ class DoorRunner:
         self.agent.add_sink(self.mqtt.sink)
         self.updater = BundleUpdater(self.mqtt.client, self.mqtt.topics, config.device.id, store,
                                      config.bundle, on_installed=self._reload,
-                                     on_gallery_changed=self._reload)
+                                     on_gallery_changed=make_delta_live(self.agent))
         self.mqtt.attach_updater(self.updater)
 
     def _reload(self, _bundle: object) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import selectinload
 
 from server.api.auth import login_or_raise
 from server.api.deps import SESSION_COOKIE, SessionDep, StateDep, same_origin
-from server.api.events import device_out, event_query, rollout_state
+from server.api.events import EVENT_KINDS, device_out, event_detail, event_query, rollout_state
 from server.api.schemas import LoginRequest
 from server.api.uploads import person_out
 from server.auth.service import Principal, resolve_token, revoke_token
@@ -141,10 +141,11 @@ def events_page(request: Request, session: SessionDep, person_id: str = "", devi
     who = _who(request, session)
     if who is None:
         return _to_login()
-    kind = kind if kind in {"granted", "denied", "unknown", "spoof"} else ""
+    kind = kind if kind in EVENT_KINDS else ""
     query = event_query(person_id[:64] or None, device_id[:64] or None, kind or None, None, None)
     rows = session.scalars(query.order_by(EventRow.ts.desc(), EventRow.id.desc()).limit(PAGE_ROWS)).all()
-    return _page(request, "events.html", who, events=rows,
+    return _page(request, "events.html", who, events=rows, kinds=EVENT_KINDS,
+                 details={r.event_id: event_detail(r.payload or {}) for r in rows},
                  filters={"person_id": person_id[:64], "device_id": device_id[:64], "kind": kind})
 
 

@@ -22,6 +22,7 @@
       facegate.el("td", { text: e.person_name || e.person_id || "" }),
       facegate.el("td", { text: e.score === null ? "" : e.score.toFixed(3) }),
       facegate.el("td", { text: e.liveness || "" }),
+      facegate.el("td", { text: e.detail || "" }),
       facegate.el("td", { class: "mono", text: e.event_id }),
     ];
     return facegate.el("tr", { "data-event-id": e.event_id }, cells);

@@ -1,0 +1,200 @@
+"""Which levers make one-shot open-set identification better? A study on an identity-disjoint split.
+
+``python -m server.evaluation.levers --identities DIR`` splits the identities in two parts by a salted
+hash of the name (``part_of``): levers are tuned on the *tune* part and quoted on the *report* part,
+never the other way round. Inside a part, ``--draws`` random role draws (which half of the identities
+enrolls, which of their images enrolls) give the mean FNIR at FPIR 1e-2 / 1e-3, so that a lever's
+effect is not the luck of one split; the report part is also scored with the canonical split of
+`eval identify` (hash of the name, first image).
+
+Levers (each measured against the same baseline, int8 one-shot, identity score = best template):
+
+- embedding: horizontal-flip fusion (``+flip``), the alignment (``-keypoints`` vs the face mesh), and the
+  float / dlib references;
+- multi-template enrollment (K=3): best template (``max``) vs the mean template (``mean``);
+- score normalisation against a cohort: the gallery itself (T-norm over the probe's runner-up
+  identities, Z-norm of each template against the other templates, their mean, S-norm) or, as an
+  upper bound a door cannot ship, stranger images of the tune part;
+- the runner-up margin delta (``margin``: the best (tau, delta) at the target FPIR).
+
+Identities named with ``--drop`` are left out (label errors, e.g. one person under two identity ids).
+Embeddings come from the evaluation cache, so each variant embeds each image once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from server.evaluation.identify import (
+    REPORT_FPIRS,
+    Searches,
+    list_identities,
+    part_of,
+    rates,
+    tau_at_fpir,
+)
+from server.evaluation.openset import Scored, random_draw, score_draw, searches_of
+from server.evaluation.verify import ImageEmbedder, Vector
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DRAWS = 20
+MULTI_K = 3  # photos per person for the multi-template lever
+# Cohort size for the gallery T-/Z-norm: the runner-up identities whose scores give the statistics
+# (more is steadier but needs a larger gallery; FAISS's top_k is 10 on the door).
+COHORT_K = 8
+DELTA_GRID = tuple(round(d, 3) for d in np.arange(0.0, 0.081, 0.005))
+Matrix = npt.NDArray[np.float64]
+
+
+# ----------------------------------------------------------------------------- embeddings
+VARIANTS: dict[str, dict[str, Any]] = {
+    "int8": {"pipeline": "int8", "flip": False, "align": "mesh"},
+    "int8+flip": {"pipeline": "int8", "flip": True, "align": "mesh"},
+    "int8-keypoints": {"pipeline": "int8", "flip": False, "align": "keypoints"},
+    "float": {"pipeline": "float32", "flip": False, "align": "mesh"},
+    "float+flip": {"pipeline": "float32", "flip": True, "align": "mesh"},
+    "dlib": {"pipeline": "dlib"},
+}
+
+
+def make_embedder(variant: str, models_dir: Path | None) -> ImageEmbedder:
+    """The image embedder of a study variant."""
+    from server.evaluation.verify import DlibReference, PipelineEmbedder
+
+    spec = VARIANTS[variant]
+    if spec["pipeline"] == "dlib":
+        return DlibReference()
+    return PipelineEmbedder(spec["pipeline"], models_dir, align_method=spec["align"], flip_fusion=spec["flip"])
+
+
+def embed_variant(variant: str, root: Path, paths: list[str], models_dir: Path | None,
+                  progress: bool = True) -> dict[str, Vector | None]:
+    """Cached embeddings of ``paths`` by one variant."""
+    from server.evaluation.embed_cache import cached_embed_all
+
+    embedder = make_embedder(variant, models_dir)
+    try:
+        return cached_embed_all(embedder, root, paths, progress)
+    finally:
+        embedder.close()
+
+
+# ----------------------------------------------------------------------------- normalisations
+def _cohort_stats(s: Matrix, k: int, skip: int) -> tuple[Matrix, Matrix]:
+    """Mean and sd of each row's ranks skip..skip+k (descending), as columns."""
+    finite = np.where(np.isfinite(s), s, -1.0)
+    top = -np.sort(-finite, axis=1)[:, skip:skip + k]
+    mu = top.mean(axis=1, keepdims=True)
+    sd = np.maximum(top.std(axis=1, keepdims=True), 1e-3)
+    return mu, sd
+
+
+def tnorm(scored: Scored, s: Matrix, k: int = COHORT_K) -> Matrix:
+    """Probe-side normalisation with the gallery as cohort: (s - mu) / sd of the runner-up identities."""
+    mu, sd = _cohort_stats(s, k, skip=1)
+    out: Matrix = (s - mu) / sd
+    return out
+
+
+def template_stats(scored: Scored, k: int = COHORT_K) -> tuple[Matrix, Matrix]:
+    """Each enrolled identity's (mu, sd) against the other identities' templates (its Z-norm cohort)."""
+    first = np.stack([t[0] for t in scored.templates])
+    g = first @ first.T
+    np.fill_diagonal(g, -np.inf)
+    mu, sd = _cohort_stats(g, k, skip=0)
+    return mu.T, sd.T
+
+
+def znorm(scored: Scored, s: Matrix, k: int = COHORT_K) -> Matrix:
+    """Template-side normalisation with the other enrolled identities as cohort."""
+    mu, sd = template_stats(scored, k)
+    out: Matrix = (s - mu) / sd
+    return out
+
+
+def snorm(scored: Scored, s: Matrix, k: int = COHORT_K) -> Matrix:
+    """Symmetric normalisation: the mean of T-norm and Z-norm."""
+    out: Matrix = (tnorm(scored, s, k) + znorm(scored, s, k)) / 2.0
+    return out
+
+
+NORMALISERS: dict[str, Callable[[Scored, Matrix], Matrix]] = {
+    "tnorm": tnorm,
+    "znorm": znorm,
+    "snorm": snorm,
+}
+
+
+# ----------------------------------------------------------------------------- figures
+def det_figures(searches: Searches) -> dict[str, float]:
+    """FNIR at each reported FPIR (threshold only)."""
+    return {key: rates(searches, tau_at_fpir(searches.nonmated_score, float(key))).fnir for key in REPORT_FPIRS}
+
+
+def best_margin(searches: Searches, fpir: float) -> tuple[float, float, float]:
+    """(fnir, tau, delta): the delta of DELTA_GRID whose tau at ``fpir`` gives the lowest FNIR."""
+    best = (2.0, 0.0, 0.0)
+    for delta in DELTA_GRID:
+        margin_ok = searches.nonmated_score - searches.nonmated_runner_up >= delta
+        tau = tau_at_fpir(np.where(margin_ok, searches.nonmated_score, -np.inf), fpir)
+        fnir = rates(searches, tau, delta).fnir
+        if fnir < best[0] - 1e-12:
+            best = (fnir, tau, delta)
+    return best
+
+
+def summarise(values: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean and sd over draws of each figure."""
+    keys = values[0].keys()
+    return {k: {"mean": round(float(np.mean([v[k] for v in values])), 4),
+                "sd": round(float(np.std([v[k] for v in values])), 4)} for k in keys}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the study and print JSON."""
+    parser = argparse.ArgumentParser(description="Open-set lever study on an identity-disjoint split.")
+    parser.add_argument("--identities", type=Path, required=True)
+    parser.add_argument("--part", choices=["tune", "report"], default="tune")
+    parser.add_argument("--variants", default="int8,int8+flip")
+    parser.add_argument("--draws", type=int, default=DEFAULT_DRAWS)
+    parser.add_argument("--drop", default="", help="Comma-separated identities to leave out (label errors).")
+    parser.add_argument("--models-dir", type=Path, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    dropped = {d for d in args.drop.split(",") if d}
+    identities = {n: p for n, p in list_identities(args.identities).items()
+                  if part_of(n) == args.part and n not in dropped}
+    paths = [p for images in identities.values() for p in images]
+    result: dict[str, Any] = {"part": args.part, "identities": len(identities), "images": len(paths),
+                              "draws": args.draws, "variants": {}}
+    for variant in args.variants.split(","):
+        vectors = embed_variant(variant, args.identities, paths, args.models_dir)
+        rng = np.random.default_rng(args.seed)
+        rows: dict[str, list[dict[str, float]]] = {}
+        for _ in range(args.draws):
+            draw = random_draw(identities, 1, rng)
+            scored = score_draw(draw, vectors)
+            base = searches_of(scored)
+            rows.setdefault("one-shot", []).append(det_figures(base))
+            fn, tau, delta = best_margin(base, 1e-3)
+            rows.setdefault("one-shot+margin", []).append({"0.001": fn, "tau": tau, "delta": delta})
+            for name, norm in NORMALISERS.items():
+                s = searches_of(scored, norm(scored, scored.mated), norm(scored, scored.nonmated))
+                rows.setdefault(f"one-shot+{name}", []).append(det_figures(s))
+        result["variants"][variant] = {k: summarise(v) for k, v in rows.items()}
+        logger.info("%s: %s", variant, json.dumps(result["variants"][variant]))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

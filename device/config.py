@@ -134,8 +134,8 @@ class GalleryConfig(Strict):
     hnsw_ef_construction: int = Field(80, ge=8, le=4096, description="HNSW build breadth.")
     top_k: int = Field(10, ge=2, le=1000, description="Templates fetched per search.")
     identity_score: Literal["mean", "max"] = Field(
-        "mean", description="A person's score: cosine with the mean of their templates, or the best template "
-                            "(`python -m server.evaluation.levers`: mean wins with several photos per person).",
+        "mean", description="A person's score: cosine with the mean of their templates, or the best "
+                            "template (`python -m server.evaluation.levers`: mean wins with several photos).",
     )
 
 

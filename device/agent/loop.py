@@ -28,11 +28,11 @@ from device.agent.status import AgentStatus, Counters, RateMeter
 from device.camera import CameraSetupError, FrameSource
 from device.config import DeviceConfig
 from device.decide import AccessPolicy, DecisionEngine, FaceObservation, Tracker
+from device.decide.fusion import TrackFusion
 from device.door import Door, DoorError
 from device.gallery import Gallery
 from device.liveness.base import LivenessEngine, PassThroughLiveness
 from device.protocol.snapshots import SNAPSHOT_KINDS
-from device.decide.fusion import TrackFusion
 from device.types import Chip, Decision, DecisionKind, Detection, Embedding, Frame, ImageArray
 from device.vision.snapshot import encode_snapshot
 

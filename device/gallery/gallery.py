@@ -4,8 +4,9 @@ The index returns the ``top_k`` templates nearest the probe; their owners are th
 identities. A candidate's score is the cosine with the normalised mean of all its templates
 (``identity_score = "mean"``, the default: several photos of a person average out each one's pose and
 light) or with its best template (``"max"``); with one template both are that template's cosine.
-``search`` returns the best identity and the runner-up identity's score as a ``Match``; with a single enrolled person the runner-up is
-``NO_RUNNER_UP`` (the cosine floor), so the margin never blocks a lone enrollee.
+``search`` returns the best identity and the runner-up identity's score as a ``Match``; with a single
+enrolled person the runner-up is ``NO_RUNNER_UP`` (the cosine floor), so the margin never blocks a
+lone enrollee.
 Thread-safe: the frame loop searches while the MQTT thread applies add/remove deltas.
 """
 

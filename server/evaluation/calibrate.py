@@ -115,14 +115,18 @@ def _open_set(root: Path | None, fpir: float, sizes: tuple[int, ...], pipeline: 
         raise click.UsageError("--open-set needs --identities DIR (one subfolder per identity)")
     try:
         result = run_open_set(root, fpir, sizes or GALLERY_SIZES, pipeline, models_dir, draws,
-                              frozenset(n for n in exclude.split(",") if n), progress=not no_progress and not as_json)
+                              frozenset(n for n in exclude.split(",") if n),
+                              progress=not no_progress and not as_json)
     except IdentifyError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
         click.echo(json.dumps(result))
         return
-    click.echo(f"open-set, one-shot, target FPIR {fpir:g}: tau/delta chosen on {result['identities']['tune']} "
-               f"identities, measured on {result['identities']['report']} held-out identities ({draws} draws)")
+    parts = result["identities"]
+    click.echo(f"open-set, one-shot, target FPIR {fpir:g}: rule chosen on all {sum(parts.values())} "
+               f"identities; held-out = cross calibration between parts of {parts['tune']} and "
+               f"{parts['report']} identities "
+               f"({draws} draws)")
     click.echo(f"{'N':>7} {'tau':>7} {'delta':>6} {'FNIR':>7} {'FPIR':>8} {'held-out FNIR':>14} {'FPIR':>8}")
     for row in result["rows"]:
         held = row["heldout"]
@@ -142,7 +146,8 @@ def _open_set(root: Path | None, fpir: float, sizes: tuple[int, ...], pipeline: 
               help="Calibrate for 1:N open-set search instead: tau and delta per gallery size at --fpir.")
 @click.option("--identities", "root", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=None, help="Open set: folder with one subfolder of images per identity.")
-@click.option("--fpir", type=click.FloatRange(0.0, 1.0, min_open=True), default=DEFAULT_FAR, show_default=True,
+@click.option("--fpir", type=click.FloatRange(0.0, 1.0, min_open=True), default=DEFAULT_FAR,
+              show_default=True,
               help="Open set: target false positive identification rate (strangers let in).")
 @click.option("--gallery-size", "sizes", type=click.IntRange(min=1), multiple=True,
               help="Open set: persons enrolled (repeatable; default 10, 100, 1000, 10000).")

@@ -57,10 +57,17 @@ def verify(pairs_csv: Path, pipeline: str, models_dir: Path | None, folds: str |
                f"fail_to_detect {result['fail_to_detect']}")
     ten = result["tenfold"]
     if ten is not None:
-        acc, held = ten["accuracy"], ten["tar_at_far"]["0.001"]
-        click.echo(f"{ten['folds']}-fold (threshold from the other folds): accuracy {acc['mean']:.4f} "
-                   f"± {acc['sd']:.4f}; at FAR 1e-3: TAR {held['tar']['mean']:.4f} ± {held['tar']['sd']:.4f}, "
-                   f"FAR {held['far']['mean']:.4f} ± {held['far']['sd']:.4f}")
+        held = ten["tar_at_far"]["0.001"]
+        click.echo(f"{ten['folds']}-fold (threshold from the other folds): accuracy "
+                   f"{_mean_sd(ten['accuracy'])}; at FAR 1e-3: TAR {_mean_sd(held['tar'])}, "
+                   f"FAR {_mean_sd(held['far'])}")
+
+
+def _mean_sd(figure: dict[str, float | None]) -> str:
+    """'mean ± sd', or 'n/a' where no fold had the figure."""
+    if figure["mean"] is None or figure["sd"] is None:
+        return "n/a"
+    return f"{figure['mean']:.4f} ± {figure['sd']:.4f}"
 
 
 @cli.command("identify")
@@ -75,12 +82,14 @@ def verify(pairs_csv: Path, pipeline: str, models_dir: Path | None, folds: str |
                                  "(default: the calibrated defaults).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the DET curve (FNIR vs FPIR) to this PNG.")
+@click.option("--exclude", default="", help="Identities to leave out, comma-separated (known label errors, "
+                                            "e.g. one person under two names).")
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Built models folder (default: the `facegate models build` cache).")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def identify(root: Path, pipeline: str, enroll_per_person: int, config_path: Path | None, plot: Path | None,
-             models_dir: Path | None, as_json: bool, no_progress: bool) -> None:
+             exclude: str, models_dir: Path | None, as_json: bool, no_progress: bool) -> None:
     """One-shot open-set 1:N figures: FNIR at FPIR 1e-2 and 1e-3, and the device's rule as configured.
 
     Half of the identities (by a hash of the name) enroll their first K images; their other images are
@@ -95,7 +104,8 @@ def identify(root: Path, pipeline: str, enroll_per_person: int, config_path: Pat
 
     try:
         result = run_identify(root, pipeline, enroll_per_person, config_path, models_dir, plot,
-                              progress=not no_progress and not as_json)
+                              progress=not no_progress and not as_json,
+                              exclude=frozenset(n for n in exclude.split(",") if n))
     except (IdentifyError, PairsError, ConfigError, ManifestError, ModelLoadError,
             RuntimeUnavailableError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -106,5 +116,5 @@ def identify(root: Path, pipeline: str, enroll_per_person: int, config_path: Pat
     click.echo(f"{result['pipeline']}: {result['enrolled']} enrolled, {result['mated']} mated, "
                f"{result['nonmated']} non-mated probes, fail_to_detect {result['fail_to_detect']}")
     click.echo(f"FNIR @ FPIR 1e-2 {fnir['0.01']:.4f}  @ 1e-3 {fnir['0.001']:.4f}")
-    click.echo(f"at tau {cfg['tau']:.4f}, delta {cfg['delta']:.4f}: FNIR {cfg['fnir']:.4f}  FPIR {cfg['fpir']:.4f}"
-               f"  wrong id {cfg['wrong_id_rate']:.4f}")
+    click.echo(f"at tau {cfg['tau']:.4f}, delta {cfg['delta']:.4f}: FNIR {cfg['fnir']:.4f}  "
+               f"FPIR {cfg['fpir']:.4f}  wrong id {cfg['wrong_id_rate']:.4f}")

@@ -79,10 +79,12 @@ class SyntheticFaces:
     def centres(self, count: int) -> npt.NDArray[np.float32]:
         """Unnormalised identity centres."""
         if self.mix_parents == 0:  # new identities only: a Gaussian with the between-identity covariance
-            gaussian: npt.NDArray[np.float32] = (self.mu + self._combo(self.offsets, count)).astype(np.float32)
+            gaussian: npt.NDArray[np.float32] = (self.mu + self._combo(self.offsets, count)).astype(
+                np.float32)
             return gaussian
         parents = self.rng.integers(0, len(self.offsets), (count, self.mix_parents))
-        weights = self.rng.dirichlet(np.full(self.mix_parents, DIRICHLET_ALPHA), size=count).astype(np.float32)
+        alpha = np.full(self.mix_parents, DIRICHLET_ALPHA)
+        weights = self.rng.dirichlet(alpha, size=count).astype(np.float32)
         mixed = np.einsum("nk,nkd->nd", weights, self.offsets[parents])
         top_up = np.sqrt(np.clip(1.0 - (weights ** 2).sum(axis=1, keepdims=True), 0.0, 1.0))
         out: npt.NDArray[np.float32] = (self.mu + mixed + top_up * self._combo(self.offsets, count)).astype(

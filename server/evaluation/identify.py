@@ -121,7 +121,8 @@ def split_identities(identities: dict[str, list[str]], enroll_per_person: int,
 class Searches:
     """Each probe's top identity score, runner-up score and, for mated probes, whether it is right.
 
-    A probe without a face scores -inf (never accepted). ``enrolled`` counts persons with a template.
+    A probe without a face scores -inf (never accepted). ``enrolled`` counts persons with a template;
+    ``nonmated_ids`` names each stranger probe's identity (for resampling strangers by identity).
     """
 
     mated_score: npt.NDArray[np.float64]
@@ -130,6 +131,7 @@ class Searches:
     nonmated_score: npt.NDArray[np.float64]
     nonmated_runner_up: npt.NDArray[np.float64]
     enrolled: int
+    nonmated_ids: npt.NDArray[np.str_] | None = None
 
 
 def enroll_templates(split: Split, vectors: dict[str, Vector | None]) -> dict[str, Vector]:
@@ -154,8 +156,9 @@ def _search(gallery_cfg: GalleryConfig, templates: dict[str, Vector],
     dim = next(iter(templates.values())).shape[1]
     with Gallery.create(Path(os.devnull), dim, EVAL_SHA, gallery_cfg) as gallery:
         gallery.add_many((name, name, vecs) for name, vecs in templates.items())
-        rows = [i for i, v in enumerate(probes) if v is not None]
-        found = gallery.search_many(np.stack([probes[i] for i in rows])) if rows else []
+        present = [(i, v) for i, v in enumerate(probes) if v is not None]
+        rows = [i for i, _ in present]
+        found = gallery.search_many(np.stack([v for _, v in present])) if present else []
     out: list[Match | None] = [None] * len(probes)
     for i, match in zip(rows, found, strict=True):
         out[i] = match
@@ -178,9 +181,10 @@ def search_split(split: Split, vectors: dict[str, Vector | None],
 
     m_top, m_runner = scores(m)
     n_top, n_runner = scores(n)
-    correct = np.array([mt is not None and mt.person_id == name for mt, (name, _) in zip(m, mated, strict=True)],
-                       bool)
-    return Searches(m_top, m_runner, correct, n_top, n_runner, len(templates))
+    correct = np.array([mt is not None and mt.person_id == name
+                        for mt, (name, _) in zip(m, mated, strict=True)], bool)
+    return Searches(m_top, m_runner, correct, n_top, n_runner, len(templates),
+                    np.array([name for name, _ in split.nonmated]))
 
 
 def det_curve(searches: Searches) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64],
@@ -191,7 +195,8 @@ def det_curve(searches: Searches) -> tuple[npt.NDArray[np.float64], npt.NDArray[
     nm = np.sort(searches.nonmated_score)
     hits = np.sort(searches.mated_score[searches.mated_correct])
     fpir = (nm.size - np.searchsorted(nm, thresholds, side="left")) / max(nm.size, 1)
-    fnir = 1.0 - (hits.size - np.searchsorted(hits, thresholds, side="left")) / max(searches.mated_score.size, 1)
+    mated = max(searches.mated_score.size, 1)
+    fnir = 1.0 - (hits.size - np.searchsorted(hits, thresholds, side="left")) / mated
     return fpir, fnir, thresholds
 
 
@@ -256,8 +261,10 @@ def plot_det(curves: dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.flo
         ax.plot(max(fp, floor), max(fn, floor), "o", label=label)
     for x in (1e-3, 1e-2):
         ax.axvline(x, color="0.8", lw=0.8, zorder=0)
-    ax.set(xscale="log", yscale="log", xlim=(floor, 1.0), ylim=(floor * 10, 1.0), xlabel="FPIR (strangers let in)",
-           ylabel="FNIR (enrolled people refused)", title=title)
+    lowest = min([float(np.min(fnir[fnir > 0])) for _, fnir in curves.values() if np.any(fnir > 0)]
+                 or [floor])
+    ax.set(xscale="log", yscale="log", xlim=(floor, 1.0), ylim=(max(floor, lowest / 2), 1.0),
+           xlabel="FPIR (strangers let in)", ylabel="FNIR (enrolled people refused)", title=title)
     ax.legend(fontsize=8)
     ax.grid(True, which="major", alpha=0.3)
     fig.tight_layout()
@@ -278,8 +285,8 @@ def decision_config(config_path: Path | None) -> tuple[DecisionConfig, GalleryCo
 
 
 def run_identify(root: Path, pipeline: str, enroll_per_person: int = 1, config_path: Path | None = None,
-                 models_dir: Path | None = None, plot: Path | None = None,
-                 progress: bool = True) -> dict[str, Any]:
+                 models_dir: Path | None = None, plot: Path | None = None, progress: bool = True,
+                 exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The whole protocol for one pipeline; returns the JSON-ready result of `eval identify`."""
     from server.evaluation.embed_cache import cached_embed_all
     from server.evaluation.verify import PIPELINES, PipelineEmbedder
@@ -287,7 +294,8 @@ def run_identify(root: Path, pipeline: str, enroll_per_person: int = 1, config_p
     if pipeline not in PIPELINES:
         raise IdentifyError(f"unknown pipeline '{pipeline}' (known: {sorted(PIPELINES)})")
     decision, gallery_cfg = decision_config(config_path)
-    split = split_identities(list_identities(root), enroll_per_person)
+    identities = {n: p for n, p in list_identities(root).items() if n not in exclude}
+    split = split_identities(identities, enroll_per_person)
     if pipeline == "dlib":
         embedder = PIPELINES[pipeline](models_dir=models_dir)
     else:

@@ -136,8 +136,12 @@ def best_accuracy_threshold(scores: npt.ArrayLike, labels: npt.ArrayLike) -> flo
     return float(cands[int(np.argmax(accuracy))])
 
 
-def _mean_sd(values: list[float]) -> dict[str, float]:
-    return {"mean": float(np.mean(values)), "sd": float(np.std(values))}
+def _mean_sd(values: list[float]) -> dict[str, float | None]:
+    """Mean and sd over the folds where the figure exists (null in JSON when none has it)."""
+    finite = [v for v in values if np.isfinite(v)]
+    if not finite:
+        return {"mean": None, "sd": None}
+    return {"mean": float(np.mean(finite)), "sd": float(np.std(finite))}
 
 
 def tenfold_report(scores: npt.ArrayLike, labels: npt.ArrayLike, folds: npt.ArrayLike,
@@ -169,5 +173,6 @@ def tenfold_report(scores: npt.ArrayLike, labels: npt.ArrayLike, folds: npt.Arra
         "folds": len(names),
         "accuracy": _mean_sd(accuracy),
         "threshold": _mean_sd(thresholds),
-        "tar_at_far": {key: {"tar": _mean_sd(v["tar"]), "far": _mean_sd(v["far"])} for key, v in at_far.items()},
+        "tar_at_far": {key: {"tar": _mean_sd(v["tar"]), "far": _mean_sd(v["far"])}
+                       for key, v in at_far.items()},
     }

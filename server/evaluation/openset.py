@@ -3,9 +3,11 @@
 A door searches every face against the N persons enrolled, so a stranger's chance of landing above tau
 grows with N. ``facegate eval calibrate --open-set --fpir 1e-3 --gallery-size N`` measures it:
 
-1. The identities of ``--identities`` are split in two by a salted hash of the name
-   (``identify.part_of``): tau and delta are chosen on the *tune* part and the operating point is
-   quoted on the *report* part (held-out identities, never used to choose anything).
+1. The identities of ``--identities`` are split in two parts by a salted hash of the name
+   (``identify.part_of``). The operating point is quoted by cross calibration: tau and delta chosen on
+   one part are measured on the other (held-out identities), both ways, and averaged. The rule that
+   ships is then chosen the same way on all identities together (more strangers, a steadier tail),
+   like a 10-fold protocol reports held-out folds and deploys the threshold of all the data.
 2. In a part, each of ``draws`` role draws enrolls half of the identities from one random photo; their
    other photos are mated probes, every photo of the other half is a stranger.
 3. The gallery is made N persons: a random subset of the enrolled when N is smaller (the persons left
@@ -14,9 +16,10 @@ grows with N. ``facegate eval calibrate --open-set --fpir 1e-3 --gallery-size N`
    for that draw (neither enrolled nor strangers). Each probe is scored against the whole gallery
    (exact search, identity = best template).
 4. Pooled over the draws, for each delta of ``DELTA_GRID``: tau is the lowest threshold whose FPIR
-   (strangers passing ``score >= tau`` and ``margin >= delta``) does not exceed the target, and FNIR is
-   measured there; the delta with the lowest FNIR is kept, or none when the margin buys less than
-   ``MARGIN_MIN_GAIN``. The same rule is then measured on the report part.
+   (strangers passing ``score >= tau`` and ``margin >= delta``) stays within the target for
+   ``CONFIDENCE`` of identity-bootstrap resamples of the strangers (``tau_bound``: at 1e-3 a few
+   look-alike strangers decide it), and FNIR is measured there; the delta with the lowest FNIR is
+   kept, or none when the margin buys less than ``MARGIN_MIN_GAIN``.
 
 The score matrices here are plain numpy (exact search), which is what the device's exact index returns.
 """
@@ -44,6 +47,12 @@ DEFAULT_DRAWS = 10
 DELTA_GRID = tuple(round(float(d), 3) for d in np.arange(0.0, 0.0601, 0.005))
 # 1/this of the identities is set aside as the distractor source when the gallery needs distractors.
 DISTRACTOR_SOURCE_SHARE = 3
+# The door's tau keeps FPIR within the target for this share of stranger populations (identity
+# bootstrap): the tune part's few look-alikes must not set it alone. 0 = the sample's own tau.
+CONFIDENCE = 0.9
+BOOTSTRAP = 200
+# With a margin, tau alone must still hold FPIR within this many times the target.
+MARGIN_TAU_FLOOR_FACTOR = 10.0
 # Fewer identities per part cannot give a stranger set worth a tau.
 MIN_PART_IDENTITIES = 6
 # A margin is kept only when it lowers FNIR at the target FPIR by at least this much (absolute):
@@ -112,6 +121,7 @@ class Scored:
     mated_truth: npt.NDArray[np.int64]
     nonmated: Matrix
     templates: list[Matrix]
+    nonmated_ids: npt.NDArray[np.str_]
 
 
 def score_draw(draw: Draw, vectors: dict[str, Vector | None], how: str = "max",
@@ -143,14 +153,16 @@ def score_draw(draw: Draw, vectors: dict[str, Vector | None], how: str = "max",
         if distractors is not None and len(distractors):
             s = np.hstack([s, probes @ distractors.T])
         s[~found] = -np.inf
-        return s
+        out: Matrix = s
+        return out
 
     mated = [(n, p) for n, p in draw.mated if n in index]
     m_probes, m_found = stack([p for _, p in mated], vectors, dim)
     n_probes, n_found = stack([p for _, p in draw.nonmated], vectors, dim)
     extra = [f"synthetic-{i}" for i in range(0 if distractors is None else len(distractors))]
     return Scored([*names, *extra], matrix(m_probes, m_found),
-                  np.array([index[n] for n, _ in mated], np.int64), matrix(n_probes, n_found), templates)
+                  np.array([index[n] for n, _ in mated], np.int64), matrix(n_probes, n_found), templates,
+                  np.array([n for n, _ in draw.nonmated]))
 
 
 def _top2(s: Matrix) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
@@ -169,14 +181,23 @@ def searches_of(scored: Scored, m: Matrix | None = None, n: Matrix | None = None
     _, ns, nr = _top2(scored.nonmated if n is None else n)
     fm, fn = np.isfinite(ms), np.isfinite(ns)
     return Searches(np.where(fm, ms, -np.inf), np.where(fm, mr, -np.inf), (mb == scored.mated_truth) & fm,
-                    np.where(fn, ns, -np.inf), np.where(fn, nr, -np.inf), len(scored.names))
+                    np.where(fn, ns, -np.inf), np.where(fn, nr, -np.inf), len(scored.names),
+                    scored.nonmated_ids)
 
 
 def pool(parts: Sequence[Searches]) -> Searches:
     """Several draws' searches as one set (rates over all their probes)."""
-    return Searches(*(np.concatenate([getattr(p, f) for p in parts]) for f in (
-        "mated_score", "mated_runner_up", "mated_correct", "nonmated_score", "nonmated_runner_up")),
-        enrolled=int(np.mean([p.enrolled for p in parts])))
+    ids = [p.nonmated_ids for p in parts]
+
+    def joined(field: str) -> npt.NDArray[Any]:
+        out: npt.NDArray[Any] = np.concatenate([getattr(p, field) for p in parts])
+        return out
+
+    return Searches(joined("mated_score"), joined("mated_runner_up"), joined("mated_correct"),
+                    joined("nonmated_score"), joined("nonmated_runner_up"),
+                    enrolled=int(np.mean([p.enrolled for p in parts])),
+                    nonmated_ids=None if any(i is None for i in ids) else np.concatenate(
+                        [i for i in ids if i is not None]))
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -223,28 +244,63 @@ def gallery_searches(vectors: dict[str, Vector | None], identities: dict[str, li
 
 @dataclass(frozen=True, slots=True)
 class OperatingRow:
-    """A calibrated (tau, delta) for a gallery size, with its rates where chosen and where held out."""
+    """A calibrated (tau, delta) for a gallery size, its in-sample rates and its held-out estimate.
+
+    ``heldout`` is the mean over the two folds of the cross calibration (rule chosen on one part,
+    rates measured on the other); ``folds`` has each direction.
+    """
 
     gallery_size: int
     tau: float
     delta: float
     fnir: float
     fpir: float
-    heldout: dict[str, float] | None
+    heldout: dict[str, float]
+    folds: list[dict[str, Any]]
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         return {"gallery_size": self.gallery_size, "tau": self.tau, "delta": self.delta, "fnir": self.fnir,
-                "fpir": self.fpir, "heldout": self.heldout}
+                "fpir": self.fpir, "heldout": self.heldout, "folds": self.folds}
 
 
-def choose_rule(searches: Searches, fpir: float, deltas: Sequence[float] = DELTA_GRID) -> tuple[float, float]:
-    """(tau, delta) with the lowest FNIR at ``fpir``; delta 0 unless the margin gains MARGIN_MIN_GAIN."""
+def tau_bound(nonmated: npt.NDArray[np.float64], ids: npt.NDArray[np.str_] | None, fpir: float,
+              confidence: float = CONFIDENCE, seed: int = 0) -> float:
+    """tau whose FPIR stays within ``fpir`` for a ``confidence`` share of stranger populations.
+
+    A handful of look-alike strangers decides FPIR at 1e-3, so the strangers are resampled *by
+    identity* (bootstrap, ``BOOTSTRAP`` times) and the ``confidence`` quantile of the taus is kept;
+    never below the tau of the sample itself. Without identities, the sample's tau.
+    """
+    plain = tau_at_fpir(nonmated, fpir)
+    if ids is None or confidence <= 0.0:
+        return plain
+    rng = np.random.default_rng(seed)
+    names, inverse = np.unique(ids, return_inverse=True)
+    groups = [np.flatnonzero(inverse == g) for g in range(len(names))]
+    taus = []
+    for _ in range(BOOTSTRAP):
+        pick = rng.integers(0, len(groups), len(groups))
+        taus.append(tau_at_fpir(nonmated[np.concatenate([groups[g] for g in pick])], fpir))
+    return max(plain, float(np.quantile(taus, confidence)))
+
+
+def choose_rule(searches: Searches, fpir: float, deltas: Sequence[float] = DELTA_GRID,
+                confidence: float = 0.0) -> tuple[float, float]:
+    """(tau, delta) with the lowest FNIR at ``fpir``; delta 0 unless the margin gains MARGIN_MIN_GAIN.
+
+    With ``confidence`` > 0, each tau is the identity-bootstrap bound of ``tau_bound``. With a margin,
+    tau alone must still keep FPIR within ``MARGIN_TAU_FLOOR_FACTOR`` times the target: the margin is
+    a guard on top of the threshold, never the only one (it shrinks for everyone as N grows).
+    """
     results = []
+    floor = tau_at_fpir(searches.nonmated_score, min(1.0, MARGIN_TAU_FLOOR_FACTOR * fpir))
     for delta in deltas:
         with np.errstate(invalid="ignore"):
             margin_ok = searches.nonmated_score - searches.nonmated_runner_up >= delta
-        tau = tau_at_fpir(np.where(margin_ok, searches.nonmated_score, -np.inf), fpir)
+        tau = tau_bound(np.where(margin_ok, searches.nonmated_score, -np.inf), searches.nonmated_ids, fpir,
+                        confidence)
+        tau = max(tau, floor) if delta > 0 else tau
         results.append((rates(searches, tau, delta).fnir, tau, delta))
     plain = next(r for r in results if r[2] == 0.0)
     best = min(results, key=lambda r: (r[0], r[2]))
@@ -257,29 +313,43 @@ def _rounded_up(tau: float) -> float:
     return float(np.ceil(tau * 1e4) / 1e4) if tau > -1.0 else -1.0
 
 
-def calibrate_sizes(tune: tuple[dict[str, Vector | None], dict[str, list[str]]],
-                    report: tuple[dict[str, Vector | None], dict[str, list[str]]] | None,
-                    sizes: Sequence[int], fpir: float, draws: int = DEFAULT_DRAWS, seed: int = 0,
-                    how: str = "max") -> list[OperatingRow]:
-    """One calibrated row per gallery size: chosen on ``tune``, measured on ``report`` when given."""
+Part = tuple[dict[str, Vector | None], dict[str, list[str]]]
+
+
+def calibrate_sizes(parts: dict[str, Part], sizes: Sequence[int], fpir: float, draws: int = DEFAULT_DRAWS,
+                    seed: int = 0, how: str = "max", confidence: float = CONFIDENCE) -> list[OperatingRow]:
+    """One row per gallery size: the rule chosen on all parts together (what ships), and its held-out
+    estimate by cross calibration (chosen on each part, measured on the other)."""
+    names = sorted(parts)
+    vectors = {k: v for part in parts.values() for k, v in part[0].items()}
+    union: Part = (vectors, {n: p for part in parts.values() for n, p in part[1].items()})
     rows = []
     for size in sizes:
-        chosen = gallery_searches(*tune, size, draws, seed, how)
-        tau, delta = choose_rule(chosen, fpir)
+        searched = {name: gallery_searches(*parts[name], size, draws, seed, how) for name in names}
+        folds = []
+        for chosen_on in names:
+            tau, delta = choose_rule(searched[chosen_on], fpir, confidence=confidence)
+            tau = _rounded_up(tau)
+            for other in (n for n in names if n != chosen_on):
+                r = rates(searched[other], tau, delta)
+                folds.append({"chosen_on": chosen_on, "measured_on": other, "tau": tau, "delta": delta,
+                              "fnir": round(r.fnir, 4), "fpir": round(r.fpir, 5),
+                              "wrong_id_rate": round(r.wrong_id_rate, 5)})
+        everything = gallery_searches(*union, size, draws, seed, how)
+        tau, delta = choose_rule(everything, fpir, confidence=confidence)
         tau = _rounded_up(tau)
-        at = rates(chosen, tau, delta)
-        held = None
-        if report is not None:
-            h = rates(gallery_searches(*report, size, draws, seed + 1, how), tau, delta)
-            held = {"fnir": round(h.fnir, 4), "fpir": round(h.fpir, 5), "wrong_id_rate": round(h.wrong_id_rate, 5)}
-        rows.append(OperatingRow(size, tau, delta, round(at.fnir, 4), round(at.fpir, 5), held))
-        logger.info("N=%d: tau %.4f delta %.3f: FNIR %.4f FPIR %.5f (tune)%s", size, tau, delta, at.fnir,
-                    at.fpir, f"; held-out {held}" if held else "")
+        at = rates(everything, tau, delta)
+        heldout = {key: round(float(np.mean([f[key] for f in folds])), 5)
+                   for key in ("fnir", "fpir", "wrong_id_rate")} if folds else {}
+        rows.append(OperatingRow(size, tau, delta, round(at.fnir, 4), round(at.fpir, 5), heldout, folds))
+        logger.info("N=%d: tau %.4f delta %.3f: FNIR %.4f FPIR %.5f (all identities); held-out %s", size, tau,
+                    delta, at.fnir, at.fpir, heldout)
     return rows
 
 
 def run_open_set(root: Path, fpir: float, sizes: Sequence[int], pipeline: str = "int8",
-                 models_dir: Path | None = None, draws: int = DEFAULT_DRAWS, exclude: frozenset[str] = frozenset(),
+                 models_dir: Path | None = None, draws: int = DEFAULT_DRAWS,
+                 exclude: frozenset[str] = frozenset(),
                  seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """`eval calibrate --open-set`: embed (cached), split tune/report, calibrate each gallery size."""
     from server.evaluation.embed_cache import cached_embed_all
@@ -298,7 +368,8 @@ def run_open_set(root: Path, fpir: float, sizes: Sequence[int], pipeline: str = 
                                    progress)
     finally:
         embedder.close()
-    rows = calibrate_sizes((vectors, parts["tune"]), (vectors, parts["report"]), sizes, fpir, draws, seed)
+    rows = calibrate_sizes({part: (vectors, members) for part, members in parts.items()}, sizes, fpir,
+                           draws, seed)
     return {"fpir": fpir, "pipeline": pipeline, "draws": draws,
             "identities": {part: len(members) for part, members in parts.items()},
             "rows": [row.as_dict() for row in rows]}

@@ -2,8 +2,9 @@
 
 Real part: int8 embeddings of the shared CelebA crops (``REAL_PER_IDENTITY`` photos of each identity),
 or, without ``../shared``, augmented crops of scikit-image's astronaut (one identity only: degraded,
-said so in the output). Embeddings are cached under ``~/.cache/facegate/bench`` keyed by model sha256.
-The synthetic identities built from them are ``server.evaluation.distractors.SyntheticFaces``.
+said so in the output). Embeddings are cached under ``~/.cache/facegate/bench`` keyed by the pipeline
+(model sha256, alignment, flip fusion). The synthetic identities built from them are
+``server.evaluation.distractors.SyntheticFaces``.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def real_faces(models_dir: Path, shared: Path | None, progress: bool = True) -> 
 
     with FacePipeline.from_models_dir(models_dir, embedder_variant="int8") as pipeline:
         source = "celeba" if shared is not None else "skimage-astronaut (one identity: degraded)"
-        tag = f"{pipeline.model_sha256}|{source}|{REAL_PER_IDENTITY}"
+        tag = f"{pipeline.ident}|{source}|{REAL_PER_IDENTITY}"  # model, alignment, flip fusion
         key = hashlib.sha256(tag.encode()).hexdigest()[:16]
         cache = CACHE_DIR / f"real-{key}.npz"
         if cache.is_file():

@@ -12,7 +12,11 @@ The protocol, on a folder with one subfolder per identity (JPEG, PNG or PGM imag
   passes;
 - a probe with no face found is a miss if mated and a rejection if non-mated; an enrollment image with
   no face is refused as an enrollment station would (counted in ``fail_to_detect``), and an identity
-  with no usable enrollment image is not enrolled (its probes are then left out).
+  with no usable enrollment image is not enrolled (its probes are then left out);
+- ``--exclude`` leaves named identities out (known label errors: one person under two names would
+  otherwise be a "stranger" who rightly matches).
+
+Embeddings are cached on disk per pipeline (``server.evaluation.embed_cache``).
 
 Figures: FNIR at FPIR 1e-2 and 1e-3 (the threshold alone, the DET curve) and ``at_config``: the
 device's decision rule (``score >= tau`` and ``margin >= delta``) as configured, or with the defaults.
@@ -94,12 +98,11 @@ class Split:
             [p for _, p in self.mated] + [p for _, p in self.nonmated]
 
 
-def split_identities(identities: dict[str, list[str]], enroll_per_person: int,
-                     enrolled: set[str] | None = None) -> Split:
-    """The protocol's roles; ``enrolled`` overrides the hash split (studies that redraw roles)."""
+def split_identities(identities: dict[str, list[str]], enroll_per_person: int) -> Split:
+    """The protocol's roles: hash-enrolled identities enroll their first K images."""
     if enroll_per_person < 1:
         raise IdentifyError("--enroll-per-person must be at least 1")
-    chosen = {name for name in identities if is_enrolled(name)} if enrolled is None else enrolled
+    chosen = {name for name in identities if is_enrolled(name)}
     enroll: dict[str, list[str]] = {}
     mated: list[tuple[str, str]] = []
     nonmated: list[tuple[str, str]] = []

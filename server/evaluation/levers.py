@@ -1,21 +1,22 @@
 """Which levers make one-shot open-set identification better? A study on an identity-disjoint split.
 
-``python -m server.evaluation.levers --identities DIR`` splits the identities in two parts by a salted
-hash of the name (``part_of``): levers are tuned on the *tune* part and quoted on the *report* part,
-never the other way round. Inside a part, ``--draws`` random role draws (which half of the identities
-enrolls, which of their images enrolls) give the mean FNIR at FPIR 1e-2 / 1e-3, so that a lever's
-effect is not the luck of one split; the report part is also scored with the canonical split of
-`eval identify` (hash of the name, first image).
+``python -m server.evaluation.levers --identities DIR`` keeps the identities of one part of the
+salted-hash split (``identify.part_of``): levers are chosen on ``--part tune`` and quoted on
+``--part report``, never the other way round. Inside a part, ``--draws`` random role draws (which half
+of the identities enrolls, which of their photos enrolls) give the mean and sd of FNIR at FPIR 1e-2 /
+1e-3, so that a lever's effect is not the luck of one split; ``--plot`` draws the DET of each variant
+on the `eval identify` split of the part.
 
-Levers (each measured against the same baseline, int8 one-shot, identity score = best template):
+Levers (each against the same baseline, int8 one-shot, identity score = best template):
 
-- embedding: horizontal-flip fusion (``+flip``), the alignment (``-keypoints`` vs the face mesh), and the
-  float / dlib references;
-- multi-template enrollment (K=3): best template (``max``) vs the mean template (``mean``);
+- embedding (``VARIANTS``): horizontal-flip fusion (``+flip``), the alignment (``-keypoints`` vs the
+  face mesh), float32, and the dlib reference (dlib's own 5-point chip with the same network);
+- multi-template enrollment (K=3): best template (``max``), mean template (``mean``), mean score;
 - score normalisation against a cohort: the gallery itself (T-norm over the probe's runner-up
-  identities, Z-norm of each template against the other templates, their mean, S-norm) or, as an
-  upper bound a door cannot ship, stranger images of the tune part;
-- the runner-up margin delta (``margin``: the best (tau, delta) at the target FPIR).
+  identities, Z-norm of each template against the other templates, S-norm) or, as a bound a door
+  cannot ship, an external cohort of stranger photos (a third of the identities set aside);
+- the runner-up margin delta (``openset.choose_rule`` at FPIR 1e-3);
+- track-level fusion at the door (``--track-variants``, ``server.evaluation.tracks``).
 
 Identities named with ``--drop`` are left out (label errors, e.g. one person under two identity ids).
 Embeddings come from the evaluation cache, so each variant embeds each image once.

@@ -7,7 +7,6 @@ import numpy as np
 from server.evaluation.levers import multi_template_study, one_shot_study
 from server.evaluation.tracks import camera_frame
 
-
 Vectors = dict[str, np.ndarray | None]
 
 

@@ -138,6 +138,10 @@ class GalleryConfig(Strict):
     hnsw_ef_search: int = Field(64, ge=8, le=4096, description="HNSW search breadth.")
     hnsw_ef_construction: int = Field(80, ge=8, le=4096, description="HNSW build breadth.")
     top_k: int = Field(10, ge=2, le=1000, description="Templates fetched per search.")
+    identity_score: Literal["mean", "max"] = Field(
+        "mean", description="A person's score: cosine with the mean of their templates, or the best "
+                            "template (`python -m server.evaluation.levers`: mean wins with several photos).",
+    )
 
 
 class DecisionConfig(Strict):
@@ -160,6 +164,11 @@ class DecisionConfig(Strict):
     confirm_n: int = Field(3, ge=1, le=100, description="Window of frames for the k-of-n vote.")
     cooldown_s: float = Field(10.0, ge=0, le=3600, description="One event per person per this window.")
     track_timeout_s: float = Field(1.5, gt=0, le=60, description="A track ends after this long unseen.")
+    fuse_frames: int = Field(
+        1, ge=1, le=30,
+        description="Search the mean embedding of the track's best-quality frames, up to this many "
+                    "(1 = each frame alone; `python -m server.evaluation.levers` measures it).",
+    )
 
     @model_validator(mode="after")
     def _k_le_n(self) -> DecisionConfig:

@@ -17,6 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FACEGATE_SHARED", REPO.parent / "shared"))
 MOSQUITTO_CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto")
 BROKER_START_TIMEOUT_S = 10.0
+# Evaluation embeddings of test images are cached with the other slow test inputs, not in ~/.cache.
+os.environ.setdefault("FACEGATE_EVAL_CACHE", str(Path(os.environ.get(
+    "FACEGATE_TEST_CACHE", Path(os.environ.get("TMPDIR", "/tmp")) / "facegate-test-cache")) / "eval"))
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

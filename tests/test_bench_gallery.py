@@ -28,3 +28,5 @@ def test_bench_gallery_json_small(tmp_path: Path, built_models: Path,
     assert ivf.exit_code == 0, ivf.output
     row = json.loads(ivf.stdout)["results"][0]
     assert row["index"]["kind"] == "ivf" and row["index"]["nlist"] >= 1 and 0.9 <= row["recall_at_1"] <= 1.0
+    assert 0.0 <= row["fpir"] <= 1.0 and 0.0 <= row["fnir"] <= 1.0 and row["nonmated"] == 50
+    assert -1.0 <= row["tau"] <= 1.0 and row["delta"] >= 0.0

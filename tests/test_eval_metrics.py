@@ -7,10 +7,12 @@ import pytest
 
 from server.evaluation.metrics import (
     MetricsError,
+    best_accuracy_threshold,
     equal_error_rate,
     roc_auc,
     roc_curve,
     tar_at_far,
+    tenfold_report,
     threshold_at_far,
     verification_report,
 )
@@ -96,3 +98,23 @@ def test_bad_input(scores: list[float], labels: list[int], match: str) -> None:
 def test_far_out_of_range() -> None:
     with pytest.raises(MetricsError, match="far"):
         threshold_at_far(SCORES, LABELS, 1.5)
+
+
+def test_best_accuracy_threshold_separates_when_it_can() -> None:
+    t = best_accuracy_threshold([0.9, 0.8, 0.3, 0.2, -np.inf], [1, 1, 0, 0, 1])
+    assert 0.3 < t < 0.8
+
+
+def test_tenfold_chooses_each_threshold_on_the_other_folds() -> None:
+    rng = np.random.default_rng(0)
+    folds = np.repeat(np.arange(1, 11), 200)
+    labels = np.tile(np.repeat([1, 0], 100), 10)
+    scores = np.where(labels == 1, rng.normal(0.9, 0.05, 2000), rng.normal(0.6, 0.05, 2000))
+    scores[(folds == 3) & (labels == 0)] += 0.5  # one fold's impostors look genuine
+    report = tenfold_report(scores, labels, folds)
+    assert report is not None and report["folds"] == 10
+    # fold 3 cannot be tuned for: its impostors pass the others' threshold, so accuracy varies
+    assert report["accuracy"]["mean"] == pytest.approx(0.95, abs=0.01)
+    assert report["accuracy"]["sd"] > 0.1
+    assert report["tar_at_far"]["0.001"]["far"]["mean"] > 0.05
+    assert tenfold_report(scores[folds == 1], labels[folds == 1], folds[folds == 1]) is None

@@ -19,7 +19,7 @@ from server.evaluation.cli import cli
 from server.evaluation.verify import PairsError, pair_scores, read_pairs, run_verify
 
 data: Any = skimage_data  # scikit-image's loaders are untyped
-CONTRACT_KEYS = {"pipeline", "pairs", "auc", "eer", "tar_at_far", "fail_to_detect"}
+CONTRACT_KEYS = {"pipeline", "pairs", "auc", "eer", "tar_at_far", "fail_to_detect", "tenfold"}
 
 
 def _write(path: Path, rgb: np.ndarray) -> None:
@@ -68,6 +68,10 @@ def test_verify_contract(pairs_csv: Path, built_models: Path, pipeline: str) -> 
     assert 0.0 <= result["auc"] <= 1.0 and 0.0 <= result["eer"] <= 1.0
     # 2 of 3 genuine pairs found (the third has no face): at most 2/3 accepted at any FAR
     assert result["tar_at_far"]["0.01"] <= 2 / 3 + 1e-9
+    # two folds: each scored at the threshold chosen on the other
+    ten = result["tenfold"]
+    assert ten["folds"] == 2 and 0.0 <= ten["accuracy"]["mean"] <= 1.0 and ten["accuracy"]["sd"] >= 0.0
+    assert set(ten["tar_at_far"]) == {"0.01", "0.001"}
 
 
 def test_failed_pairs_score_minus_inf(pairs_csv: Path) -> None:

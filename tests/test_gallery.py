@@ -43,19 +43,38 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(7)
 
 
-def test_identity_score_is_max_over_templates_and_runner_up_is_another_identity(
-        tmp_path: Path, rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("rule", ["max", "mean"])
+def test_identity_score_follows_the_rule_and_runner_up_is_another_identity(
+        tmp_path: Path, rng: np.random.Generator, rule: str) -> None:
     alice, bob = unit(rng, 3), unit(rng, 1)
-    g = Gallery.create(tmp_path, DIM, SHA, GalleryConfig(top_k=2))
+    g = Gallery.create(tmp_path, DIM, SHA, GalleryConfig(top_k=2, identity_score=rule))  # type: ignore[arg-type]
     g.add_person("alice", "Alice", alice)
     g.add_person("bob", "Bob", bob)
     probe = near(alice[1], rng, 0.01)
     match = g.search(probe)
     assert match.person_id == "alice" and match.name == "Alice"
-    assert match.score == pytest.approx(float(np.max(alice @ probe)), abs=1e-5)
+    mean = alice.mean(axis=0) / np.linalg.norm(alice.mean(axis=0))
+    expected = float(np.max(alice @ probe)) if rule == "max" else float(mean @ probe)
+    assert match.score == pytest.approx(expected, abs=1e-5)
     # top_k=2 holds only Alice's templates: the gallery widens k to find Bob as runner-up
     assert match.runner_up_score == pytest.approx(float(bob[0] @ probe), abs=1e-5)
     assert match.margin == pytest.approx(match.score - match.runner_up_score)
+    # a new template changes the mean; removing the person forgets it
+    g.add_person("alice", "Alice", near(alice[0], rng, 0.01))
+    grown = g.search(probe)
+    assert (grown.score == pytest.approx(match.score, abs=1e-5)) is (rule == "max")
+    g.remove_person("alice")
+    assert g.search(probe).person_id == "bob"
+
+
+def test_templates_that_cancel_out_fall_back_to_the_best_template(tmp_path: Path,
+                                                                  rng: np.random.Generator) -> None:
+    v = unit(rng, 1)
+    g = Gallery.create(tmp_path, DIM, SHA, GalleryConfig(identity_score="mean"))
+    g.add_person("odd", "Odd", np.concatenate([v, -v]))
+    g.add_person("other", "Other", unit(rng, 1))
+    match = g.search(v[0])
+    assert match.person_id == "odd" and match.score == pytest.approx(1.0, abs=1e-5)
 
 
 def test_single_person_has_no_runner_up_and_empty_gallery_matches_nobody(tmp_path: Path,

@@ -3,10 +3,11 @@
 The capture thread owns the camera: it opens it, reads and paces frames, and hands them over with
 ``put_nowait`` into a bounded queue, dropping the oldest (or the newest) frame when full and counting it.
 When the camera fails it counts the error, locks the door, closes the source and retries with the
-source's exponential backoff until the camera is back. The processing thread owns the tracker and the
-decision engine: analyze (detect, align, embed) -> liveness -> gallery search -> decide (recognition, then
-the ``[access]`` policy) -> door -> sink. Only when a sink asks for snapshots does an unknown/spoof
-decision carry a JPEG of the face region (``Decision.snapshot``).
+source's exponential backoff until the camera is back. The processing thread owns the tracker, the
+track fusion and the decision engine: analyze (detect, align, embed) -> liveness -> track fusion
+(``device.decide.fusion``: the mean of the track's best frames when ``decision.fuse_frames`` > 1) ->
+gallery search -> decide (recognition, then the ``[access]`` policy) -> door -> sink. Only when a sink
+asks for snapshots does an unknown/spoof decision carry a JPEG of the face region (``Decision.snapshot``).
 Both stop on one ``threading.Event``; ``stop()`` joins them with a timeout (shutdown well under 2 s).
 
 Fail-secure: an exception while processing a frame (pipeline, liveness, gallery) locks the door; a grant
@@ -34,12 +35,13 @@ from device.agent.status import LIVENESS_OFF_KEY, LOW_TAU_KEY, AgentStatus, Coun
 from device.camera import CameraSetupError, FrameSource
 from device.config import DeviceConfig
 from device.decide import AccessPolicy, DecisionEngine, FaceObservation, Tracker
+from device.decide.fusion import TrackFusion
 from device.decide.operating_point import low_tau_warning
 from device.door import Door, DoorError, DoorState, Transition
 from device.gallery import Gallery
 from device.liveness.base import LIVENESS_OFF, LivenessEngine, PassThroughLiveness
 from device.protocol.snapshots import SNAPSHOT_KINDS
-from device.types import Decision, DecisionKind, Detection, Embedding, Frame, ImageArray, LivenessResult
+from device.types import Chip, Decision, DecisionKind, Detection, Embedding, Frame, ImageArray, LivenessResult
 from device.vision.snapshot import encode_snapshot
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,8 @@ class FaceLike(Protocol):
 
     @property
     def detection(self) -> Detection: ...
+    @property
+    def chip(self) -> Chip: ...
     @property
     def embedding(self) -> Embedding: ...
     @property
@@ -144,6 +148,7 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._closed = False
         self._latency_observers: list[LatencyObserver] = []
+        self._fusion = TrackFusion(config.decision.fuse_frames)  # owned by the processing thread
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -481,6 +486,7 @@ class Agent:
     def _end_tracks(self, ended: list[int], engine: DecisionEngine) -> None:
         for track_id in ended:
             engine.end_track(track_id)
+            self._fusion.end_track(track_id)
             self.liveness.end_track(track_id)
 
     def _process(self, frame: Frame, tracker: Tracker, engine: DecisionEngine) -> None:
@@ -502,7 +508,8 @@ class Agent:
             t0 = time.perf_counter()
             live = self.liveness.assess(frame.rgb, face.detection, track_id, frame.timestamp)
             t1 = time.perf_counter()
-            match = models.gallery.search(face.embedding.vector)
+            vector = self._fusion.update(track_id, face.embedding.vector, face.chip.quality)
+            match = models.gallery.search(vector)
             t2 = time.perf_counter()
             latencies["liveness"] = (t1 - t0) * 1000.0
             latencies["search"] = (t2 - t1) * 1000.0

@@ -1,8 +1,12 @@
 """The gallery: persons with several templates each, identity-level search, in-place deltas, files.
 
-Score per identity is the maximum cosine over its templates. ``search`` returns the best identity
-and the runner-up identity's score as a ``Match``; with a single enrolled person the runner-up is
-``NO_RUNNER_UP`` (the cosine floor), so the margin never blocks a lone enrollee.
+The index returns the ``top_k`` templates nearest the probe; their owners are the candidate
+identities. A candidate's score is the cosine with the normalised mean of all its templates
+(``identity_score = "mean"``, the default: several photos of a person average out each one's pose and
+light) or with its best template (``"max"``); with one template both are that template's cosine.
+``search`` returns the best identity and the runner-up identity's score as a ``Match``; with a single
+enrolled person the runner-up is ``NO_RUNNER_UP`` (the cosine floor), so the margin never blocks a
+lone enrollee.
 Thread-safe: the frame loop searches while the MQTT thread applies add/remove deltas.
 """
 
@@ -45,6 +49,9 @@ logger = logging.getLogger(__name__)
 NO_RUNNER_UP = -1.0
 # When the top-k templates all belong to one person, widen k by this factor to find a runner-up.
 K_GROWTH = 4
+# A person whose templates average to less than this norm (they point in opposite directions: a bad
+# enrollment) is scored by their best template instead.
+MIN_MEAN_NORM = 1e-3
 _INITIAL_CAPACITY = 64
 
 
@@ -74,6 +81,7 @@ class Gallery:
         self._used_rows = 0
         self._index: TemplateIndex | None = TemplateIndex(dim, IndexParams.choose(0, config))
         self._content_hash: str | None = None
+        self._means: dict[str, npt.NDArray[np.float32]] = {}  # person -> unit mean template (lazy)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -115,6 +123,7 @@ class Gallery:
                                       f"expects float32({len(meta.template_ids)}, {meta.dim})")
         self._uuid, self._revision, self._next_id = meta.gallery_uuid, meta.revision, meta.next_template_id
         self._persons = dict(meta.persons)
+        self._means.clear()
         self._vectors = np.ascontiguousarray(vectors) if len(vectors) else self._vectors
         self._row = {tid: row for row, tid in enumerate(meta.template_ids)}
         self._used_rows = len(meta.template_ids)
@@ -223,6 +232,7 @@ class Gallery:
                 old = self._persons.get(pid)
                 kept = old.templates if old else []
                 self._persons[pid] = PersonRecord(name=name, templates=[*kept, *ids])
+                self._means.pop(pid, None)
                 self._owner.update((tid, pid) for tid in ids)
                 self._row.update(zip(ids, self._store_rows(vecs), strict=True))
                 added.setdefault(pid, []).extend(ids)
@@ -244,6 +254,7 @@ class Gallery:
             rec = self._persons.pop(person_id, None)
             if rec is None:
                 return 0
+            self._means.pop(person_id, None)
             for tid in rec.templates:
                 self._owner.pop(tid, None)
                 self._free_rows.append(self._row.pop(tid))
@@ -290,7 +301,7 @@ class Gallery:
                 return [Match(None, None, NO_RUNNER_UP, NO_RUNNER_UP) for _ in range(len(queries))]
             k = min(self.config.top_k, index.live)
             scores, ids = index.search(queries, k)
-            matches = [self._identity(scores[i], ids[i]) for i in range(len(queries))]
+            matches = [self._identity(queries[i], scores[i], ids[i]) for i in range(len(queries))]
             # Widen k for probes whose top-k held a single identity while others exist.
             while len(self._persons) > 1 and k < index.live:
                 todo = [i for i, m in enumerate(matches) if m.runner_up_score == NO_RUNNER_UP]
@@ -299,7 +310,7 @@ class Gallery:
                 k = min(k * K_GROWTH, index.live)
                 scores, ids = index.search(queries[todo], k)
                 for j, i in enumerate(todo):
-                    matches[i] = self._identity(scores[j], ids[j])
+                    matches[i] = self._identity(queries[i], scores[j], ids[j])
             return matches
 
     def search_templates(self, vectors: npt.ArrayLike, k: int = 1) -> tuple[npt.NDArray[np.float32],
@@ -313,12 +324,34 @@ class Gallery:
         """Person id owning a template id, or None."""
         return self._owner.get(template_id)
 
-    def _identity(self, scores: npt.NDArray[np.float32], ids: npt.NDArray[np.int64]) -> Match:
+    def _mean_of(self, person_id: str) -> npt.NDArray[np.float32] | None:
+        """Unit mean of a person's templates (cached until the person changes); None if they cancel out."""
+        mean = self._means.get(person_id)
+        if mean is None:
+            rows = [self._row[t] for t in self._persons[person_id].templates]
+            total = self._vectors[rows].mean(axis=0)
+            norm = float(np.linalg.norm(total))
+            if norm < MIN_MEAN_NORM:
+                return None
+            mean = (total / norm).astype(np.float32)
+            self._means[person_id] = mean
+        return mean
+
+    def _person_score(self, person_id: str, best: float, query: npt.NDArray[np.float32]) -> float:
+        """The identity score of a candidate whose best template scored ``best``."""
+        if self.config.identity_score == "max" or len(self._persons[person_id].templates) == 1:
+            return best
+        mean = self._mean_of(person_id)
+        return best if mean is None else float(mean @ query)
+
+    def _identity(self, query: npt.NDArray[np.float32], scores: npt.NDArray[np.float32],
+                  ids: npt.NDArray[np.int64]) -> Match:
         best: dict[str, float] = {}
         for score, tid in zip(scores.tolist(), ids.tolist(), strict=True):
             pid = self._owner.get(tid) if tid >= 0 else None
             if pid is not None and score > best.get(pid, -np.inf):
                 best[pid] = score
+        best = {pid: self._person_score(pid, score, query) for pid, score in best.items()}
         if not best:
             return Match(None, None, NO_RUNNER_UP, NO_RUNNER_UP)
         ranked = sorted(best.items(), key=lambda kv: kv[1], reverse=True)

@@ -25,7 +25,7 @@ from device.vision.align import (
     align_points,
 )
 from device.vision.detector import SPECS, BlazeFaceDetector
-from device.vision.embedder import Embedder, EmbedderVariant
+from device.vision.embedder import FLIP_FUSION, Embedder, EmbedderVariant
 from device.vision.image import as_rgb
 from device.vision.mesh import FaceMesh, MeshResult
 from models.runtime.assets import default_models_dir
@@ -67,7 +67,8 @@ class FacePipeline:
     @classmethod
     def from_models_dir(cls, models_dir: Path, detector_cfg: DetectorConfig | None = None, threads: int = 1,
                         embedder_variant: EmbedderVariant = "int8",
-                        align_method: AlignMethod = DEFAULT_METHOD) -> FacePipeline:
+                        align_method: AlignMethod = DEFAULT_METHOD,
+                        flip_fusion: bool = FLIP_FUSION) -> FacePipeline:
         """Load detector, face mesh and embedder from ``models_dir/manifest.json`` (sha256-checked)."""
         cfg = detector_cfg if detector_cfg is not None else DetectorConfig()
         manifest = load_manifest(models_dir)
@@ -81,7 +82,7 @@ class FacePipeline:
         detector = BlazeFaceDetector(detector_path, cfg.variant, cfg, threads)
         try:
             mesh = FaceMesh(mesh_path, threads) if mesh_path is not None else None
-            embedder = Embedder.from_models_dir(models_dir, embedder_variant, threads)
+            embedder = Embedder.from_models_dir(models_dir, embedder_variant, threads, flip_fusion)
         except BaseException:
             detector.close()
             raise
@@ -106,7 +107,8 @@ class FacePipeline:
     @property
     def ident(self) -> str:
         """Short identity of what produces the chips and embeddings (for caches and logs)."""
-        return f"{self.detector.spec.manifest_name}+{self.align_method.value}+{self.model_sha256[:12]}"
+        flip = "+flip" if self.embedder.flip_fusion else ""
+        return f"{self.detector.spec.manifest_name}+{self.align_method.value}+{self.model_sha256[:12]}{flip}"
 
     def detect(self, rgb: ImageArray) -> list[Detection]:
         """Faces in the image, best score first (at most MAX_FACES_PER_FRAME)."""

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from device.config import DeviceConfig, LivenessConfig, ReplayCameraConfig
+from device.decide.operating_point import operating_point
 from device.liveness.base import LIVENESS_OFF
 from device.liveness.engine import build_liveness
 from device.mqtt.client import ClientSettings, MqttClient
@@ -49,9 +50,10 @@ from server.demo.stack import Api, DemoError, DoorRunner, ServerRunner, ship_bun
 
 logger = logging.getLogger(__name__)
 
-# Decision thresholds of deploy/device.example.toml: tau from `facegate eval calibrate` (int8, FAR 1e-3).
-TAU = 0.92
-DELTA = 0.05
+NAMES = ("Ada", "Ben", "Cleo")
+# The calibrated open-set operating point for a gallery of this size (`facegate eval calibrate --open-set`).
+TAU = operating_point(len(NAMES)).tau
+DELTA = operating_point(len(NAMES)).delta
 FPS = 10.0
 TRACK_TIMEOUT_S = 1.0
 UNLOCK_S = 2.0
@@ -59,7 +61,6 @@ PREFIX, SITE, DEVICE_ID = "facegate", "demo", "door-demo"
 ADMIN = "admin"
 # How long DELETE waits for the door's acknowledgement before answering 'pending'.
 DELETE_WAIT_S = 60.0
-NAMES = ("Ada", "Ben", "Cleo")
 CAMERA_WAIT_S = 15.0  # how long a real camera may take to deliver its first frame
 
 

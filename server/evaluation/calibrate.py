@@ -1,11 +1,15 @@
 """`facegate eval calibrate`: the device threshold tau for a target FAR, from pair score distributions.
 
-Impostor and genuine cosine scores come from the same pipeline the doors run (int8 by default), each
-image embedded once (``server.evaluation.verify.embed_all``). tau is chosen on the calibration folds
-(1-8 by default): the lowest threshold whose impostor accept rate does not exceed the target FAR. The
-metrics module accepts scores strictly above its threshold while the device accepts ``score >= tau``, so
-tau is the next float above that threshold. TAR is reported at tau on the calibration folds (the JSON
-``tar``) and on the held-out folds (the other folds in the file, logged and shown without ``--json``).
+With ``--open-set`` it calibrates for the door's real job instead, 1:N search at a target FPIR per
+gallery size (``server.evaluation.openset``): that is where the shipped defaults come from.
+
+1:1 mode: impostor and genuine cosine scores come from the same pipeline the doors run (int8 by
+default), each image embedded once (``server.evaluation.verify.embed_pairs``, cached on disk). tau is
+chosen on the calibration folds (1-8 by default): the lowest threshold whose impostor accept rate does
+not exceed the target FAR. The metrics module accepts scores strictly above its threshold while the
+device accepts ``score >= tau``, so tau is the next float above that threshold. TAR is reported at tau
+on the calibration folds (the JSON ``tar``) and on the held-out folds (the other folds in the file,
+logged and shown without ``--json``).
 """
 
 from __future__ import annotations
@@ -101,27 +105,77 @@ def _parse_folds(value: str) -> frozenset[int]:
     return folds
 
 
+def _open_set(root: Path | None, fpir: float, sizes: tuple[int, ...], pipeline: str, models_dir: Path | None,
+              draws: int, exclude: str, as_json: bool, no_progress: bool) -> None:
+    """The --open-set mode of the command."""
+    from server.evaluation.identify import IdentifyError
+    from server.evaluation.openset import GALLERY_SIZES, run_open_set
+
+    if root is None:
+        raise click.UsageError("--open-set needs --identities DIR (one subfolder per identity)")
+    try:
+        result = run_open_set(root, fpir, sizes or GALLERY_SIZES, pipeline, models_dir, draws,
+                              frozenset(n for n in exclude.split(",") if n),
+                              progress=not no_progress and not as_json)
+    except IdentifyError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    parts = result["identities"]
+    click.echo(f"open-set, one-shot, target FPIR {fpir:g}: rule chosen on all {sum(parts.values())} "
+               f"identities; held-out = cross calibration between parts of {parts['tune']} and "
+               f"{parts['report']} identities "
+               f"({draws} draws)")
+    click.echo(f"{'N':>7} {'tau':>7} {'delta':>6} {'FNIR':>7} {'FPIR':>8} {'held-out FNIR':>14} {'FPIR':>8}")
+    for row in result["rows"]:
+        held = row["heldout"]
+        click.echo(f"{row['gallery_size']:>7} {row['tau']:>7.4f} {row['delta']:>6.3f} {row['fnir']:>7.4f} "
+                   f"{row['fpir']:>8.5f} {held['fnir']:>14.4f} {held['fpir']:>8.5f}")
+    click.echo("these rows belong in device/decide/operating_point.py (CALIBRATED)")
+
+
 @click.command("calibrate")
 @click.option("--pairs", "pairs_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              required=True, help="Pairs CSV (fold,path_a,path_b,same; paths relative to it).")
+              default=None, help="Pairs CSV (fold,path_a,path_b,same; paths relative to it): 1:1 mode.")
 @click.option("--far", type=click.FloatRange(0.0, 1.0, min_open=True), default=DEFAULT_FAR, show_default=True,
-              help="Target false accept rate.")
+              help="Target false accept rate (1:1 mode).")
 @click.option("--folds", default=DEFAULT_FOLDS, show_default=True,
-              help="Folds used to choose tau; TAR is also reported on the other folds.")
+              help="Folds used to choose tau; TAR is also reported on the other folds (1:1 mode).")
+@click.option("--open-set", "open_set", is_flag=True,
+              help="Calibrate for 1:N open-set search instead: tau and delta per gallery size at --fpir.")
+@click.option("--identities", "root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="Open set: folder with one subfolder of images per identity.")
+@click.option("--fpir", type=click.FloatRange(0.0, 1.0, min_open=True), default=DEFAULT_FAR,
+              show_default=True,
+              help="Open set: target false positive identification rate (strangers let in).")
+@click.option("--gallery-size", "sizes", type=click.IntRange(min=1), multiple=True,
+              help="Open set: persons enrolled (repeatable; default 10, 100, 1000, 10000).")
+@click.option("--draws", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Open set: random role draws pooled per gallery size.")
+@click.option("--exclude", default="", help="Open set: identities to leave out, comma-separated "
+                                            "(known label errors, e.g. one person under two names).")
 @click.option("--pipeline", type=click.Choice(["int8", "float"]), default="int8", show_default=True,
               help="Which embedder the door runs.")
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Built models folder (default: the `facegate models build` cache).")
-@click.option("--json", "as_json", is_flag=True, help='Print exactly {"far", "tau", "tar"} on stdout.')
+@click.option("--json", "as_json", is_flag=True,
+              help='Print one JSON object on stdout (1:1 mode: exactly {"far", "tau", "tar"}).')
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def calibrate(pairs_csv: Path, far: float, folds: str, pipeline: str, models_dir: Path | None, as_json: bool,
-              no_progress: bool) -> None:
-    """Choose the decision threshold tau for a target FAR (put it in the device's [decision] tau)."""
+def calibrate(pairs_csv: Path | None, far: float, folds: str, open_set: bool, root: Path | None, fpir: float,
+              sizes: tuple[int, ...], draws: int, exclude: str, pipeline: str, models_dir: Path | None,
+              as_json: bool, no_progress: bool) -> None:
+    """Choose the decision threshold: tau for a 1:1 FAR, or (--open-set) tau and delta per gallery size."""
     from models.runtime.interpreter import ModelLoadError, RuntimeUnavailableError
     from models.runtime.manifest import ManifestError
     from server.evaluation.verify import PairsError
 
     try:
+        if open_set:
+            _open_set(root, fpir, sizes, pipeline, models_dir, draws, exclude, as_json, no_progress)
+            return
+        if pairs_csv is None:
+            raise click.UsageError("give --pairs CSV (1:1 calibration) or --open-set --identities DIR")
         result = run_calibrate(pairs_csv, far, _parse_folds(folds), pipeline, models_dir,
                                progress=not no_progress and not as_json)
     except (PairsError, MetricsError, ManifestError, ModelLoadError, RuntimeUnavailableError) as exc:

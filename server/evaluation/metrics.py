@@ -118,3 +118,61 @@ def verification_report(scores: npt.ArrayLike, labels: npt.ArrayLike,
         eer=equal_error_rate(s, labels),
         tar_at_far={key: tar_at_far(s, labels, float(key)) for key in fars},
     )
+
+
+def best_accuracy_threshold(scores: npt.ArrayLike, labels: npt.ArrayLike) -> float:
+    """The threshold (accept ``score > t``) with the highest accuracy; midway between adjacent scores."""
+    pos, neg = _split(scores, labels)
+    values = np.unique(np.concatenate([pos, neg]))
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return float("inf")
+    # candidates: below every score, between adjacent scores, above every score
+    cands = np.concatenate([[finite[0] - 1.0], (finite[:-1] + finite[1:]) / 2.0, [finite[-1] + 1.0]])
+    pos_sorted, neg_sorted = np.sort(pos), np.sort(neg)
+    accepted_pos = pos.size - np.searchsorted(pos_sorted, cands, side="right")
+    rejected_neg = np.searchsorted(neg_sorted, cands, side="right")
+    accuracy = (accepted_pos + rejected_neg) / (pos.size + neg.size)
+    return float(cands[int(np.argmax(accuracy))])
+
+
+def _mean_sd(values: list[float]) -> dict[str, float | None]:
+    """Mean and sd over the folds where the figure exists (null in JSON when none has it)."""
+    finite = [v for v in values if np.isfinite(v)]
+    if not finite:
+        return {"mean": None, "sd": None}
+    return {"mean": float(np.mean(finite)), "sd": float(np.std(finite))}
+
+
+def tenfold_report(scores: npt.ArrayLike, labels: npt.ArrayLike, folds: npt.ArrayLike,
+                   fars: tuple[str, ...] = REPORT_FARS) -> dict[str, Any] | None:
+    """The standard protocol: each fold's figures at thresholds chosen on the *other* folds, mean and sd.
+
+    Accuracy uses the best-accuracy threshold of the other folds; for each FAR the threshold of
+    ``threshold_at_far`` on the other folds gives the held-out fold's TAR and FAR. None with < 2 folds.
+    """
+    s = np.asarray(scores, np.float64).ravel()
+    y = np.asarray(labels).ravel()
+    f = np.asarray(folds).ravel()
+    names = sorted(set(f.tolist()))
+    if len(names) < 2:
+        return None
+    accuracy, thresholds = [], []
+    at_far: dict[str, dict[str, list[float]]] = {key: {"tar": [], "far": []} for key in fars}
+    for fold in names:
+        test, train = f == fold, f != fold
+        t = best_accuracy_threshold(s[train], y[train])
+        thresholds.append(t)
+        accuracy.append(float(np.mean((s[test] > t) == (y[test] == 1))))
+        for key in fars:
+            tf = threshold_at_far(s[train], y[train], float(key))
+            pos, neg = s[test][y[test] == 1], s[test][y[test] == 0]
+            at_far[key]["tar"].append(float(np.mean(pos > tf)) if pos.size else float("nan"))
+            at_far[key]["far"].append(float(np.mean(neg > tf)) if neg.size else float("nan"))
+    return {
+        "folds": len(names),
+        "accuracy": _mean_sd(accuracy),
+        "threshold": _mean_sd(thresholds),
+        "tar_at_far": {key: {"tar": _mean_sd(v["tar"]), "far": _mean_sd(v["far"])}
+                       for key, v in at_far.items()},
+    }

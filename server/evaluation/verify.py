@@ -9,6 +9,10 @@ Pipelines (registry ``PIPELINES``):
 Both take the largest face of an image (the pairs' images are face crops) and score a pair by the
 cosine of the L2-normalised descriptors. An image without a face makes every pair it is in a failure
 (score -inf, never accepted): it is counted, not skipped.
+
+Pooled figures (AUC, EER, TAR at FAR) are over every pair. ``tenfold`` is the standard protocol: for
+each fold, the threshold is chosen on the other folds (best accuracy; and the threshold of each FAR)
+and applied to that fold; the JSON gives the mean and sd over folds (null with a single fold).
 """
 
 from __future__ import annotations
@@ -25,8 +29,7 @@ import numpy.typing as npt
 
 from device.config import DetectorConfig
 from device.vision.image import ImageError, decode_image
-from facegate.progress import progress_bar
-from server.evaluation.metrics import verification_report
+from server.evaluation.metrics import tenfold_report, verification_report
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,10 @@ Vector = npt.NDArray[np.float32]
 class ImageEmbedder(Protocol):
     """Turns an image file into a unit descriptor, or None when no face is found."""
 
+    @property
+    def ident(self) -> str:
+        """What produces the descriptors (models, detector, alignment): the embedding cache's key."""
+
     def embed_file(self, path: Path) -> Vector | None:
         """Descriptor of the largest face in the image file."""
 
@@ -106,6 +113,12 @@ class DlibReference:
         self._predictor = dlib.shape_predictor(str(dlib_model_file("shape_predictor_5_face_landmarks.dat")))
         self._resnet = dlib.face_recognition_model_v1(
             str(dlib_model_file("dlib_face_recognition_resnet_model_v1.dat")))
+        self._ident = f"dlib-{dlib.__version__}-hog{HOG_UPSAMPLE}-sp5-chip{CHIP_SIZE}"
+
+    @property
+    def ident(self) -> str:
+        """dlib's version and the way it is run."""
+        return self._ident
 
     def embed_file(self, path: Path) -> Vector | None:
         """Descriptor of the largest HOG face."""
@@ -126,14 +139,26 @@ class DlibReference:
 class PipelineEmbedder:
     """Our FacePipeline with the float32 or int8 embedder."""
 
-    def __init__(self, variant: str, models_dir: Path | None = None, threads: int = 1) -> None:
+    def __init__(self, variant: str, models_dir: Path | None = None, threads: int = 1,
+                 detector_cfg: DetectorConfig | None = None, align_method: str | None = None,
+                 flip_fusion: bool | None = None) -> None:
+        from device.vision.align import DEFAULT_METHOD, AlignMethod
+        from device.vision.embedder import FLIP_FUSION
         from device.vision.pipeline import FacePipeline
         from models.runtime.assets import default_models_dir
 
         directory = models_dir if models_dir is not None else default_models_dir()
-        self._pipeline = FacePipeline.from_models_dir(directory, DetectorConfig(), threads=threads,
-                                                      embedder_variant="int8" if variant == "int8"
-                                                      else "float32")
+        detector = detector_cfg if detector_cfg is not None else DetectorConfig()
+        self._pipeline = FacePipeline.from_models_dir(
+            directory, detector, threads=threads, embedder_variant="int8" if variant == "int8" else "float32",
+            align_method=AlignMethod(align_method) if align_method else DEFAULT_METHOD,
+            flip_fusion=FLIP_FUSION if flip_fusion is None else flip_fusion)
+        self._ident = f"{self._pipeline.ident}|{detector.model_dump_json()}"
+
+    @property
+    def ident(self) -> str:
+        """The pipeline's models, alignment, flip fusion and detector settings."""
+        return self._ident
 
     def embed_file(self, path: Path) -> Vector | None:
         """Descriptor of the largest BlazeFace face."""
@@ -155,18 +180,6 @@ PIPELINES: dict[str, Callable[..., ImageEmbedder]] = {
 }
 
 
-def embed_all(embedder: ImageEmbedder, root: Path, paths: list[str],
-              progress: bool = True) -> dict[str, Vector | None]:
-    """Each distinct image embedded once (the per-run cache)."""
-    cache: dict[str, Vector | None] = {}
-    with progress_bar("embedding images", len(paths), progress) as advance:
-        for rel in paths:
-            if rel not in cache:
-                cache[rel] = embedder.embed_file(root / rel)
-            advance()
-    return cache
-
-
 def pair_scores(pairs: list[PairRow], vectors: dict[str, Vector | None]) -> npt.NDArray[np.float64]:
     """Cosine per pair; -inf when either image has no face."""
     scores = np.full(len(pairs), -np.inf)
@@ -179,11 +192,13 @@ def pair_scores(pairs: list[PairRow], vectors: dict[str, Vector | None]) -> npt.
 
 def embed_pairs(pairs_csv: Path, pairs: list[PairRow], pipeline: str, models_dir: Path | None,
                 progress: bool) -> tuple[list[str], dict[str, Vector | None]]:
-    """Every image the pairs name, embedded once by ``pipeline`` (None where no face was found)."""
+    """Every image the pairs name, embedded once by ``pipeline`` (None where no face was found; cached)."""
+    from server.evaluation.embed_cache import cached_embed_all
+
     paths = sorted({p for row in pairs for p in (row.path_a, row.path_b)})
     embedder = PIPELINES[pipeline](models_dir=models_dir)
     try:
-        return paths, embed_all(embedder, pairs_csv.parent, paths, progress)
+        return paths, cached_embed_all(embedder, pairs_csv.parent, paths, progress)
     finally:
         embedder.close()
 
@@ -200,6 +215,7 @@ def run_verify(pairs_csv: Path, pipeline: str, models_dir: Path | None = None,
     scores = pair_scores(pairs, vectors)
     labels = np.array([row.same for row in pairs])
     report = verification_report(scores, labels)
+    tenfold = tenfold_report(scores, labels, np.array([row.fold for row in pairs]))
     missing = sum(v is None for v in vectors.values())
     logger.info("%s: %d pairs, %d images, %d without a face", pipeline, len(pairs), len(paths), missing)
-    return {"pipeline": pipeline, **report.as_dict(), "fail_to_detect": missing}
+    return {"pipeline": pipeline, **report.as_dict(), "fail_to_detect": missing, "tenfold": tenfold}

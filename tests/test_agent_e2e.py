@@ -19,6 +19,7 @@ from skimage import data
 from device.agent.runner import run_agent
 from device.cli import cli as device_cli
 from device.config import load_device_config
+from device.decide.operating_point import operating_point
 from tests.agent_support import (
     LIVENESS_OFF,
     astronaut_frames,
@@ -29,8 +30,8 @@ from tests.agent_support import (
     write_frames,
 )
 
-# Cosine threshold for the int8 model at FAR 1e-3, from `facegate eval calibrate` on CelebA folds 1-8.
-TAU = 0.92
+# The door's calibrated open-set operating point for a one-person gallery (`facegate eval calibrate --open-set`).
+POINT = operating_point(1)
 REPEAT = 2  # each photo is shown for two frames, as a camera sees a person for a while
 GAP_FRAMES = 20  # 2 s without a face at 10 fps ends the track (timeout 1 s)
 
@@ -41,7 +42,7 @@ def _config(tmp_path: Path, models: Path, frames: Path) -> Path:
         "models": {"dir": str(models)},
         "camera": {"type": "replay", "path": str(frames), "fps": 10.0, "loop": False},
         "door": {"type": "simulated", "unlock_seconds": 5.0},
-        "decision": {"tau": TAU, "delta": 0.02, "confirm_k": 2, "confirm_n": 3, "cooldown_s": 600.0,
+        "decision": {"tau": POINT.tau, "delta": POINT.delta, "confirm_k": 2, "confirm_n": 3, "cooldown_s": 600.0,
                      "track_timeout_s": 1.0},
         "loop": {"queue_size": 512, "events_jsonl": str(tmp_path / "events.jsonl")},
         "liveness": LIVENESS_OFF,
@@ -91,8 +92,8 @@ def test_celeba_person_granted_stranger_unknown_empty_frames_silent(tmp_path: Pa
     events = _run(config)
     assert [(e["kind"], e["person_id"]) for e in events] == [("granted", "A"), ("unknown", None)], events
     granted, unknown = events
-    assert granted["score"] >= TAU and granted["margin"] >= 0.02 and granted["name"] == "Person A"
-    assert unknown["score"] < TAU
+    assert granted["score"] >= POINT.tau and granted["margin"] >= POINT.delta and granted["name"] == "Person A"
+    assert unknown["score"] < POINT.tau
     for event in events:
         assert event["liveness"]["verdict"] == "skipped"
         assert {"detect", "align", "embed", "liveness", "search", "decide"} <= set(event["latencies_ms"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from device.protocol.topics import Topics
 from server.audit.subscriber import AuditSubscriber
@@ -20,6 +20,9 @@ from server.enrollment.index import TemplateIndex
 from server.enrollment.service import EnrollmentService
 from server.enrollment.sync import GallerySync, NullSync
 from server.training.model_folder import active_models_dir
+
+if TYPE_CHECKING:
+    from server.bundles.publisher import BundleServer
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +79,7 @@ class AppState:
     login_limiter: TokenBucket
     audit: AuditSubscriber | None = None
     source: ManualAckSource | None = None
+    bundles: BundleServer | None = None  # answers chunk requests and offers the published bundle
     extra_closers: list[Closable] = field(default_factory=list)
     _closed: bool = field(default=False, repr=False)
 
@@ -117,10 +121,16 @@ class AppState:
 
         rebaser = None
         if isinstance(self.sync, MqttGallerySync):  # NullSync publishes nothing, so has nothing to rebase
+            from server.bundles.offers import OfferKeeper
+            from server.bundles.publisher import BundleServer
             from server.bundles.rebase import DeltaRebaser
 
             rebaser = DeltaRebaser(self.db, self.sync, self.config.bundles_root).start()
-            self.extra_closers.insert(0, rebaser)
+            # Never assume the broker kept the retained delta or announcement: offer them again on
+            # reconnect, to doors that say hello behind, and periodically; and answer chunk requests.
+            offers = OfferKeeper(self.sync.client, self.topics, [self.sync]).start()
+            self.bundles = BundleServer(self.sync.client, self.topics, self.config.bundles_root).start()
+            self.extra_closers[:0] = [rebaser, offers, self.bundles]
         self.audit = AuditSubscriber(self.db, self.topics, on_delta_acks=self.deletions.on_acks,
                                      after_commit=self.deletions.notify,
                                      on_running_bundles=rebaser.request if rebaser else None).start()

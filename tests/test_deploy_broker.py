@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import ssl
 import subprocess
 import threading
@@ -18,14 +17,15 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device.protocol.topics import Topics
-from tests.conftest import free_port, wait_port
+from server.broker import free_port, mosquitto_binary, wait_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy" / "mosquitto"
 SETTLE_S = 1.0
 
-HAVE_MOSQUITTO = shutil.which("mosquitto") is not None or Path("/usr/sbin/mosquitto").exists()
-pytestmark = pytest.mark.skipif(not HAVE_MOSQUITTO, reason="mosquitto is not installed (CI installs it)")
+MOSQUITTO = mosquitto_binary()
+pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="needs mosquitto for deploy/'s TLS and ACL config "
+                                "(apt install mosquitto; put /usr/sbin on PATH)")
 
 
 class TlsBroker:
@@ -46,10 +46,11 @@ class TlsBroker:
         if os.geteuid() == 0:  # as root mosquitto drops to user 'mosquitto', who cannot read tmp_path
             conf += "\nuser root\n"
         (tmp / "mosquitto.conf").write_text(conf)
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        assert MOSQUITTO is not None
         self.log = open(tmp / "mosquitto.log", "wb")
-        self.proc = subprocess.Popen([binary, "-c", str(tmp / "mosquitto.conf")], stderr=self.log)
-        wait_port("127.0.0.1", self.port)
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(tmp / "mosquitto.conf")], stderr=self.log)
+        assert wait_port("127.0.0.1", self.port, alive=lambda: self.proc.poll() is None), \
+            f"mosquitto with the deploy config did not listen; see {tmp / 'mosquitto.log'}"
 
     def client(self, cn: str | None) -> mqtt.Client:
         """A connected client presenting ``cn``'s certificate (None: no certificate)."""

@@ -86,7 +86,8 @@ def test_home_assistant_discovery(device: tuple[DeviceMqtt, DoorAgent], mosquitt
     ha = Collector(mosquitto.host, mosquitto.port, ["homeassistant/+/+/+/config", topics.all_available,
                                                     topics.all_status], client_id="homeassistant")
     try:
-        assert ha.wait(lambda ms: len([m for m in ms if m.topic.endswith("/config")]) >= 6)
+        # Distinct topics: a config may arrive twice (retained on subscribe, and live from the connect).
+        assert ha.wait(lambda ms: len({m.topic for m in ms if m.topic.endswith("/config")}) >= 6)
         configs = {m.topic: json.loads(m.payload) for m in ha.messages if m.topic.endswith("/config")}
         components = sorted(topic.split("/")[1] for topic in configs)
         assert components == ["event", "lock", "sensor", "sensor", "sensor", "sensor"]
@@ -111,7 +112,7 @@ def test_home_assistant_discovery(device: tuple[DeviceMqtt, DoorAgent], mosquitt
 
         before = len(ha.messages)
         ha.client.publish(HA_STATUS_TOPIC, b"online", qos=1).wait_for_publish(5)
-        assert ha.wait(lambda ms: len([m for m in ms[before:] if m.topic.endswith("/config")]) >= 6)
+        assert ha.wait(lambda ms: len({m.topic for m in ms[before:] if m.topic.endswith("/config")}) >= 6)
     finally:
         ha.close()
 
@@ -145,6 +146,8 @@ def test_commands_answer_with_correlation_id(device: tuple[DeviceMqtt, DoorAgent
         reply = _command(server, "sync", CommandRequest(correlation_id="c-4").to_bytes())
         assert not reply.ok and "disabled" in reply.detail
 
+        if server.client.protocol_version != 5:
+            return  # a 3.1.1 broker (the embedded amqtt): the correlation_id in the JSON is the whole story
         # MQTT v5 request/response: the answer also goes to the requester's response topic.
         got: list[Message] = []
         server.client.subscribe("replies/me", got.append)

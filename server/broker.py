@@ -178,10 +178,11 @@ class LocalBroker:
 
 
 def amqtt_config(host: str, port: int) -> dict[str, object]:
-    """The embedded broker's config: one TCP listener, anonymous access, no $SYS or packet logging."""
+    """The embedded broker's config: one TCP listener, open access with persistent sessions kept (see
+    :class:`server.amqtt_plugins.LoopbackAuthPlugin`), no $SYS or packet logging."""
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        "plugins": {"server.amqtt_plugins.LoopbackAuthPlugin": {}},
     }
 
 

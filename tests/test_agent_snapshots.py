@@ -31,7 +31,7 @@ from tests.agent_support import (
     write_frames,
 )
 from tests.conftest import Broker
-from tests.mqtt_kit import Collector
+from tests.mqtt_kit import CONNECT_S, Collector
 
 SITE, DEVICE = "hq", "door-snap"
 TAU = 0.92  # the int8 model's calibrated threshold (as in test_agent_e2e)
@@ -73,7 +73,7 @@ def test_unknown_gets_a_snapshot_only_when_opted_in(tmp_path: Path, built_models
     agent.add_sink(mqtt.sink)
     try:
         mqtt.start()
-        assert mqtt.client.wait_connected(10)
+        assert mqtt.client.wait_connected(CONNECT_S)
         agent.start()
         assert agent.wait(WAIT_S)
         assert [(d.kind, d.person_id) for d in memory.decisions] == [

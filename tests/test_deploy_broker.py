@@ -18,6 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from device.protocol.topics import Topics
 from server.broker import free_port, mosquitto_binary, wait_port
+from tests.mqtt_kit import ACK_S
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy" / "mosquitto"
@@ -117,7 +118,7 @@ def test_device_cannot_publish_to_other_device_or_bundles(tls_broker: TlsBroker)
     forged_bundle = topics.bundle_announce
     forged_command = topics.command("door-2", "unlock")
     for topic in (own, forged_events, forged_bundle, forged_command):
-        door1.publish(topic, b'{"probe": true}', qos=1).wait_for_publish(5)
+        door1.publish(topic, b'{"probe": true}', qos=1).wait_for_publish(ACK_S)
     time.sleep(SETTLE_S)
 
     received = recorder.topics()
@@ -140,7 +141,7 @@ def test_device_reads_only_its_own_commands_and_bundles(tls_broker: TlsBroker) -
                   topics.bundle_announce, topics.bundle_chunk(3), topics.gallery_delta,
                   topics.bundle_chunk_reply("door-1"), topics.bundle_chunk_reply("door-2"),
                   topics.events("door-2")):
-        server.publish(topic, b"{}", qos=1).wait_for_publish(5)
+        server.publish(topic, b"{}", qos=1).wait_for_publish(ACK_S)
     time.sleep(SETTLE_S)
     received = recorder.topics()
     assert topics.command("door-1", "unlock") in received
@@ -183,11 +184,11 @@ def test_server_can_do_everything_it_needs(tls_broker: TlsBroker) -> None:
     needed = [topics.bundle_announce, topics.bundle_chunk(1), topics.gallery_delta,
               topics.command("door-1", "unlock"), "homeassistant/lock/door-1/door/config"]
     for topic in needed:
-        server.publish(topic, b"{}", qos=1).wait_for_publish(5)
+        server.publish(topic, b"{}", qos=1).wait_for_publish(ACK_S)
     door1 = tls_broker.client("door-1")
     for topic in (topics.events("door-1"), topics.bundle_ack("door-1"), topics.bundle_chunk_request,
                   topics.available("door-1")):
-        door1.publish(topic, b"{}", qos=1).wait_for_publish(5)
+        door1.publish(topic, b"{}", qos=1).wait_for_publish(ACK_S)
         needed.append(topic)
     time.sleep(SETTLE_S)
     assert set(needed) <= recorder.topics()

@@ -23,7 +23,7 @@ from device.protocol.topics import Topics
 from device.types import Decision, DecisionKind, LivenessCheck, LivenessResult, LivenessVerdict
 from device.vision.snapshot import SNAPSHOT_MAX_SIDE, SnapshotError, encode_snapshot, face_crop
 from tests.conftest import Broker
-from tests.mqtt_kit import Collector, wait_until
+from tests.mqtt_kit import CONNECT_S, Collector, wait_until
 
 DEVICE = "door-s"
 TOPICS = Topics("facegate", "hq")
@@ -168,7 +168,7 @@ def test_spoof_snapshot_published_granted_and_denied_never(mosquitto: Broker, tm
     snap_topic, event_topic = TOPICS.snapshot(DEVICE), TOPICS.events(DEVICE)
     collector = Collector(mosquitto.host, mosquitto.port, [snap_topic, event_topic])
     client = MqttClient(ClientSettings(mosquitto.host, mosquitto.port, DEVICE)).start()
-    assert client.wait_connected(10)
+    assert client.wait_connected(CONNECT_S)
     outbox = Outbox(tmp_path / "outbox.sqlite3")
     snapshots = SnapshotPublisher(client, TOPICS, DEVICE)
     sink = MqttEventSink(client, outbox, TOPICS, DEVICE, snapshots)

@@ -8,7 +8,7 @@ from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
 
-class LoopbackAuthPlugin(BaseAuthPlugin):
+class LoopbackAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no types
     """Accept every client as a named, not anonymous, session.
 
     MQTT 3.1.1 (section 3.1.2.4) requires a broker to keep a persistent session (clean session 0) with

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -40,6 +41,7 @@ START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 5.0
 
 MQTT_311_LEVEL = 4  # the CONNECT protocol level of MQTT 3.1.1, the only one amqtt speaks
+KEEPALIVE_GRACE = 1.5  # MQTT 3.1.1 3.1.2.10: a silent client is dropped after 1.5 keep-alive periods
 
 BrokerKind = Literal["mosquitto", "amqtt"]
 
@@ -93,12 +95,12 @@ def wait_port(host: str, port: int, timeout: float = START_TIMEOUT_S,
     return False
 
 
-def mosquitto_conf(host: str, port: int, data_dir: Path) -> str:
-    """A mosquitto config for a loopback listener with persistence and no message size limit."""
+def mosquitto_conf(host: str, port: int, data_dir: Path, persistence: bool = True) -> str:
+    """A mosquitto config for a loopback listener, with persistence (or not) and no message size limit."""
     return (
         f"listener {port} {host}\n"
         "allow_anonymous true\n"
-        "persistence true\n"
+        f"persistence {'true' if persistence else 'false'}\n"
         f"persistence_location {data_dir}/\n"
         "max_queued_messages 100000\n"
         "max_inflight_messages 100\n"
@@ -109,11 +111,15 @@ def mosquitto_conf(host: str, port: int, data_dir: Path) -> str:
 
 
 class LocalBroker:
-    """A broker subprocess on ``host:port``; a context manager whose ``stop()`` is idempotent."""
+    """A broker subprocess on ``host:port`` that may be stopped and started again on the same port; a
+    context manager whose ``stop()`` is idempotent. amqtt keeps nothing across a restart; mosquitto keeps
+    sessions and retained messages unless ``persistence=False``."""
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None, data_dir: Path | None = None,
-                 prefer: BrokerKind | None = None) -> None:
+                 prefer: BrokerKind | None = None, persistence: bool = True) -> None:
         self.host = host
+        # amqtt never persists; mosquitto does unless told not to (a broker that forgets on restart)
+        self.persistence = persistence
         self.port = port if port is not None else free_port(host)
         self.kind: BrokerKind = prefer or default_kind()
         if self.kind == "mosquitto" and mosquitto_binary() is None:
@@ -132,7 +138,8 @@ class LocalBroker:
         log = open(self.data_dir / f"{self.kind}.log", "ab")  # the child keeps its own copy of the fd
         if self.kind == "mosquitto":
             conf = self.data_dir / "mosquitto.conf"
-            conf.write_text(mosquitto_conf(self.host, self.port, self.data_dir), encoding="utf-8")
+            conf.write_text(mosquitto_conf(self.host, self.port, self.data_dir, self.persistence),
+                            encoding="utf-8")
             binary = mosquitto_binary()
             assert binary is not None  # noqa: S101 - checked in __init__
             args = [binary, "-c", str(conf)]
@@ -186,25 +193,29 @@ def amqtt_config(host: str, port: int) -> dict[str, object]:
     }
 
 
-def refuse_other_protocol_levels() -> None:
-    """Make amqtt answer a CONNECT of another protocol level with CONNACK 0x01, as MQTT 3.1.1 requires.
+def follow_mqtt_311() -> None:
+    """Make the embedded amqtt broker follow two MQTT 3.1.1 rules it breaks (patched once per process).
 
-    amqtt parses the whole CONNECT as 3.1.1 before it checks the level. An MQTT 5 CONNECT carries
-    property blocks that 3.1.1 lacks, so one with a last will is mis-parsed: amqtt then waits for bytes
-    that never come and drops the client without any CONNACK, and the client cannot tell "speak 3.1.1"
-    from a network fault. Skipping the payload of such a CONNECT lets amqtt's own level check refuse it
-    (3.1.1 section 3.1.2.2), so clients fall back to 3.1.1 at once.
+    - A CONNECT of another protocol level gets CONNACK 0x01 (section 3.1.2.2). amqtt parses the whole
+      CONNECT as 3.1.1 before it checks the level; an MQTT 5 CONNECT has property blocks that 3.1.1
+      lacks, so one with a last will is mis-parsed, amqtt waits for bytes that never come and drops the
+      client without a CONNACK. Skipping such a payload lets amqtt's own level check refuse it, and
+      clients fall back to 3.1.1 at once.
+    - A client is dropped only after one and a half keep-alive periods of silence (section 3.1.2.10).
+      amqtt drops it after exactly one, which races the client's own PINGREQ on a busy machine.
     """
     from amqtt.mqtt.connect import ConnectPayload
+    from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 
-    if getattr(ConnectPayload, "_facegate_level_check", False):
+    if getattr(ConnectPayload, "_facegate_patched", False):
         return
-    original = ConnectPayload.from_stream.__func__
+    original_payload = ConnectPayload.from_stream.__func__
+    original_connect = BrokerProtocolHandler.init_from_connect.__func__
 
     async def from_stream(cls: type[ConnectPayload], reader: Any, fixed_header: Any,
                           variable_header: Any) -> ConnectPayload:
         if variable_header is None or variable_header.proto_level == MQTT_311_LEVEL or fixed_header is None:
-            payload: ConnectPayload = await original(cls, reader, fixed_header, variable_header)
+            payload: ConnectPayload = await original_payload(cls, reader, fixed_header, variable_header)
             return payload
         # name (2 + len), level (1), flags (1), keep-alive (2) were read as the variable header
         consumed = 2 + len(variable_header.proto_name.encode("utf-8")) + 4
@@ -214,14 +225,21 @@ def refuse_other_protocol_levels() -> None:
         # Placeholders that pass amqtt's payload checks; the level check that follows refuses the client.
         return cls(client_id="unsupported-protocol-level", will_topic="-", will_message=b"-")
 
+    async def init_from_connect(cls: type[BrokerProtocolHandler], *args: Any, **kwargs: Any) -> Any:
+        handler, session = await original_connect(cls, *args, **kwargs)
+        if session.keep_alive > 0:
+            session.keep_alive = math.ceil(session.keep_alive * KEEPALIVE_GRACE)
+        return handler, session
+
     ConnectPayload.from_stream = classmethod(from_stream)
-    ConnectPayload._facegate_level_check = True
+    BrokerProtocolHandler.init_from_connect = classmethod(init_from_connect)
+    ConnectPayload._facegate_patched = True
 
 
 async def _serve(host: str, port: int) -> None:
     from amqtt.broker import Broker
 
-    refuse_other_protocol_levels()
+    follow_mqtt_311()
     broker = Broker(amqtt_config(host, port))
     await broker.start()
     stop = asyncio.Event()

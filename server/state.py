@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from device.protocol.schemas import EventConfirm
 from device.protocol.topics import Topics
 from server.audit.subscriber import AuditSubscriber
 from server.audit.transport import ManualAckSource
@@ -133,8 +134,18 @@ class AppState:
             self.extra_closers[:0] = [rebaser, offers, self.bundles]
         self.audit = AuditSubscriber(self.db, self.topics, on_delta_acks=self.deletions.on_acks,
                                      after_commit=self.deletions.notify,
-                                     on_running_bundles=rebaser.request if rebaser else None).start()
+                                     on_running_bundles=rebaser.request if rebaser else None,
+                                     on_events_stored=self._send_receipts).start()
         self.source = ManualAckSource(self.config.mqtt, self.audit.filters, self.audit.handle).start()
+
+    def _send_receipts(self, stored: dict[str, list[int]]) -> None:
+        """Tell each door which of its events are on record (it keeps them in its outbox until then)."""
+        source = self.source
+        if source is None:
+            return
+        for device, seqs in stored.items():
+            for receipt in EventConfirm.of(device, seqs):
+                source.publish(self.topics.events_confirm(device), receipt.to_bytes())
 
     def close(self) -> None:
         """Stop MQTT, the writer, the engine and the database (idempotent)."""

@@ -194,7 +194,7 @@ def amqtt_config(host: str, port: int) -> dict[str, object]:
 
 
 def follow_mqtt_311() -> None:
-    """Make the embedded amqtt broker follow two MQTT 3.1.1 rules it breaks (patched once per process).
+    """Make the embedded amqtt broker follow three MQTT 3.1.1 rules it breaks (patched once per process).
 
     - A CONNECT of another protocol level gets CONNACK 0x01 (section 3.1.2.2). amqtt parses the whole
       CONNECT as 3.1.1 before it checks the level; an MQTT 5 CONNECT has property blocks that 3.1.1
@@ -203,7 +203,10 @@ def follow_mqtt_311() -> None:
       clients fall back to 3.1.1 at once.
     - A client is dropped only after one and a half keep-alive periods of silence (section 3.1.2.10).
       amqtt drops it after exactly one, which races the client's own PINGREQ on a busy machine.
+    - Retained messages go only to a client subscribed to them (section 3.3.1.3). On every connect
+      amqtt sends the new client the retained messages matching any filter *anyone* subscribed to.
     """
+    from amqtt.broker import Broker
     from amqtt.mqtt.connect import ConnectPayload
     from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 
@@ -231,8 +234,16 @@ def follow_mqtt_311() -> None:
             session.keep_alive = math.ceil(session.keep_alive * KEEPALIVE_GRACE)
         return handler, session
 
+    original_retained = Broker._publish_retained_messages_for_subscription
+
+    async def retained_for_subscribers(self: Broker, subscription: tuple[str, int], session: Any) -> None:
+        subscribers = self._subscriptions.get(subscription[0], [])
+        if any(s.client_id == session.client_id for s, _ in subscribers):
+            await original_retained(self, subscription, session)
+
     ConnectPayload.from_stream = classmethod(from_stream)
     BrokerProtocolHandler.init_from_connect = classmethod(init_from_connect)
+    Broker._publish_retained_messages_for_subscription = retained_for_subscribers
     ConnectPayload._facegate_patched = True
 
 

@@ -111,10 +111,26 @@ class Device:
                 download.received if download is not None else -1)
 
     def wait(self, predicate: Callable[[BundleAck], bool], timeout: float = STALL_S) -> BundleAck:
-        """Wait for an ack state while the device makes progress; return the last ack."""
-        ok = wait_until(lambda: predicate(self.updater.last_ack), timeout, progress=self.progress)
-        assert ok, f"{self.device_id}: no progress for {timeout:.0f} s; last ack {self.updater.last_ack}"
-        return self.updater.last_ack
+        """Wait for an ack state (every ack is looked at, however short-lived) while the device makes
+        progress; fail once nothing moved for ``timeout``. Return the ack that matched."""
+        matched: list[BundleAck] = []
+
+        def check(ack: BundleAck) -> bool:
+            if predicate(ack):
+                matched.append(ack)
+            return bool(matched)
+
+        while True:
+            marker = self.progress()
+
+            def done(ack: BundleAck, marker: tuple[object, ...] = marker) -> bool:
+                return check(ack) or self.progress() != marker
+
+            if self.updater.wait_for(done, timeout) and matched:
+                return matched[0]
+            if not matched and self.progress() == marker:
+                raise AssertionError(f"{self.device_id}: no progress for {timeout:.0f} s; "
+                                     f"last ack {self.updater.last_ack}")
 
     def close(self) -> None:
         """Stop like a process would (partial downloads stay on disk)."""

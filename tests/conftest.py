@@ -2,6 +2,8 @@
 
 - The broker is :class:`server.broker.LocalBroker`, the demo's: mosquitto when it is on PATH, else the
   embedded amqtt (``FACEGATE_BROKER=amqtt`` forces it, ``=mosquitto`` requires mosquitto).
+- Tests using a broker fixture are marked ``broker``: CI runs ``-m broker`` again with
+  ``FACEGATE_BROKER=amqtt``, and once more with CPU and disk load beside it.
 - Tests marked ``hardware`` are skipped unless ``FACEGATE_HARDWARE=1``.
 - ``FACEGATE_REQUIRE_ALL=1`` (CI) turns every other skip into a failure: ``pytest.skip``,
   ``importorskip`` and skip marks alike, in tests, fixtures and at collection.
@@ -25,6 +27,7 @@ SHARED = Path(os.environ.get("FACEGATE_SHARED", REPO.parent / "shared"))
 REQUIRE_ALL = os.environ.get("FACEGATE_REQUIRE_ALL", "") == "1"
 HARDWARE = os.environ.get("FACEGATE_HARDWARE", "") == "1"
 HARDWARE_REASON = "hardware test (set FACEGATE_HARDWARE=1 on a Pi with its camera and relay)"
+BROKER_FIXTURES = {"mosquitto", "forgetful_broker"}
 
 # The tests' broker is the demo's: one implementation (server.broker); the old names stay importable.
 Broker = LocalBroker
@@ -48,11 +51,12 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip the hardware-marked tests unless FACEGATE_HARDWARE=1."""
-    if HARDWARE:
-        return
+    """Mark every test that uses the local broker ``broker`` (CI runs them once more on the embedded
+    one); skip the hardware-marked tests unless FACEGATE_HARDWARE=1."""
     for item in items:
-        if item.get_closest_marker("hardware") is not None:
+        if BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.broker)
+        if not HARDWARE and item.get_closest_marker("hardware") is not None:
             item.add_marker(pytest.mark.skip(reason=HARDWARE_REASON))
 
 
@@ -126,6 +130,17 @@ def mosquitto(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalB
     broker = LocalBroker(data_dir=tmp_path / "broker")
     if broker.kind != "mosquitto":
         request.node.user_properties.append(("broker", "embedded amqtt"))
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
+@pytest.fixture()
+def forgetful_broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    """A broker that keeps nothing across a restart (mosquitto without persistence, or amqtt)."""
+    broker = LocalBroker(data_dir=tmp_path / "forgetful-broker", persistence=False)
     broker.start()
     try:
         yield broker

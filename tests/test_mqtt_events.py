@@ -150,8 +150,8 @@ def test_broker_outage_loses_no_event(mosquitto: LocalBroker, tmp_path: Path, db
 
 
 def test_a_broker_restart_without_persistence_while_the_server_is_away_loses_nothing(
-        tmp_path: Path, db: Database) -> None:
-    broker = LocalBroker(data_dir=tmp_path / "broker", persistence=False).start()
+        tmp_path: Path, db: Database, forgetful_broker: LocalBroker) -> None:
+    broker = forgetful_broker
     door = Door(broker, tmp_path)
     producer = DecisionProducer(door.sink)
     try:
@@ -174,6 +174,5 @@ def test_a_broker_restart_without_persistence_while_the_server_is_away_loses_not
         server.close()
     finally:
         door.close()
-        broker.close()
     assert stored(db) == [(i + 1, f"p{i}") for i in range(15)]
     assert door.sink.publisher.resent >= 10

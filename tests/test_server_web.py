@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -18,7 +17,7 @@ import uvicorn
 from device.config import QualityConfig
 from device.vision.image import decode_image
 from server.app import create_app
-from tests.conftest import Broker
+from tests.conftest import Broker, free_port
 from tests.server_support import (
     ADMIN_PASSWORD,
     SimDevice,
@@ -32,8 +31,7 @@ pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOTS = REPO / "artifacts" / "screenshots"
-CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
-CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM = ("chromium", "chromium-browser", "google-chrome")  # looked up on PATH, as mosquitto is
 WAIT_S = 60.0  # a safety net for slow CI machines, never a timing claim
 CHROME_ARGS = (
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -51,7 +49,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
 def _chromium() -> str | None:
-    return next((c for c in CHROMIUM if Path(c).exists()), None) or shutil.which("chromium")
+    return next((found for name in CHROMIUM if (found := shutil.which(name))), None)
 
 
 class LiveServer:
@@ -60,9 +58,7 @@ class LiveServer:
     def __init__(self, tmp: Path, broker: Broker) -> None:
         from tests.server_support import make_config
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
+        self.port = free_port()
         config = make_config(tmp, mqtt={"enabled": True, "host": broker.host, "port": broker.port,
                                         "client_id": "web-test-server"})
         self.app = create_app(config)
@@ -84,12 +80,12 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    running = Broker(tmp_path_factory.mktemp("web-broker"))
+    running = Broker(data_dir=tmp_path_factory.mktemp("web-broker"))
     running.start()
     try:
         yield running
     finally:
-        running.stop()
+        running.close()
 
 
 @pytest.fixture(scope="module")
@@ -103,15 +99,15 @@ def live(tmp_path_factory: pytest.TempPathFactory, broker: Broker) -> Iterator[L
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
-    binary = _chromium()
-    if binary is None or not Path(CHROMEDRIVER).exists():
+    binary, chromedriver = _chromium(), shutil.which("chromedriver")
+    if binary is None or chromedriver is None:
         pytest.skip("chromium and chromium-driver are not installed (apt install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     for arg in CHROME_ARGS:
         options.add_argument(arg)
     options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chrome-profile')}")
     options.binary_location = binary
-    browser = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
+    browser = webdriver.Chrome(service=webdriver.ChromeService(chromedriver), options=options)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     try:
         yield browser

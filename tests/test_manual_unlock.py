@@ -24,7 +24,7 @@ from device.config import DeviceConfig
 from device.door import DoorState
 from device.mqtt.homeassistant import LOCK_COMMAND_TEMPLATE, discovery_configs
 from device.mqtt.service import DeviceMqtt, stale_reason
-from device.protocol.schemas import CommandRequest, CommandResponse, EventPayload, utcnow
+from device.protocol.schemas import CommandRequest, CommandResponse, EventConfirm, EventPayload, utcnow
 from device.protocol.topics import Topics
 from device.types import DecisionKind
 from facegate.cli import main
@@ -116,7 +116,10 @@ def test_manual_unlock_over_mqtt_is_an_event_that_a_subscriber_receives(
                   subscriber.on_topic(TOPICS.events(DEVICE))[0].payload.decode())
             assert (event.requested_by, event.correlation_id, event.seconds) == ("reception", "c-7781", 3.0)
             assert event.device == DEVICE and event.person_id is None
-            assert wait_until(lambda: mqtt.outbox.depth == 0)  # written to the outbox, gone after the PUBACK
+            assert mqtt.outbox.depth == 1  # on disk in the outbox until the server's receipt covers it
+            for receipt in EventConfirm.of(DEVICE, [event.seq]):  # what the audit subscriber sends
+                sender.client.publish(TOPICS.events_confirm(DEVICE), receipt.to_bytes(), qos=1)
+            assert wait_until(lambda: mqtt.outbox.depth == 0)
             assert agent.status().decisions == {"manual_unlock": 1}
     finally:
         subscriber.close()

@@ -24,10 +24,10 @@ import click
 from rich.console import Console
 from rich.progress import Progress
 
-from device.mqtt.client import ClientSettings, MqttClient
-from device.protocol.schemas import EventPayload, LivenessPayload, utcnow
-from device.protocol.topics import Topics
-from device.types import DecisionKind, LivenessVerdict
+from core.mqtt.client import ClientSettings, MqttClient
+from core.protocol.schemas import EventPayload, LivenessPayload, utcnow
+from core.protocol.topics import Topics
+from core.types import DecisionKind, LivenessVerdict
 
 PREFIX, SITE = "facegate", "bench"
 DUPLICATE_EVERY = 50  # a door re-sends an event after a lost PUBACK; this simulates 2% of them

@@ -34,8 +34,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from core.types import Decision, DecisionKind, Detection, Frame, ImageArray, LivenessResult, LivenessVerdict
 from device.camera.base import FrameSource
-from device.types import Decision, DecisionKind, Detection, Frame, ImageArray, LivenessResult, LivenessVerdict
 
 logger = logging.getLogger(__name__)
 

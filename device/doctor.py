@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import ssl
-import struct
 import subprocess
 import sys
 import time
@@ -19,11 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import Any
 from urllib.request import urlopen
 
 import click
 
-from device.config import DeviceConfig, MqttConfig, load_device_config
+from core.mqtt.client import MqttError, paho_client, settings_from
+from device.config import DeviceConfig, load_device_config
 from device.decide.operating_point import lowest_tau_floor, tau_floor
 from device.gallery.store import GalleryError, read_meta
 from device.liveness.base import LIVENESS_OFF, describe_liveness
@@ -42,6 +43,8 @@ MQTT_CONNACK_CODES = {
     4: "bad user name or password",
     5: "not authorised",
 }
+# paho reports a 3.1.1 CONNACK as an MQTT 5 reason code; back to the 3.1.1 code for the table above.
+PAHO_TO_CONNACK = {132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
 
 
 class Status(enum.StrEnum):
@@ -168,40 +171,46 @@ def check_camera(config: DeviceConfig) -> CheckResult:
     )
 
 
-def _mqtt_connect_packet(client_id: str, mqtt: MqttConfig) -> bytes:
-    """A minimal MQTT 3.1.1 CONNECT packet (clean session)."""
+def _mqtt_connack(config: DeviceConfig) -> int | str:
+    """CONNECT with the core MQTT client (same TLS setup as the door); the CONNACK code (0 = accepted), or
+    the error text when the TCP/TLS connection or the CONNACK never came."""
+    mqtt = config.mqtt
+    settings = settings_from(mqtt, f"doctor-{config.device.id}")
+    answer: list[int] = []
 
-    def field(value: bytes) -> bytes:
-        return struct.pack("!H", len(value)) + value
+    def on_connect(client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        value = int(reason_code.value)
+        answer.append(PAHO_TO_CONNACK.get(value, value))
 
-    flags = 0x02
-    payload = field(client_id.encode())
-    if mqtt.username:
-        flags |= 0x80
-        payload += field(mqtt.username.encode())
-        if mqtt.password:
-            flags |= 0x40
-            payload += field(mqtt.password.encode())
-    variable = field(b"MQTT") + bytes([4, flags]) + struct.pack("!H", 10)
-    body = variable + payload
-    length = b""
-    remaining = len(body)
-    while True:
-        byte, remaining = remaining % 128, remaining // 128
-        length += bytes([byte | (0x80 if remaining else 0)])
-        if not remaining:
-            break
-    return b"\x10" + length + body
+    try:
+        client = paho_client(settings, v5=False, clean_session=True)
+    except MqttError as exc:
+        return str(exc)
+    client.on_connect = on_connect
+    try:
+        client.connect(mqtt.host, mqtt.port, mqtt.keepalive_s)
+        deadline = time.monotonic() + NET_TIMEOUT_S
+        while not answer and time.monotonic() < deadline:
+            client.loop(timeout=0.1)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        return str(exc)
+    finally:
+        try:
+            client.disconnect()
+        except (OSError, ValueError):
+            pass
+    return answer[0] if answer else "no CONNACK"
 
 
 def check_broker(config: DeviceConfig) -> CheckResult:
-    """TCP (+TLS) connect to the broker and a real MQTT CONNECT/CONNACK."""
+    """A real MQTT CONNECT/CONNACK to the broker with the door's own client settings (TLS included)."""
     mqtt = config.mqtt
     if not mqtt.enabled:
         return CheckResult("broker", Status.NA, "mqtt.enabled = false (standalone door)")
     where = f"{mqtt.host}:{mqtt.port}{' (TLS)' if mqtt.tls else ''}"
     try:
-        raw = socket.create_connection((mqtt.host, mqtt.port), timeout=NET_TIMEOUT_S)
+        with socket.create_connection((mqtt.host, mqtt.port), timeout=NET_TIMEOUT_S):
+            pass
     except OSError as exc:
         return CheckResult(
             "broker",
@@ -209,33 +218,23 @@ def check_broker(config: DeviceConfig) -> CheckResult:
             f"cannot connect to {where}: {exc}",
             "start the broker, or fix mqtt.host/mqtt.port and the firewall",
         )
-    try:
-        sock: socket.socket = raw
-        if mqtt.tls:
-            context = ssl.create_default_context(cafile=str(mqtt.ca_file) if mqtt.ca_file else None)
-            if mqtt.cert_file and mqtt.key_file:
-                context.load_cert_chain(mqtt.cert_file, mqtt.key_file)
-            sock = context.wrap_socket(raw, server_hostname=mqtt.host)
-        sock.sendall(_mqtt_connect_packet(f"doctor-{config.device.id}", mqtt))
-        reply = sock.recv(4)
-    except (OSError, ssl.SSLError) as exc:
-        raw.close()
-        return CheckResult(
-            "broker",
-            Status.FAIL,
-            f"{where}: {exc}",
-            "check mqtt.ca_file / cert_file / key_file against deploy/mosquitto/make-certs.sh",
-        )
-    sock.close()
-    if len(reply) < 4 or reply[0] != 0x20:
+    code = _mqtt_connack(config)
+    if code == "no CONNACK":
         return CheckResult(
             "broker",
             Status.FAIL,
             f"{where} did not answer CONNECT with CONNACK",
             "is this port an MQTT listener?",
         )
-    if reply[3] != 0:
-        reason = MQTT_CONNACK_CODES.get(reply[3], f"code {reply[3]}")
+    if isinstance(code, str):
+        return CheckResult(
+            "broker",
+            Status.FAIL,
+            f"{where}: {code}",
+            "check mqtt.ca_file / cert_file / key_file against deploy/mosquitto/make-certs.sh",
+        )
+    if code != 0:
+        reason = MQTT_CONNACK_CODES.get(code, f"code {code}")
         return CheckResult(
             "broker",
             Status.FAIL,

@@ -30,10 +30,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from core.types import Decision, DecisionKind
 from device.agent.sink import EventSink
 from device.agent.status import UNSAFE_SETTINGS, AgentStatus
 from device.config import MetricsConfig
-from device.types import Decision, DecisionKind
 from facegate import __version__
 
 logger = logging.getLogger(__name__)

@@ -40,7 +40,8 @@ GROUPS: dict[str, GroupSpec] = {
     "bench": GroupSpec(
         "Benchmarks that print ratios against a baseline.",
         ("bench.cli:cli", "bench.gallery:gallery", "bench.rollout:rollout", "bench.liveness:liveness",
-         "bench.style:style", "bench.audit:audit", "bench.door:door"),
+         "bench.style:style", "bench.audit:audit", "bench.door:door",
+         "bench.frame:frame"),
         "server",
     ),
     "device": GroupSpec("Run and manage the door kiosk agent.", ("device.cli:cli",), "device"),

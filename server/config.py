@@ -10,10 +10,10 @@ from __future__ import annotations
 import base64
 import binascii
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator
 
+from core.config import ModelsConfig, MqttConnection, Strict
 from device.config import DetectorConfig, QualityConfig
 from facegate.configio import load_config
 from server.style.config import StyleConfig
@@ -22,12 +22,6 @@ ENV_PREFIX = "FACEGATE_SERVER"
 CHIP_KEY_BYTES = 32  # AES-256-GCM
 DB_FILE_NAME = "facegate.db"
 ID_PATTERN = r"^[A-Za-z0-9_.-]+$"
-
-
-class Strict(BaseModel):
-    """Base for every config section: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class HttpConfig(Strict):
@@ -84,35 +78,24 @@ class CryptoConfig(Strict):
         return value
 
 
-class MqttConfig(Strict):
+class MqttConfig(MqttConnection):
     """Broker the audit subscriber listens to and the gallery deltas go through."""
 
     enabled: bool = Field(True, description="Connect to the broker (the API keeps working without it).")
-    host: str = Field("localhost", min_length=1, description="Broker host.")
-    port: int = Field(1883, ge=1, le=65535, description="Broker port.")
-    prefix: str = Field("facegate", min_length=1, pattern=r"^[A-Za-z0-9_-]+$", description="Topic prefix.")
     site: str = Field("site", min_length=1, max_length=64, pattern=ID_PATTERN, description="Site id.")
     client_id: str = Field(
         "facegate-server", min_length=1, max_length=64, pattern=ID_PATTERN,
         description="MQTT client id (persistent session: events queue while the server is down).",
     )
-    username: str | None = Field(None, description="Username (use the env for the password).")
     password: SecretStr | None = Field(None, description="Password; set FACEGATE_SERVER__MQTT__PASSWORD.")
-    tls: bool = Field(False, description="Use TLS.")
-    ca_file: Path | None = Field(None, description="CA certificate for TLS.")
-    cert_file: Path | None = Field(None, description="Client certificate.")
-    key_file: Path | None = Field(None, description="Client key.")
-    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive.")
     deletion_ack_timeout_s: float = Field(
         30.0, gt=0, le=86_400,
         description="How long a DELETE waits for device acks before answering 'pending' (202).",
     )
 
-    @model_validator(mode="after")
-    def _tls_files(self) -> MqttConfig:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file must be given together")
-        return self
+    def password_text(self) -> str | None:
+        """The password in clear for the client."""
+        return self.password.get_secret_value() if self.password else None
 
 
 class BundlesConfig(Strict):
@@ -179,14 +162,6 @@ class RecognitionConfig(Strict):
     def consistency_threshold(self) -> float:
         """Effective self-consistency threshold."""
         return self.tau if self.consistency_tau is None else self.consistency_tau
-
-
-class ModelsConfig(Strict):
-    """The models the enrollment station runs: the very same pipeline as the doors."""
-
-    dir: Path | None = Field(None, description="Folder with manifest.json; default: the built models.")
-    threads: int = Field(1, ge=1, le=64, description="Interpreter threads.")
-    embedder: Literal["int8", "float32"] = Field("int8", description="Embedder variant (match the doors).")
 
 
 class ServerConfig(Strict):

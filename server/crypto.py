@@ -20,7 +20,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from models.runtime.manifest import atomic_write_bytes
+from core.files import atomic_write_bytes
 from server.config import CHIP_KEY_BYTES, ServerConfig
 
 logger = logging.getLogger(__name__)

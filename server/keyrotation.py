@@ -25,7 +25,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from models.runtime.manifest import atomic_write_bytes
+from core.files import atomic_write_bytes
 from server.audit.log import AuditAction, record
 from server.config import ServerConfig
 from server.crypto import KEY_FILE_MODE, ChipCipher, CryptoError, cipher_from_text, generate_key_text

@@ -24,8 +24,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from device.types import DecisionKind
-from server.bundles.builder import BUNDLE_JSON
+from core.bundle_layout import BUNDLE_JSON
+from core.types import DecisionKind
 from server.bundles.delta import MqttGallerySync
 from server.db.models import DeletionDevice, DeletionRequest, Device, Person
 from server.enrollment.service import EnrollmentResult, Outcome

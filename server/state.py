@@ -6,8 +6,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from device.protocol.schemas import EventConfirm
-from device.protocol.topics import Topics
+from core.protocol.schemas import EventConfirm
+from core.protocol.topics import Topics
 from server.audit.subscriber import AuditSubscriber
 from server.audit.transport import ManualAckSource
 from server.auth.ratelimit import TokenBucket
@@ -44,17 +44,12 @@ def mqtt_gallery_sync(config: ServerConfig, topics: Topics) -> tuple[GallerySync
         logger.warning("no signing key at %s: gallery deltas are not published, deletions stay pending "
                        "(run `facegate keys generate`)", key_path)
         return NullSync(), None
-    from device.mqtt.client import ClientSettings, MqttClient
+    from core.mqtt.client import MqttClient, settings_from
     from server.bundles.delta import MqttGallerySync
     from server.bundles.signing import load_private_key
 
     key = load_private_key(key_path)
-    m = config.mqtt
-    settings = ClientSettings(
-        host=m.host, port=m.port, client_id=f"{m.client_id}-delta", username=m.username,
-        password=m.password.get_secret_value() if m.password else None, tls=m.tls, ca_file=m.ca_file,
-        cert_file=m.cert_file, key_file=m.key_file, keepalive_s=m.keepalive_s,
-    )
+    settings = settings_from(config.mqtt, f"{config.mqtt.client_id}-delta")
     client = MqttClient(settings).start()
     try:
         return MqttGallerySync(client, topics, config.bundles_root, key), client

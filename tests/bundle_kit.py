@@ -10,16 +10,17 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from core.bundle_layout import BUNDLE_JSON
+from core.files import sha256_file
+from core.mqtt.client import ClientSettings, MqttClient
+from core.protocol.schemas import BundleAck, BundleAnnounce, BundleFile, BundleManifest, manifest_bytes
+from core.protocol.topics import Topics
 from device.bundles.signing import load_public_key
 from device.bundles.store import ActiveBundle, BundleStore
 from device.bundles.updater import BundleUpdater
 from device.config import BundleConfig, GalleryConfig
 from device.gallery import Gallery
-from device.gallery.store import sha256_of
-from device.mqtt.client import ClientSettings, MqttClient
-from device.protocol.schemas import BundleAck, BundleAnnounce, BundleFile, BundleManifest, manifest_bytes
-from device.protocol.topics import Topics
-from server.bundles.builder import BUNDLE_JSON, BuiltBundle, build_bundle
+from server.bundles.builder import BuiltBundle, build_bundle
 from server.bundles.publisher import BundleServer
 from server.bundles.rollout import DeviceRollout, RolloutTracker
 from server.bundles.signing import sign
@@ -54,7 +55,7 @@ def resign(bundle: BuiltBundle, key: Ed25519PrivateKey, dest: Path,
     manifest = bundle.manifest
     if mutate is not None:
         manifest = mutate(dest, manifest)
-    files = [BundleFile(path=f.path, sha256=sha256_of(dest / f.path), size=(dest / f.path).stat().st_size)
+    files = [BundleFile(path=f.path, sha256=sha256_file(dest / f.path), size=(dest / f.path).stat().st_size)
              for f in manifest.files]
     manifest = manifest.model_copy(update={"files": files})
     announce = BundleAnnounce(manifest=manifest, signature=sign(key, manifest_bytes(manifest)))

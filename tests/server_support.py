@@ -17,15 +17,15 @@ import paho.mqtt.client as paho
 from fastapi.testclient import TestClient
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device.protocol.schemas import (
+from core.protocol.schemas import (
     BundleAck,
     EventPayload,
     LivenessPayload,
     StatusPayload,
     VersionsPayload,
 )
-from device.protocol.topics import Topics
-from device.types import DecisionKind, LivenessVerdict
+from core.protocol.topics import Topics
+from core.types import DecisionKind, LivenessVerdict
 from device.waiting import WaitTimeout, wait_progress
 from server.auth.service import Role, create_user
 from server.config import ServerConfig

@@ -15,10 +15,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from core.protocol.schemas import EventPayload, decision_to_event
+from core.types import Decision, DecisionKind, LivenessCheck, LivenessResult, LivenessVerdict, Match
 from device.config import AccessConfig, DecisionConfig, DeviceConfig, load_device_config
 from device.decide import AccessPolicy, DecisionEngine, DenyReason, FaceObservation
-from device.protocol.schemas import EventPayload, decision_to_event
-from device.types import Decision, DecisionKind, LivenessCheck, LivenessResult, LivenessVerdict, Match
 from facegate.configio import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

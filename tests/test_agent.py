@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from skimage import data
 
+from core.types import DecisionKind, Frame
 from device.agent import Agent, JsonLinesSink, MemorySink
 from device.agent.runner import build_agent, open_gallery, open_pipeline
 from device.config import DeviceConfig
 from device.door import DoorState
 from device.enroll import enroll
-from device.types import DecisionKind, Frame
 from tests.agent_support import (
     LIVENESS_OFF,
     astronaut_frames,

@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from skimage import data
 
+from core.protocol.schemas import EventPayload, decision_to_event
+from core.types import DecisionKind
 from device.agent import MemorySink
 from device.agent.runner import build_agent, open_gallery, open_pipeline
 from device.config import WEEKDAYS, DeviceConfig
 from device.door import DoorState
 from device.enroll import enroll
-from device.protocol.schemas import EventPayload, decision_to_event
-from device.types import DecisionKind
 from tests.agent_support import LIVENESS_OFF, WAIT_S, astronaut_frames, no_face_frames, save_rgb, write_frames
 
 ALL_DAY = {"start": "00:00", "end": "24:00"}

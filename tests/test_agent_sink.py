@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from device.agent import FanOutSink, JsonLinesSink, MemorySink, decision_to_dict
-from device.types import Decision, DecisionKind, LivenessCheck, LivenessResult, LivenessVerdict
+from core.types import Decision, DecisionKind, LivenessCheck, LivenessResult, LivenessVerdict
+from device.agent import FanOutSink, JsonLinesSink, MemorySink, decision_record
 
 DECISION = Decision(
     kind=DecisionKind.GRANTED, person_id="p1", name="Ada", score=0.93, margin=0.21,
@@ -33,7 +33,7 @@ def test_jsonl_sink_appends_one_object_per_line(tmp_path: Path) -> None:
         sink.emit(DECISION)
     sink.close()
     lines = [json.loads(x) for x in path.read_text().splitlines()]
-    assert len(lines) == 2 and lines[0] == decision_to_dict(DECISION)
+    assert len(lines) == 2 and lines[0] == decision_record(DECISION)
     assert lines[0]["kind"] == "granted" and lines[0]["liveness"]["checks"][0]["name"] == "passive"
     assert set(lines[0]) == {"kind", "person_id", "name", "score", "margin", "liveness", "latencies_ms",
                              "model_version", "gallery_version", "timestamp", "source_id", "reason"}

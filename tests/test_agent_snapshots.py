@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from skimage import data
 
+from core.protocol.schemas import EventPayload
+from core.protocol.snapshots import decode_snapshot
+from core.protocol.topics import Topics
+from core.types import DecisionKind
 from device.agent import MemorySink
 from device.agent.runner import build_agent, open_gallery, open_pipeline
 from device.config import DeviceConfig
 from device.enroll import enroll
 from device.mqtt.service import DeviceMqtt
-from device.protocol.schemas import EventPayload
-from device.protocol.snapshots import decode_snapshot
-from device.protocol.topics import Topics
-from device.types import DecisionKind
 from device.vision.snapshot import SNAPSHOT_MAX_SIDE
 from tests.agent_support import (
     LIVENESS_OFF,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from core.types import DecisionKind, LivenessCheck, LivenessResult, LivenessVerdict, Match
 from device.config import DecisionConfig
 from device.decide import DecisionEngine, FaceObservation, Tracker, iou
-from device.types import DecisionKind, LivenessCheck, LivenessResult, LivenessVerdict, Match
 
 LIVE = LivenessResult(LivenessVerdict.LIVE, (LivenessCheck("passive", 0.9, LivenessVerdict.LIVE),))
 SKIP = LivenessResult.skipped()

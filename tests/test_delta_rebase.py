@@ -13,8 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from core.protocol.schemas import BundleAck, GalleryDelta, canonical_json, utcnow
 from device.bundles.signing import load_public_key, verify
-from device.protocol.schemas import BundleAck, GalleryDelta, canonical_json, utcnow
 from models.runtime.manifest import load_manifest, save_manifest
 from server.bundles.builder import EXPORT_JSON, export_time
 from server.bundles.delta import ADDED_AT, STATE_FILE, DeltaLedger, GalleryCoverage, MqttGallerySync

@@ -15,7 +15,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device.protocol.topics import Topics
+from core.protocol.topics import Topics
 from server.broker import free_port, mosquitto_binary, wait_port
 from tests.mqtt_kit import ACK_S, wait_until
 

@@ -24,6 +24,9 @@ import pytest
 from click.testing import CliRunner
 from skimage import data
 
+from core.mqtt.client import ClientSettings, MqttClient
+from core.protocol.schemas import BundleAck
+from core.types import DecisionKind, Detection, ImageArray, LivenessCheck, LivenessResult, LivenessVerdict
 from device.agent import MemorySink
 from device.agent.loop import Agent
 from device.agent.runner import build_agent, open_gallery, open_pipeline
@@ -33,10 +36,7 @@ from device.door import DoorError, DoorState
 from device.door.simulated import read_state_file
 from device.enroll import enroll
 from device.gallery import Gallery, GalleryError
-from device.mqtt.client import ClientSettings, MqttClient
 from device.mqtt.runtime import bundle_loader, make_delta_live, open_store
-from device.protocol.schemas import BundleAck
-from device.types import DecisionKind, Detection, ImageArray, LivenessCheck, LivenessResult, LivenessVerdict
 from device.vision.embedder import EMBEDDING_DIM
 from device.vision.pipeline import FacePipeline
 from facegate.cli import main

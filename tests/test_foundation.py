@@ -118,7 +118,7 @@ def test_atomic_writes_respect_the_umask_or_the_given_mode(tmp_path: Path) -> No
     """Models and manifests are readable like any new file; keys and biometric files stay 0600."""
     import stat
 
-    from models.runtime.manifest import _UMASK, atomic_write_bytes
+    from core.files import _UMASK, atomic_write_bytes
 
     plain, private = tmp_path / "manifest.json", tmp_path / "chip.key"
     atomic_write_bytes(plain, b"{}")

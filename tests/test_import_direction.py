@@ -12,10 +12,16 @@ REPO = Path(__file__).resolve().parents[1]
 HEAVY = {"tensorflow", "keras", "fastapi", "dlib", "sqlalchemy", "server"}
 # package folder -> top-level modules it must never import (lazily or not)
 RULES = {
+    "core": HEAVY | {"device", "models", "facegate", "bench", "demo", "faiss", "cv2"},
     "device": HEAVY,
-    "models/runtime": HEAVY | {"models.build", "faiss", "cv2", "paho"},
+    "models/runtime": HEAVY | {"device", "facegate", "bench", "demo", "models.build", "models.convert", "faiss",
+                               "cv2", "paho"},
     "facegate": HEAVY,
 }
+# (a, b): modules under folder a never import b (the reverse direction is the allowed one), so no cycle.
+ONE_WAY = [
+    ("device/bundles", {"device.mqtt"}),
+]
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
@@ -43,3 +49,19 @@ def test_light_packages_do_not_import_heavy_ones(folder: str) -> None:
     assert (REPO / folder).is_dir()
     assert _violations(folder, RULES[folder]) == []
 
+
+
+@pytest.mark.parametrize(("folder", "banned"), ONE_WAY)
+def test_no_cycles(folder: str, banned: set[str]) -> None:
+    assert (REPO / folder).is_dir()
+    assert _violations(folder, banned) == []
+
+
+def test_models_runtime_imports_only_core() -> None:
+    first_party = {"core", "device", "server", "models", "facegate", "bench", "demo"}
+    bad = [f"{path.relative_to(REPO)}:{line} imports {module}"
+           for path in sorted((REPO / "models/runtime").rglob("*.py"))
+           for line, module in _imports(path)
+           if module.split(".")[0] in first_party and module.split(".")[0] != "core"
+           and not module.startswith("models.runtime")]
+    assert bad == []

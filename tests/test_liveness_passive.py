@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.files import sha256_file
+from core.types import Detection, LivenessVerdict
 from device.config import LivenessConfig
 from device.liveness.passive import (
     PASSIVE_MODELS,
@@ -24,8 +26,7 @@ from device.liveness.passive import (
     patch_window,
     resolve_minifasnet_files,
 )
-from device.types import Detection, LivenessVerdict
-from models.runtime.manifest import Manifest, ModelEntry, TensorSpec, save_manifest, sha256_file
+from models.runtime.manifest import Manifest, ModelEntry, TensorSpec, save_manifest
 
 SHIPPED = LivenessConfig()  # passive_threshold and passive_head from `facegate eval liveness-calibrate`
 

@@ -6,6 +6,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from core.types import LivenessVerdict
 from device.liveness.planar import (
     PlanarInputError,
     PlanarParams,
@@ -15,7 +16,6 @@ from device.liveness.planar import (
     fit_similarity,
     frame_fit,
 )
-from device.types import LivenessVerdict
 
 FOCAL_PX = 700.0
 DISTANCE_MM = 500.0

@@ -22,6 +22,8 @@ from pydantic import ValidationError
 from skimage import data
 
 import device.decide.operating_point as op
+from core.protocol.topics import Topics
+from core.types import DecisionKind
 from device.agent import MemorySink
 from device.agent.loop import Agent, AgentError, Models
 from device.agent.runner import build_agent, open_gallery, open_pipeline
@@ -34,8 +36,6 @@ from device.liveness.base import LIVENESS_OFF
 from device.metrics import DeviceMetrics
 from device.mqtt.homeassistant import discovery_configs
 from device.mqtt.service import DeviceMqtt
-from device.protocol.topics import Topics
-from device.types import DecisionKind
 from device.vision.embedder import EMBEDDING_DIM
 from facegate.cli import main
 from models.runtime.manifest import load_manifest

@@ -18,15 +18,15 @@ import pytest
 from click.testing import CliRunner
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from core.protocol.schemas import CommandRequest, CommandResponse, EventConfirm, EventPayload, utcnow
+from core.protocol.topics import Topics
+from core.types import DecisionKind
 from device.agent.loop import Agent
 from device.agent.runner import build_agent
 from device.config import DeviceConfig
 from device.door import DoorState
 from device.mqtt.homeassistant import LOCK_COMMAND_TEMPLATE, discovery_configs
 from device.mqtt.service import DeviceMqtt, stale_reason
-from device.protocol.schemas import CommandRequest, CommandResponse, EventConfirm, EventPayload, utcnow
-from device.protocol.topics import Topics
-from device.types import DecisionKind
 from facegate.cli import main
 from server.api.deps import SESSION_COOKIE
 from tests.agent_support import no_face_frames, wait_until, write_frames

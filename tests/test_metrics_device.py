@@ -18,6 +18,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from skimage import data
 
+from core.mqtt.client import ClientSettings, MqttClient
+from core.types import DecisionKind
 from device.agent.runner import build_agent, run_agent
 from device.agent.sink import MemorySink
 from device.bundles.signing import load_public_key
@@ -26,9 +28,7 @@ from device.bundles.updater import BundleUpdater
 from device.cli import cli as device_cli
 from device.config import load_device_config
 from device.metrics import STAGES, TOTAL_STAGE, DeviceMetrics
-from device.mqtt.client import ClientSettings, MqttClient
 from device.mqtt.outbox import Outbox
-from device.types import DecisionKind
 from tests.agent_support import (
     LIVENESS_OFF,
     astronaut_frames,

@@ -14,7 +14,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from skimage import data
 
-from device.types import DecisionKind
+from core.types import DecisionKind
 from server.app import create_app
 from server.bundles.signing import generate_key
 from tests.conftest import Broker

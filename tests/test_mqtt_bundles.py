@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from core.protocol.chunks import make_chunk
+from core.protocol.schemas import BundleAck, BundleAnnounce, BundleManifest, ChunkRequest, manifest_bytes
 from device.bundles.errors import RejectCode
 from device.bundles.signing import load_public_key
 from device.bundles.store import ActiveBundle, BundleStore
 from device.config import BundleConfig, GalleryConfig
 from device.gallery import Gallery
-from device.protocol.chunks import make_chunk
-from device.protocol.schemas import BundleAck, BundleAnnounce, BundleManifest, ChunkRequest, manifest_bytes
 from models.runtime.manifest import load_manifest
 from server.bundles.builder import BuiltBundle, build_bundle, iter_chunks
 from server.bundles.delta import MqttGallerySync

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from device.mqtt.client import ClientSettings, Message, MqttClient
+from core.mqtt.client import ClientSettings, Message, MqttClient
+from core.protocol.schemas import EventConfirm
+from core.protocol.topics import Topics
+from core.types import Decision, DecisionKind, LivenessResult
 from device.mqtt.outbox import MqttEventSink, Outbox
-from device.protocol.schemas import EventConfirm
-from device.protocol.topics import Topics
-from device.types import Decision, DecisionKind, LivenessResult
 from server.audit.subscriber import AuditSubscriber
 from server.audit.transport import ManualAckSource
 from server.broker import LocalBroker

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.protocol.chunks import MAGIC
+from core.protocol.schemas import CommandRequest, utcnow
+from core.protocol.topics import HA_STATUS_TOPIC
 from device.config import BundleConfig, DeviceConfig
 from device.mqtt.service import DeviceMqtt
-from device.protocol.chunks import MAGIC
-from device.protocol.schemas import CommandRequest, utcnow
-from device.protocol.topics import HA_STATUS_TOPIC
 from server.bundles.builder import BuiltBundle
 from tests.bundle_kit import TOPICS, Device, Server, build, serving
 from tests.conftest import Broker

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from device.mqtt.outbox import Outbox
-from device.protocol.chunks import decode_chunk, make_chunk
-from device.protocol.schemas import (
+from core.protocol.chunks import decode_chunk, make_chunk
+from core.protocol.schemas import (
     MAX_CONFIRM_RANGES,
     BundleAnnounce,
     BundleManifest,
@@ -24,8 +23,9 @@ from device.protocol.schemas import (
     decision_to_event,
     json_schemas,
 )
-from device.protocol.topics import Topics
-from device.types import Decision, DecisionKind, LivenessCheck, LivenessResult, LivenessVerdict
+from core.protocol.topics import Topics
+from core.types import Decision, DecisionKind, LivenessCheck, LivenessResult, LivenessVerdict
+from device.mqtt.outbox import Outbox
 
 
 def _decision(**kw: object) -> Decision:

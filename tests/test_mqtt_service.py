@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from core.mqtt.client import Message
+from core.protocol.schemas import CommandRequest, CommandResponse, StatusPayload, utcnow
+from core.protocol.topics import HA_STATUS_TOPIC, Topics
+from core.types import DecisionKind
 from device.config import DeviceConfig
 from device.door import SimulatedDoor
-from device.mqtt.client import Message
 from device.mqtt.service import DeviceMqtt
-from device.protocol.schemas import CommandRequest, CommandResponse, StatusPayload, utcnow
-from device.protocol.topics import HA_STATUS_TOPIC, Topics
-from device.types import DecisionKind
 from tests.conftest import Broker
 from tests.mqtt_kit import ACK_S, CONNECT_S, Collector, wait_until
 

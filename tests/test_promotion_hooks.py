@@ -17,10 +17,10 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, func, select
 
+from core.protocol.schemas import manifest_bytes
 from device.bundles.signing import load_public_key, verify
 from device.config import DetectorConfig, GalleryConfig
 from device.gallery import Gallery
-from device.protocol.schemas import manifest_bytes
 from device.vision.embedder import Embedder
 from device.vision.pipeline import FacePipeline
 from models.runtime.manifest import load_manifest

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from device.protocol import schemas
+from core.protocol import schemas
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 EXAMPLE = re.compile(r"<!-- schema: (\w+) -->\n```json\n(.*?)```", re.DOTALL)

@@ -14,8 +14,8 @@ from threading import Thread
 import pytest
 from sqlalchemy import func, select
 
-from device.protocol.topics import Topics
-from device.types import DecisionKind
+from core.protocol.topics import Topics
+from core.types import DecisionKind
 from server.audit.subscriber import AuditSubscriber
 from server.audit.transport import ManualAckSource
 from server.config import MqttConfig

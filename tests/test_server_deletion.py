@@ -14,8 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
+from core.protocol.schemas import GalleryDelta, canonical_json
 from device.bundles.signing import load_public_key, verify
-from device.protocol.schemas import GalleryDelta, canonical_json
 from server.app import create_app
 from server.db.models import AuditEntry, Chip, Device, Person, Template, new_id
 from server.enrollment.templates import new_template

@@ -12,15 +12,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from skimage import data
 
-from device.agent import FanOutSink, MemorySink, decision_to_dict
+from core.mqtt.client import ClientSettings, MqttClient
+from core.protocol.schemas import EventPayload, PayloadError, decision_to_event
+from core.protocol.snapshots import MAGIC, decode_snapshot, encode_snapshot_frame, make_header
+from core.protocol.topics import Topics
+from core.types import Decision, DecisionKind, LivenessCheck, LivenessResult, LivenessVerdict
+from device.agent import FanOutSink, MemorySink, decision_record
 from device.metrics import DeviceMetrics
-from device.mqtt.client import ClientSettings, MqttClient
 from device.mqtt.outbox import MqttEventSink, Outbox
 from device.mqtt.snapshots import SnapshotPublisher
-from device.protocol.schemas import EventPayload, PayloadError, decision_to_event
-from device.protocol.snapshots import MAGIC, decode_snapshot, encode_snapshot_frame, make_header
-from device.protocol.topics import Topics
-from device.types import Decision, DecisionKind, LivenessCheck, LivenessResult, LivenessVerdict
 from device.vision.snapshot import SNAPSHOT_MAX_SIDE, SnapshotError, encode_snapshot, face_crop
 from tests.conftest import Broker
 from tests.mqtt_kit import CONNECT_S, STALL_S, Collector, wait_until
@@ -68,7 +68,7 @@ def test_snapshot_is_a_decodable_jpeg_of_the_face() -> None:
 def test_decision_snapshot_never_reaches_repr_or_the_json_lines() -> None:
     d = decision(DecisionKind.UNKNOWN, jpeg())
     assert "snapshot" not in repr(d) and "\\xff\\xd8" not in repr(d)
-    assert "snapshot" not in decision_to_dict(d)
+    assert "snapshot" not in decision_record(d)
     wire = decision_to_event(d, DEVICE).to_bytes()  # events never carry the image
     assert b"\xff\xd8" not in wire and json.loads(wire)["snapshot"] is False
 

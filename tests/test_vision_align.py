@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from skimage import data as skimage_data
 
-from device.types import Detection
+from core.types import Detection
 from device.vision.align import (
     CHIP_SIZE,
     KEYPOINT_TEMPLATE,

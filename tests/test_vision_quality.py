@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from skimage import data as skimage_data
 
+from core.types import Chip, Detection, ImageArray
 from device.config import QualityConfig
-from device.types import Chip, Detection, ImageArray
 from device.vision.align import MESH_TEMPLATE, align_points
 from device.vision.detector import SPECS, BlazeFaceDetector
 from device.vision.mesh import FaceMesh, MeshResult

@@ -1,7 +1,8 @@
 """The kiosk agent: frame loop (capture -> queue -> process), status, event sinks, runner."""
 
+from core.protocol.schemas import decision_record
 from device.agent.loop import Agent, AgentError, Analyzer, Loader, Models
-from device.agent.sink import EventSink, FanOutSink, JsonLinesSink, LoggingSink, MemorySink, decision_to_dict
+from device.agent.sink import EventSink, FanOutSink, JsonLinesSink, LoggingSink, MemorySink
 from device.agent.status import AgentStatus
 
 __all__ = [
@@ -16,5 +17,5 @@ __all__ = [
     "LoggingSink",
     "MemorySink",
     "Models",
-    "decision_to_dict",
+    "decision_record",
 ]

@@ -30,6 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
+from core.protocol.snapshots import SNAPSHOT_KINDS
+from core.types import Chip, Decision, DecisionKind, Detection, Embedding, Frame, ImageArray, LivenessResult
 from device.agent.sink import EventSink, FanOutSink
 from device.agent.status import LIVENESS_OFF_KEY, LOW_TAU_KEY, AgentStatus, Counters, RateMeter
 from device.camera import CameraSetupError, FrameSource
@@ -40,8 +42,6 @@ from device.decide.operating_point import low_tau_warning
 from device.door import Door, DoorError, DoorState, Transition
 from device.gallery import Gallery
 from device.liveness.base import LIVENESS_OFF, LivenessEngine, PassThroughLiveness
-from device.protocol.snapshots import SNAPSHOT_KINDS
-from device.types import Chip, Decision, DecisionKind, Detection, Embedding, Frame, ImageArray, LivenessResult
 from device.vision.snapshot import encode_snapshot
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
-from device.types import Decision, DecisionKind
+from core.protocol.schemas import decision_record
+from core.types import Decision
 
 logger = logging.getLogger(__name__)
 
@@ -37,31 +38,6 @@ class EventSink(Protocol):
         ...
 
 
-def decision_to_dict(decision: Decision) -> dict[str, Any]:
-    """A JSON-safe dict of a decision (no images, chips or embeddings: never biometric data)."""
-    return {
-        "kind": decision.kind.value,
-        "person_id": decision.person_id,
-        "name": decision.name,
-        "score": round(decision.score, 4),
-        "margin": round(decision.margin, 4),
-        "liveness": {
-            "verdict": decision.liveness.verdict.value,
-            "checks": [{"name": c.name, "score": c.score, "verdict": c.verdict.value, "detail": c.detail}
-                       for c in decision.liveness.checks],
-        },
-        "latencies_ms": {k: round(v, 2) for k, v in decision.latencies_ms.items()},
-        "model_version": decision.model_version,
-        "gallery_version": decision.gallery_version,
-        "timestamp": decision.timestamp,
-        "source_id": decision.source_id,
-        "reason": decision.reason or None,
-        # manual_unlock only, like the event's optional fields
-        **({"requested_by": decision.requested_by, "correlation_id": decision.correlation_id or None,
-            "seconds": decision.seconds} if decision.kind is DecisionKind.MANUAL_UNLOCK else {}),
-    }
-
-
 class JsonLinesSink:
     """Appends one JSON object per decision to a file, flushed and fsynced per line."""
 
@@ -73,7 +49,7 @@ class JsonLinesSink:
 
     def emit(self, decision: Decision) -> None:
         """Append the decision as one line."""
-        line = json.dumps(decision_to_dict(decision), ensure_ascii=False)
+        line = json.dumps(decision_record(decision), ensure_ascii=False)
         with self._lock:
             if self._handle is None:
                 raise ValueError(f"sink {self.path} is closed")

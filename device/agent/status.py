@@ -8,8 +8,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from device.agent.sink import decision_to_dict
-from device.types import Decision
+from core.protocol.schemas import decision_record
+from core.types import Decision
 
 # Frame rates are measured over this sliding window.
 FPS_WINDOW_S = 5.0
@@ -109,7 +109,7 @@ class AgentStatus:
             "processing_errors": self.processing_errors,
             "faces": self.faces,
             "decisions": dict(self.decisions),
-            "last_decision": decision_to_dict(self.last_decision) if self.last_decision else None,
+            "last_decision": decision_record(self.last_decision) if self.last_decision else None,
             "model_version": self.model_version,
             "model_sha256": self.model_sha256,
             "gallery_version": self.gallery_version,

@@ -14,9 +14,9 @@ import os
 import shutil
 from pathlib import Path
 
+from core.files import atomic_write_bytes
+from core.protocol.schemas import BundleAnnounce, ChunkHeader, ChunkRef, PayloadError, manifest_bytes
 from device.bundles.errors import BundleRejected, IncompleteDownload, RejectCode
-from device.protocol.schemas import BundleAnnounce, ChunkHeader, ChunkRef, PayloadError, manifest_bytes
-from models.runtime.manifest import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from device.protocol.schemas import SelfTestSpec
+from core.protocol.schemas import SelfTestSpec
 from models.runtime.interpreter import ModelInputError, ModelLoadError, RuntimeUnavailableError, TFLiteModel
 
 logger = logging.getLogger(__name__)

@@ -26,13 +26,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from device.bundles.errors import BundleRejected, RejectCode
-from device.bundles.selftest import SelfTester, SelfTestError, run_selftest
-from device.bundles.signing import SignatureError, verify
-from device.bundles.working import DeltaOutcome, WorkingGallery
-from device.config import GalleryConfig
-from device.gallery.store import GalleryError, fsync_dir, read_meta, sha256_of
-from device.protocol.schemas import (
+from core.bundle_layout import BUNDLE_JSON, GALLERY_DIR, MODELS_DIR
+from core.files import atomic_write_bytes, fsync_dir, sha256_file
+from core.protocol.schemas import (
     BundleAnnounce,
     BundleManifest,
     GalleryDelta,
@@ -40,11 +36,15 @@ from device.protocol.schemas import (
     canonical_json,
     manifest_bytes,
 )
-from models.runtime.manifest import atomic_write_bytes
+from device.bundles.errors import BundleRejected, RejectCode
+from device.bundles.selftest import SelfTester, SelfTestError, run_selftest
+from device.bundles.signing import SignatureError, verify
+from device.bundles.working import DeltaOutcome, WorkingGallery
+from device.config import GalleryConfig
+from device.gallery.store import GalleryError, read_meta
 
 logger = logging.getLogger(__name__)
 
-BUNDLE_JSON = "bundle.json"
 DELTA_JSON = "delta.json"
 CURRENT, PREVIOUS = "current", "previous"
 MODELS_PREFIX, GALLERY_PREFIX = "models/", "gallery/"
@@ -66,12 +66,12 @@ class ActiveBundle:
     @property
     def models_dir(self) -> Path:
         """Folder with the bundle's models/manifest.json."""
-        return self.root / "models"
+        return self.root / MODELS_DIR
 
     @property
     def gallery_dir(self) -> Path:
         """The bundle's pristine gallery (never modified; deltas go to ``working_gallery``)."""
-        return self.root / "gallery"
+        return self.root / GALLERY_DIR
 
 
 def _fsync_tree(root: Path) -> None:
@@ -232,11 +232,11 @@ class BundleStore:
             if size != entry.size:
                 raise BundleRejected(RejectCode.TRUNCATED, f"bundle {seq}: {entry.path} has {size} bytes, "
                                      f"manifest says {entry.size}")
-            if sha256_of(path) != entry.sha256:
+            if sha256_file(path) != entry.sha256:
                 raise BundleRejected(RejectCode.TAMPERED, f"bundle {seq}: {entry.path} does not match the "
                                      "sha256 in the signed manifest")
         try:
-            meta = read_meta(root / "gallery")
+            meta = read_meta(root / GALLERY_DIR)
         except GalleryError as exc:
             raise BundleRejected(RejectCode.MALFORMED, f"bundle {seq}: {exc}") from exc
         if meta.model_sha256 != manifest.embedder_sha256:

@@ -26,14 +26,9 @@ import time
 import uuid
 from collections.abc import Callable
 
-from device.bundles.download import ANNOUNCE_FILE, Download
-from device.bundles.errors import BundleRejected, IncompleteDownload, RejectCode
-from device.bundles.store import ActiveBundle, BundleStore
-from device.config import BundleConfig
-from device.gallery import GalleryError
-from device.mqtt.client import Message, MqttClient
-from device.protocol.chunks import decode_chunk
-from device.protocol.schemas import (
+from core.mqtt.client import Message, MqttClient
+from core.protocol.chunks import decode_chunk
+from core.protocol.schemas import (
     BundleAck,
     BundleAnnounce,
     BundleState,
@@ -44,7 +39,12 @@ from device.protocol.schemas import (
     manifest_bytes,
     utcnow,
 )
-from device.protocol.topics import Topics
+from core.protocol.topics import Topics
+from device.bundles.download import ANNOUNCE_FILE, Download
+from device.bundles.errors import BundleRejected, IncompleteDownload, RejectCode
+from device.bundles.store import ActiveBundle, BundleStore
+from device.config import BundleConfig
+from device.gallery import GalleryError
 
 logger = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from core.files import atomic_write_bytes, fsync_dir
+from core.protocol.schemas import DeltaState, GalleryDelta
 from device.config import GalleryConfig
 from device.gallery import Gallery, GalleryError
-from device.gallery.store import META_NAME, fsync_dir, read_meta
-from device.protocol.schemas import DeltaState, GalleryDelta
-from models.runtime.manifest import atomic_write_bytes
+from device.gallery.store import META_NAME, read_meta
 
 logger = logging.getLogger(__name__)
 

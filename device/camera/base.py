@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from device.types import Frame, ImageArray
+from core.types import Frame, ImageArray
 from device.vision.image import ImageError, as_rgb
 
 logger = logging.getLogger(__name__)

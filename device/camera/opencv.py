@@ -14,9 +14,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from core.types import ImageArray
 from device.camera.base import Backoff, CameraUnavailable, FrameSource, bgr_to_rgb
 from device.config import OpenCVCameraConfig
-from device.types import ImageArray
 from device.vision.image import as_rgb
 
 logger = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ from typing import Any
 
 import cv2
 
+from core.types import ImageArray
 from device.camera.base import Backoff, CameraUnavailable, FrameSource, bgr_to_rgb
 from device.config import ReplayCameraConfig
-from device.types import ImageArray
 from device.vision.image import ImageError, ImageErrorCode, as_rgb, decode_image
 
 logger = logging.getLogger(__name__)

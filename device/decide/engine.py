@@ -26,9 +26,9 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from core.types import Decision, DecisionKind, LivenessResult, LivenessVerdict, Match
 from device.config import DecisionConfig
 from device.decide.access import AccessPolicy
-from device.types import Decision, DecisionKind, LivenessResult, LivenessVerdict, Match
 
 logger = logging.getLogger(__name__)
 

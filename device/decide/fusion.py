@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from device.types import FloatArray
+from core.types import FloatArray
 
 
 @dataclass(slots=True)

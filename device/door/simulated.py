@@ -12,9 +12,9 @@ import os
 import time
 from pathlib import Path
 
+from core.files import atomic_write_bytes
 from device.config import SimulatedDoorConfig
 from device.door.base import Door
-from models.runtime.manifest import atomic_write_bytes
 
 
 class SimulatedDoor(Door):

@@ -25,6 +25,8 @@ from typing import BinaryIO
 import numpy as np
 import numpy.typing as npt
 
+from core.files import atomic_write
+from core.types import Match
 from device.config import GalleryConfig
 from device.gallery.index import IndexKind, IndexParams, TemplateIndex, Vectors, normalise
 from device.gallery.store import (
@@ -35,13 +37,11 @@ from device.gallery.store import (
     GalleryModelMismatch,
     IndexRecord,
     PersonRecord,
-    atomic_write,
     format_version,
     read_meta,
     remove_stale,
     verified_file,
 )
-from device.types import Match
 
 logger = logging.getLogger(__name__)
 

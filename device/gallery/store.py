@@ -8,21 +8,17 @@ or the new one, never a mix. Stale data files are deleted after the commit.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.bundle_layout import META_NAME as META_NAME
+from core.files import sha256_file
+
 logger = logging.getLogger(__name__)
 
-META_NAME = "gallery.json"
 META_SCHEMA = 1
-_HASH_CHUNK = 1 << 20
 
 
 class GalleryError(Exception):
@@ -108,45 +104,6 @@ def format_version(revision: int, content_sha256: str) -> str:
     return f"{revision}-{content_sha256[:12]}"
 
 
-def fsync_dir(directory: Path) -> None:
-    """Flush a folder entry so a rename inside it survives a power cut."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, writer: Callable[[BinaryIO], object]) -> str:
-    """Write through ``writer`` into a temp file, fsync, rename over ``path``; return the sha256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w+b") as handle:
-            writer(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-            handle.seek(0)
-            digest = hashlib.sha256()
-            while block := handle.read(_HASH_CHUNK):
-                digest.update(block)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return digest.hexdigest()
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_HASH_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_meta(directory: Path) -> GalleryMeta:
     """Read and validate ``gallery.json``."""
     path = directory / META_NAME
@@ -170,7 +127,7 @@ def verified_file(directory: Path, name: str, sha256: str) -> Path:
     path = directory / name
     if not path.is_file():
         raise GalleryCorruptError(f"gallery file {path} is missing")
-    actual = sha256_of(path)
+    actual = sha256_file(path)
     if actual != sha256:
         raise GalleryCorruptError(f"gallery file {path} has sha256 {actual[:12]}…, metadata says "
                                   f"{sha256[:12]}…: the gallery is corrupt; reinstall the bundle")

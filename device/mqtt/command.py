@@ -11,10 +11,10 @@ import logging
 import queue
 import uuid
 
+from core.mqtt.client import ClientSettings, Message, MqttClient
+from core.protocol.schemas import CommandRequest, CommandResponse, PayloadError, utcnow
+from core.protocol.topics import Topics
 from device.config import DeviceConfig
-from device.mqtt.client import ClientSettings, Message, MqttClient
-from device.protocol.schemas import CommandRequest, CommandResponse, PayloadError, utcnow
-from device.protocol.topics import Topics
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import json
 import re
 from typing import Any
 
-from device.protocol.topics import Topics, ha_config_topic
-from device.types import DecisionKind
+from core.protocol.topics import Topics, ha_config_topic
+from core.types import DecisionKind
 
 DECISION_TYPES = [kind.value for kind in DecisionKind]
 # Home Assistant accepts [a-zA-Z0-9_-] in node and object ids.

@@ -6,7 +6,7 @@ Life of an event:
 3. The broker's PUBACK says the broker has it. With ``confirm`` (``[mqtt] confirm_events``, the
    default) that is not enough, because a broker restarted without persistence forgets what it held
    for a subscriber that was away: the row stays until the server's receipt
-   (:class:`~device.protocol.schemas.EventConfirm` on ``…/<device>/events/confirm``, sent by the audit
+   (:class:`~core.protocol.schemas.EventConfirm` on ``…/<device>/events/confirm``, sent by the audit
    subscriber after its commit) covers it. Without ``confirm`` the row is deleted on the PUBACK.
 4. After every reconnect the publisher starts again from the oldest row the broker has not
    acknowledged, so anything unacknowledged is replayed in order.
@@ -37,11 +37,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from device.mqtt.client import MqttClient
-from device.protocol.schemas import decision_to_event
-from device.protocol.snapshots import SNAPSHOT_KINDS
-from device.protocol.topics import Topics
-from device.types import Decision
+from core.mqtt.client import MqttClient
+from core.protocol.schemas import decision_to_event
+from core.protocol.snapshots import SNAPSHOT_KINDS
+from core.protocol.topics import Topics
+from core.types import Decision
 from device.waiting import WaitTimeout, wait_progress
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@
   An unlock is an event (``manual_unlock``, with ``requested_by`` and the correlation id) in the outbox.
 - Home Assistant discovery configs (retained), re-published when ``homeassistant/status`` is ``online``.
 - ``…/<device>/snapshot``: with ``[mqtt] snapshots`` only, best-effort JPEGs of unknown/spoof events
-  (framing and delivery rules in :mod:`device.protocol.snapshots`).
+  (framing and delivery rules in :mod:`core.protocol.snapshots`).
 Commands run on a worker thread, never on paho's network thread.
 """
 
@@ -29,13 +29,8 @@ from datetime import datetime
 from types import TracebackType
 from typing import Literal, Protocol
 
-from device.bundles.updater import BundleUpdater
-from device.config import DeviceConfig
-from device.mqtt import homeassistant
-from device.mqtt.client import ClientSettings, Message, MqttClient, Will
-from device.mqtt.outbox import MqttEventSink, Outbox
-from device.mqtt.snapshots import SnapshotPublisher
-from device.protocol.schemas import (
+from core.mqtt.client import ClientSettings, Message, MqttClient, Will
+from core.protocol.schemas import (
     CommandRequest,
     CommandResponse,
     EventConfirm,
@@ -44,7 +39,12 @@ from device.protocol.schemas import (
     VersionsPayload,
     utcnow,
 )
-from device.protocol.topics import HA_STATUS_TOPIC, Topics
+from core.protocol.topics import HA_STATUS_TOPIC, Topics
+from device.bundles.updater import BundleUpdater
+from device.config import DeviceConfig
+from device.mqtt import homeassistant
+from device.mqtt.outbox import MqttEventSink, Outbox
+from device.mqtt.snapshots import SnapshotPublisher
 from facegate import __version__
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class DeviceMqtt:
         settings = ClientSettings.from_config(config.mqtt, f"facegate-{config.device.site}-{self.device_id}")
         self.client = client or MqttClient(settings, will)
         self.outbox = Outbox(config.device.data_dir / OUTBOX_FILE, config.mqtt.outbox_max_events)
-        # Opt-in, best-effort JPEGs of unknown/spoof events on …/snapshot (device.protocol.snapshots).
+        # Opt-in, best-effort JPEGs of unknown/spoof events on …/snapshot (core.protocol.snapshots).
         self.snapshots = (SnapshotPublisher(self.client, self.topics, self.device_id)
                           if config.mqtt.snapshots else None)
         self.sink = MqttEventSink(self.client, self.outbox, self.topics, self.device_id, self.snapshots,

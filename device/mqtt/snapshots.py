@@ -1,4 +1,4 @@
-"""Best-effort publisher of opt-in event snapshots (wire format: :mod:`device.protocol.snapshots`).
+"""Best-effort publisher of opt-in event snapshots (wire format: :mod:`core.protocol.snapshots`).
 
 ``offer`` runs on the frame loop's thread and never blocks: it frames the JPEG and hands it to a bounded
 in-memory queue with ``put_nowait``; when the queue is full the snapshot is dropped, counted and logged
@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass
 from types import TracebackType
 
-from device.mqtt.client import MqttClient
-from device.protocol.schemas import EventPayload
-from device.protocol.snapshots import encode_snapshot_frame, make_header
-from device.protocol.topics import Topics
+from core.mqtt.client import MqttClient
+from core.protocol.schemas import EventPayload
+from core.protocol.snapshots import encode_snapshot_frame, make_header
+from core.protocol.topics import Topics
 from device.vision.image import image_size
 
 logger = logging.getLogger(__name__)

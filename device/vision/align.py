@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from device.types import Chip, Detection, FloatArray, ImageArray
+from core.types import Chip, Detection, FloatArray, ImageArray
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from core.types import Detection, ImageArray
 from device.config import DetectorConfig
-from device.types import Detection, ImageArray
 from device.vision.image import as_rgb
 from models.runtime.interpreter import TFLiteModel
 

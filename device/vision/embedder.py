@@ -15,9 +15,10 @@ from typing import Literal
 
 import numpy as np
 
-from device.types import Chip, Embedding, FloatArray, ImageArray
+from core.files import sha256_file
+from core.types import Chip, Embedding, FloatArray, ImageArray
 from models.runtime.interpreter import TFLiteModel
-from models.runtime.manifest import ModelEntry, load_manifest, sha256_file, verify_entry
+from models.runtime.manifest import ModelEntry, load_manifest, verify_entry
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from device.types import ImageArray
+from core.types import ImageArray
 
 # Faces smaller than ~20 px cannot be recognised; 32 px leaves room for the detector's context.
 MIN_SIDE_PX = 32

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from device.types import Detection, ImageArray
+from core.types import Detection, ImageArray
 from models.runtime.interpreter import TFLiteModel
 
 logger = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from core.types import Chip, Detection, Embedding, ImageArray
 from device.config import DetectorConfig
-from device.types import Chip, Detection, Embedding, ImageArray
 from device.vision.align import (
     DEFAULT_METHOD,
     KEYPOINT_TEMPLATE,

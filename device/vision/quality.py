@@ -26,8 +26,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from core.types import Chip, Detection, ImageArray
 from device.config import QualityConfig
-from device.types import Chip, Detection, ImageArray
 from device.vision.image import as_rgb
 from device.vision.mesh import LEFT_EYE_EAR, RIGHT_EYE_EAR, MeshResult, eye_aspect_ratio
 

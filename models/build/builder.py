@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from core.files import atomic_write_bytes
 from models.build.artifacts import Artifact, BuildError, EmbedderBuild, packaged_artifacts
 from models.build.cards import write_cards
 from models.runtime.manifest import (
@@ -25,7 +26,6 @@ from models.runtime.manifest import (
     Manifest,
     ManifestError,
     ModelEntry,
-    atomic_write_bytes,
     load_manifest,
     save_manifest,
     verify_entry,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from models.runtime.manifest import Manifest, ModelEntry, TensorSpec, atomic_write_bytes
+from core.files import atomic_write_bytes
+from models.runtime.manifest import Manifest, ModelEntry, TensorSpec
 
 logger = logging.getLogger(__name__)
 

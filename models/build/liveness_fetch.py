@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.runtime.manifest import atomic_write_bytes, sha256_file
+from core.files import atomic_write_bytes, sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -6,14 +6,13 @@ device can verify what it runs and a gallery can name the exact embedder it belo
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from core.files import atomic_write_bytes, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA = 1
@@ -84,59 +83,6 @@ class Manifest(BaseModel):
     def has(self, name: str) -> bool:
         """True when the manifest lists ``name``."""
         return any(entry.name == name for entry in self.models)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _read_umask() -> int:
-    """The process umask without changing it (Linux /proc), else by the set-and-restore dance."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    current = os.umask(0o077)  # restrictive while it is briefly changed: no other thread gets 0666
-    os.umask(current)
-    return current
-
-
-# Read once, at import: os.umask() is process-wide, and flipping it later could race other threads.
-_UMASK = _read_umask()
-
-
-def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, rename, fsync dir.
-
-    The file gets ``mode`` (e.g. 0o600 for keys and biometric data) or, by default, what ``open()``
-    would give a new file under the process umask (mkstemp alone would leave every file 0600).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode if mode is not None else 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def load_manifest(directory: Path) -> Manifest:

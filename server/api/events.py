@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 from sqlalchemy import Select, func, select
 
-from device.types import DecisionKind
+from core.types import DecisionKind
 from server.api.deps import AdminDep, PrincipalDep, SessionDep, StateDep
 from server.api.schemas import (
     AuditList,

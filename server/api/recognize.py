@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile, status
 from starlette.concurrency import run_in_threadpool
 
-from device.types import FloatArray
+from core.types import FloatArray
 from device.vision.image import ImageError, decode_image
 from server.api.deps import LimitedAdminDep, SessionDep, StateDep
 from server.api.schemas import Candidate, IdentifyResponse, VerifyResponse

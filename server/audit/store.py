@@ -1,7 +1,7 @@
 """Turn device messages into rows: events inserted idempotently by event id, devices upserted with
 availability, status and versions, bundle and gallery-delta acks recorded per sequence.
 
-Parsing uses the wire schemas of :mod:`device.protocol.schemas`; the device id always comes from the
+Parsing uses the wire schemas of :mod:`core.protocol.schemas`; the device id always comes from the
 topic (broker ACLs bind a device to its own topics) and a payload naming another device is refused.
 """
 
@@ -17,9 +17,9 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from device.protocol.schemas import BundleAck, EventPayload, PayloadError, StatusPayload
-from device.protocol.topics import Topics
-from device.types import FACE_KINDS
+from core.protocol.schemas import BundleAck, EventPayload, PayloadError, StatusPayload
+from core.protocol.topics import Topics
+from core.types import FACE_KINDS
 from server.db.models import BundleAckRow, Device, EventRow, utcnow
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from device.protocol.topics import Topics
+from core.protocol.topics import Topics
 from server.audit.store import BatchResult, InvalidMessageError, Parsed, apply_batch, parse
 from server.audit.transport import Delivery
 from server.db.engine import Database

@@ -1,6 +1,6 @@
 """The audit subscriber's MQTT transport: paho with *manual* acknowledgements and a persistent session.
 
-``device.mqtt.client`` acknowledges a QoS 1 message as soon as its callback returns. The audit log
+``core.mqtt.client`` acknowledges a QoS 1 message as soon as its callback returns. The audit log
 needs more: the PUBACK must wait until the event is committed to the database, so a server crash
 between receipt and commit makes the broker redeliver instead of losing the event (the idempotent
 insert absorbs the duplicate). This module is the server's one paho adapter for that; core code
@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from core.mqtt.client import MqttError, paho_client, settings_from
 from server.config import MqttConfig
 
 logger = logging.getLogger(__name__)
 
-RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 8  # find a restarted broker quickly, without hammering it
 
 
 class TransportError(Exception):
@@ -55,20 +54,11 @@ class ManualAckSource:
         self._lock = threading.Lock()
         # MQTT 3.1.1 with clean_session=False: the broker keeps our subscriptions and queues QoS 1
         # events while the server is down (mosquitto and amqtt both support it).
-        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id or config.client_id,
-                                   protocol=paho.MQTTv311, clean_session=False, manual_ack=True)
-        self._client.suppress_exceptions = True
-        self._client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
-        if config.username is not None:
-            password = config.password.get_secret_value() if config.password else None
-            self._client.username_pw_set(config.username, password)
-        if config.tls:
-            try:
-                self._client.tls_set(ca_certs=str(config.ca_file) if config.ca_file else None,
-                                     certfile=str(config.cert_file) if config.cert_file else None,
-                                     keyfile=str(config.key_file) if config.key_file else None)
-            except (OSError, ValueError) as exc:
-                raise TransportError(f"TLS setup failed for {config.host}:{config.port}: {exc}") from exc
+        settings = settings_from(config, client_id or config.client_id, persistent_session=True)
+        try:
+            self._client = paho_client(settings, v5=False, clean_session=False, manual_ack=True)
+        except MqttError as exc:
+            raise TransportError(str(exc)) from exc
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message

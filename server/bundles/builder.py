@@ -25,10 +25,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from device.bundles.selftest import SelfTestError, make_spec
-from device.bundles.signing import key_id
-from device.gallery.store import GalleryError, read_meta, sha256_of
-from device.protocol.schemas import (
+from core.bundle_layout import BUNDLE_JSON, GALLERY_DIR, META_NAME, MODELS_DIR
+from core.files import atomic_write_bytes, sha256_file
+from core.protocol.schemas import (
     BundleAnnounce,
     BundleFile,
     BundleManifest,
@@ -36,11 +35,13 @@ from device.protocol.schemas import (
     manifest_bytes,
     utcnow,
 )
+from device.bundles.selftest import SelfTestError, make_spec
+from device.bundles.signing import key_id
+from device.gallery.store import GalleryError, read_meta
 from models.runtime.manifest import (
     MANIFEST_NAME,
     ManifestError,
     ModelEntry,
-    atomic_write_bytes,
     load_manifest,
 )
 from models.runtime.manifest import verify_entry as verify_model
@@ -48,7 +49,6 @@ from server.bundles.signing import sign
 
 logger = logging.getLogger(__name__)
 
-BUNDLE_JSON = "bundle.json"
 EXPORT_JSON = "gallery_export.json"
 SEQUENCE_FILE = "sequence"
 # 256 KiB chunks: ~100 messages for a 25 MB bundle, small enough for any broker's default limits.
@@ -119,7 +119,7 @@ def _copy_gallery(gallery_dir: Path, dest: Path) -> tuple[str, str]:
     except GalleryError as exc:
         raise BundleBuildError(str(exc)) from exc
     dest.mkdir(parents=True)
-    names = ["gallery.json", meta.vectors_file, *([meta.index_file] if meta.index_file else [])]
+    names = [META_NAME, meta.vectors_file, *([meta.index_file] if meta.index_file else [])]
     for name in names:
         if not (gallery_dir / name).is_file():
             raise BundleBuildError(f"gallery file {gallery_dir / name} is missing")
@@ -135,7 +135,7 @@ def _file_list(root: Path) -> list[BundleFile]:
             rel = path.relative_to(root).as_posix()
             if rel in (BUNDLE_JSON, EXPORT_JSON):
                 continue
-            files.append(BundleFile(path=rel, sha256=sha256_of(path), size=path.stat().st_size))
+            files.append(BundleFile(path=rel, sha256=sha256_file(path), size=path.stat().st_size))
     return sorted(files, key=lambda f: f.path)
 
 
@@ -156,8 +156,8 @@ def build_bundle(models_dir: Path, gallery_dir: Path, out_root: Path, key: Ed255
         raise BundleBuildError(f"bundle {seq} already exists in {out_root}; sequences are never reused")
     tmp = out_root / f".build-{uuid.uuid4().hex[:8]}"
     try:
-        entries = _copy_models(Path(models_dir), tmp / "models")
-        gallery_sha, gallery_version = _copy_gallery(Path(gallery_dir), tmp / "gallery")
+        entries = _copy_models(Path(models_dir), tmp / MODELS_DIR)
+        gallery_sha, gallery_version = _copy_gallery(Path(gallery_dir), tmp / GALLERY_DIR)
         chosen = _choose_embedder(entries, gallery_sha, embedder)
         if chosen.sha256 != gallery_sha:
             raise BundleBuildError(f"gallery built for embedder {gallery_sha[:12]}…, not {chosen.name} "

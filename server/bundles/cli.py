@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 import click
 
-from device.mqtt.client import ClientSettings, MqttClient
-from device.protocol.topics import Topics
+from core.mqtt.client import ClientSettings, MqttClient, settings_from
+from core.protocol.topics import Topics
 from facegate.configio import ConfigError
 from server.config import ServerConfig, load_server_config
 
@@ -63,10 +63,7 @@ class _Broker:
 def _broker(config: ServerConfig, host: str | None, port: int | None, prefix: str | None,
             site: str | None) -> _Broker:
     m = config.mqtt
-    settings = ClientSettings(
-        host=host or m.host, port=port or m.port, client_id=f"facegate-bundle-{uuid.uuid4().hex[:8]}",
-        username=m.username, password=m.password.get_secret_value() if m.password else None, tls=m.tls,
-        ca_file=m.ca_file, cert_file=m.cert_file, key_file=m.key_file, keepalive_s=m.keepalive_s)
+    settings = settings_from(m, f"facegate-bundle-{uuid.uuid4().hex[:8]}", host=host, port=port)
     return _Broker(settings, Topics(prefix or m.prefix, site or m.site))
 
 

@@ -29,10 +29,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from device.mqtt.client import MqttClient
-from device.protocol.schemas import BundleAck, DeltaPerson, GalleryDelta, canonical_json, utcnow
-from device.protocol.topics import Topics
-from models.runtime.manifest import atomic_write_bytes
+from core.files import atomic_write_bytes
+from core.mqtt.client import MqttClient
+from core.protocol.schemas import BundleAck, DeltaPerson, GalleryDelta, canonical_json, utcnow
+from core.protocol.topics import Topics
 from server.bundles.signing import sign
 from server.enrollment.sync import GalleryEntry, SyncError
 

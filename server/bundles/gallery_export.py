@@ -19,10 +19,10 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.types import FloatArray
 from device.config import GalleryConfig
 from device.gallery import Gallery, GalleryError
 from device.gallery.store import META_NAME, GalleryMeta, read_meta
-from device.types import FloatArray
 from device.vision.embedder import EMBEDDING_DIM
 from server.crypto import ChipCipher
 from server.db.models import Person, Template

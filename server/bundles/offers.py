@@ -24,9 +24,9 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol
 
-from device.mqtt.client import Message, MqttClient
-from device.protocol.schemas import BundleAck, PayloadError
-from device.protocol.topics import Topics
+from core.mqtt.client import Message, MqttClient
+from core.protocol.schemas import BundleAck, PayloadError
+from core.protocol.topics import Topics
 
 logger = logging.getLogger(__name__)
 

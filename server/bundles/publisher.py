@@ -20,12 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from device.mqtt.client import Message, MqttClient, PublishHandle
-from device.protocol.chunks import make_chunk
-from device.protocol.schemas import BundleAck, BundleAnnounce, ChunkRequest, PayloadError
-from device.protocol.topics import Topics
+from core.files import atomic_write_bytes
+from core.mqtt.client import Message, MqttClient, PublishHandle
+from core.protocol.chunks import make_chunk
+from core.protocol.schemas import BundleAck, BundleAnnounce, ChunkRequest, PayloadError
+from core.protocol.topics import Topics
 from device.waiting import WaitTimeout, wait_progress
-from models.runtime.manifest import atomic_write_bytes
 from server.bundles.builder import BuiltBundle, BundleBuildError, iter_chunks, load_bundle, read_chunk
 from server.bundles.offers import OFFER_INTERVAL_S, OfferKeeper
 

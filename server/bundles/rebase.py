@@ -31,8 +31,9 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.bundle_layout import BUNDLE_JSON
 from device.gallery.store import GalleryError, read_meta
-from server.bundles.builder import BUNDLE_JSON, export_time
+from server.bundles.builder import export_time
 from server.bundles.delta import GalleryCoverage, MqttGallerySync
 from server.db.engine import Database
 from server.db.models import Device

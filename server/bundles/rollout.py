@@ -9,9 +9,9 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
-from device.mqtt.client import Message, MqttClient
-from device.protocol.schemas import BundleAck, PayloadError
-from device.protocol.topics import Topics
+from core.mqtt.client import Message, MqttClient
+from core.protocol.schemas import BundleAck, PayloadError
+from core.protocol.topics import Topics
 
 logger = logging.getLogger(__name__)
 

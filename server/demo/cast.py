@@ -24,9 +24,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from core.types import FloatArray, ImageArray, LivenessVerdict
 from device.config import QualityConfig
 from device.liveness.base import LivenessEngine
-from device.types import FloatArray, ImageArray, LivenessVerdict
 from device.vision.image import ImageError, decode_image
 from device.vision.pipeline import FacePipeline
 from device.vision.quality import check_enrollment

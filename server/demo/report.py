@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from core.files import atomic_write_bytes
+from core.protocol.schemas import EventPayload
 from device.liveness.base import LIVENESS_OFF
-from device.protocol.schemas import EventPayload
-from models.runtime.manifest import atomic_write_bytes
 from server.demo.scene import Step
 
 STYLES = {"granted": "green", "unknown": "yellow", "spoof": "red", "denied": "red"}

@@ -19,13 +19,13 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from core.mqtt.client import ClientSettings, MqttClient
+from core.protocol.topics import Topics
+from core.types import DecisionKind
 from device.config import DeviceConfig, LivenessConfig, ReplayCameraConfig
 from device.decide.operating_point import operating_point
 from device.liveness.base import LIVENESS_OFF
 from device.liveness.engine import build_liveness
-from device.mqtt.client import ClientSettings, MqttClient
-from device.protocol.topics import Topics
-from device.types import DecisionKind
 from device.vision.pipeline import FacePipeline
 from models.runtime.assets import default_models_dir
 from models.runtime.manifest import load_manifest

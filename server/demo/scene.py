@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+from core.mqtt.client import Message, MqttClient
+from core.protocol.schemas import EventPayload, PayloadError
+from core.protocol.topics import Topics
+from core.types import DecisionKind, ImageArray
 from device.agent.loop import Agent
 from device.camera import ReplaySource
 from device.config import ReplayCameraConfig
 from device.door.base import DoorState
-from device.mqtt.client import Message, MqttClient
-from device.protocol.schemas import EventPayload, PayloadError
-from device.protocol.topics import Topics
-from device.types import DecisionKind, ImageArray
 from server.demo.stack import DemoError, wait_until
 from server.enrollment.service import encode_chip
 

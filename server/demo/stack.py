@@ -16,15 +16,15 @@ from typing import Any
 
 import httpx
 
+from core.mqtt.client import MqttClient
+from core.protocol.topics import Topics
 from device.agent.loop import Agent
 from device.agent.runner import build_agent
 from device.bundles.updater import BundleUpdater
 from device.camera import FrameSource
 from device.config import DeviceConfig, GalleryConfig
-from device.mqtt.client import MqttClient
 from device.mqtt.runtime import bundle_loader, make_delta_live, open_store
 from device.mqtt.service import DeviceMqtt
-from device.protocol.topics import Topics
 from device.waiting import WaitTimeout, wait_progress
 from models.runtime.manifest import load_manifest
 from server.app import app_state, create_app

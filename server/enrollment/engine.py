@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from core.types import FloatArray, ImageArray
 from device.config import DetectorConfig, QualityConfig
-from device.types import FloatArray, ImageArray
 from server.config import ServerConfig
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from device.types import FloatArray
+from core.types import FloatArray
 from server.crypto import ChipCipher
 from server.db.models import Person, Template
 from server.enrollment.templates import open_template

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from sqlalchemy import exists, func, select
 
-from device.types import FloatArray, ImageArray
+from core.types import FloatArray, ImageArray
 from device.vision.embedder import EmbedderError
 from device.vision.image import ImageError, decode_image
 from facegate.progress import progress_bar

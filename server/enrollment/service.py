@@ -18,7 +18,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from device.types import FloatArray, ImageArray
+from core.types import FloatArray, ImageArray
 from device.vision.image import ImageError, ImageErrorCode, decode_image
 from server.audit.log import AuditAction, record
 from server.config import ServerConfig

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from device.types import FloatArray
+from core.types import FloatArray
 
 
 class SyncError(Exception):

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from device.types import FloatArray
+from core.types import FloatArray
 from server.crypto import ChipCipher, CryptoError
 from server.db.models import Template, new_id
 

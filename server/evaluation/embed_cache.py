@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.files import atomic_write_bytes
 from facegate.progress import progress_bar
-from models.runtime.manifest import atomic_write_bytes
 from server.evaluation.verify import ImageEmbedder, Vector
 
 logger = logging.getLogger(__name__)

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from core.types import Match
 from device.config import DecisionConfig, GalleryConfig
-from device.types import Match
 from server.evaluation.verify import Vector
 
 logger = logging.getLogger(__name__)

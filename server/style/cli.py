@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from pydantic import ValidationError
 
-from models.runtime.manifest import atomic_write_bytes
+from core.files import atomic_write_bytes
 from server.style.backbones import BACKBONES, BackboneError, make_backbone
 from server.style.images import (
     OUTPUT_MODE,

@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from models.runtime.manifest import atomic_write_bytes
+from core.files import atomic_write_bytes
 from server.training.data import DataError, Sample
 from server.training.progress import progress_bar
 

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import numpy.typing as npt
 
-from models.runtime.manifest import atomic_write_bytes, sha256_file
+from core.files import atomic_write_bytes, sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from core.files import sha256_file
 from device.vision.embedder import EMBEDDER_ENTRIES, Embedder, EmbedderError
 from models.runtime.assets import default_models_dir
 from models.runtime.manifest import (
@@ -29,7 +30,6 @@ from models.runtime.manifest import (
     ModelEntry,
     load_manifest,
     save_manifest,
-    sha256_file,
     verify_entry,
 )
 from server.config import ServerConfig

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from device.protocol.schemas import utcnow
+from core.protocol.schemas import utcnow
 from device.vision.embedder import Embedder
 from models.runtime.manifest import load_manifest
 from server.bundles.builder import build_bundle

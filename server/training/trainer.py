@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.runtime.manifest import atomic_write_bytes
+from core.files import atomic_write_bytes
 from server.training.data import PKBatches
 from server.training.losses import Mining
 from server.training.models import (

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import tensorflow as tf
 
-from models.runtime.manifest import atomic_write_bytes
+from core.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -75,7 +75,7 @@ def heldout_samples(pairs_csv: Path, folds: tuple[int, ...]) -> list[Sample]:
 
 
 def _teacher(chipset: ChipSet, cache: Path | None) -> npt.NDArray[np.float32]:
-    from models.runtime.manifest import atomic_write_bytes
+    from core.files import atomic_write_bytes
     from server.training.chips import default_cache_dir
 
     name = f"{TEACHER_CACHE_PREFIX}-{chipset.cache_id}-{len(chipset.keys)}.npy"

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import hashlib
 
-from device.protocol.framing import frame, unframe
-from device.protocol.schemas import ChunkHeader, PayloadError
+from core.protocol.framing import frame, unframe
+from core.protocol.schemas import ChunkHeader, PayloadError
 
 MAGIC = b"FGC1"
 

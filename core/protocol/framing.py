@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 
-from device.protocol.schemas import PayloadError
+from core.protocol.schemas import PayloadError
 
 _LEN = struct.Struct(">I")
 # Headers are small; anything larger is garbage and is refused before parsing.

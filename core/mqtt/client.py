@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -27,7 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from device.config import MqttConfig
+from core.config import MqttConnection
 
 logger = logging.getLogger(__name__)
 
@@ -111,13 +111,46 @@ class ClientSettings:
     reconnect_max_s: int = RECONNECT_MAX_S
 
     @classmethod
-    def from_config(cls, config: MqttConfig, client_id: str,
+    def from_config(cls, config: MqttConnection, client_id: str,
                     persistent_session: bool = False) -> ClientSettings:
-        """Settings from the device's ``[mqtt]`` section."""
+        """Settings from a device's or the server's ``[mqtt]`` section (the one constructor)."""
         return cls(host=config.host, port=config.port, client_id=client_id, username=config.username,
-                   password=config.password, tls=config.tls, ca_file=config.ca_file,
+                   password=config.password_text(), tls=config.tls, ca_file=config.ca_file,
                    cert_file=config.cert_file, key_file=config.key_file, keepalive_s=config.keepalive_s,
                    persistent_session=persistent_session)
+
+
+def settings_from(config: MqttConnection, client_id: str, persistent_session: bool = False,
+                  host: str | None = None, port: int | None = None) -> ClientSettings:
+    """Client settings from an ``[mqtt]`` section, optionally pointed at another host/port."""
+    settings = ClientSettings.from_config(config, client_id, persistent_session)
+    if host is None and port is None:
+        return settings
+    return replace(settings, host=host or settings.host, port=port or settings.port)
+
+
+def paho_client(settings: ClientSettings, *, v5: bool, clean_session: bool | None = None,
+                manual_ack: bool = False) -> paho.Client:
+    """The one paho construction: protocol, reconnect backoff, credentials and TLS (MqttError on bad TLS)."""
+    kwargs: dict[str, Any] = {}
+    if clean_session is not None and not v5:
+        kwargs["clean_session"] = clean_session
+    if manual_ack:
+        kwargs["manual_ack"] = True
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id,
+                         protocol=paho.MQTTv5 if v5 else paho.MQTTv311, **kwargs)
+    client.suppress_exceptions = True  # second line of defence; our handlers already catch
+    client.reconnect_delay_set(RECONNECT_MIN_S, max(RECONNECT_MIN_S, settings.reconnect_max_s))
+    if settings.username is not None:
+        client.username_pw_set(settings.username, settings.password)
+    if settings.tls:
+        try:
+            client.tls_set(ca_certs=str(settings.ca_file) if settings.ca_file else None,
+                           certfile=str(settings.cert_file) if settings.cert_file else None,
+                           keyfile=str(settings.key_file) if settings.key_file else None)
+        except (OSError, ValueError) as exc:
+            raise MqttError(f"TLS setup failed for {settings.host}:{settings.port}: {exc}") from exc
+    return client
 
 
 class PublishHandle:
@@ -183,24 +216,8 @@ class MqttClient:
 
     def _make_client(self) -> paho.Client:
         s = self.settings
-        v5 = self.protocol_version == 5
-        kwargs: dict[str, Any] = {}
-        if not v5:
-            kwargs["clean_session"] = not s.persistent_session
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id,
-                             protocol=paho.MQTTv5 if v5 else paho.MQTTv311, **kwargs)
-        client.suppress_exceptions = True  # second line of defence; our handlers already catch
-        client.reconnect_delay_set(RECONNECT_MIN_S, max(RECONNECT_MIN_S, s.reconnect_max_s))
+        client = paho_client(s, v5=self.protocol_version == 5, clean_session=not s.persistent_session)
         client.max_queued_messages_set(0)
-        if s.username is not None:
-            client.username_pw_set(s.username, s.password)
-        if s.tls:
-            try:
-                client.tls_set(ca_certs=str(s.ca_file) if s.ca_file else None,
-                               certfile=str(s.cert_file) if s.cert_file else None,
-                               keyfile=str(s.key_file) if s.key_file else None)
-            except (OSError, ValueError) as exc:
-                raise MqttError(f"TLS setup failed for {s.host}:{s.port}: {exc}") from exc
         if self.will is not None:
             client.will_set(self.will.topic, self.will.payload, self.will.qos, self.will.retain)
         client.on_connect = self._on_connect

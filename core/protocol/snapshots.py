@@ -6,11 +6,11 @@ plus a margin, at most 256 px on its longest side — on ``<prefix>/<site>/<devi
 QoS 1, not retained, and sets ``"snapshot": true`` in that event.
 
 Wire format (works on MQTT 3.1.1 and 5), mirroring the bundle chunk framing of
-:mod:`device.protocol.chunks`::
+:mod:`core.protocol.chunks`::
 
     b"FGS1" | uint32 big-endian header length N | N bytes of SnapshotHeader JSON | JPEG bytes
 
-The header (:class:`device.protocol.schemas.SnapshotHeader`) carries ``event_id``, ``ts``, ``device``,
+The header (:class:`core.protocol.schemas.SnapshotHeader`) carries ``event_id``, ``ts``, ``device``,
 ``decision``, ``content_type`` (``image/jpeg``), ``width``, ``height``, ``size`` and the ``sha256`` of
 the JPEG; :func:`decode_snapshot` checks all of that. Join snapshots to events on ``event_id``. On an
 MQTT 5 connection the publish also carries the event id (its text form, ASCII) as *correlation data*,
@@ -27,9 +27,9 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime
 
-from device.protocol.framing import frame, unframe
-from device.protocol.schemas import PayloadError, SnapshotHeader
-from device.types import DecisionKind
+from core.protocol.framing import frame, unframe
+from core.protocol.schemas import PayloadError, SnapshotHeader
+from core.types import DecisionKind
 
 MAGIC = b"FGS1"
 # Decisions that may carry a snapshot; a granted or denied person is known, so no image is needed.

@@ -3,7 +3,7 @@
 Every payload is a frozen pydantic model with ``schema_version`` and ``extra="forbid"``: a
 receiver rejects unknown fields and newer versions with a clear :class:`PayloadError`
 instead of guessing. JSON payloads are UTF-8; bundle chunks use the binary framing in
-:mod:`device.protocol.chunks`. :func:`json_schemas` exports every schema for the README.
+:mod:`core.protocol.chunks`. :func:`json_schemas` exports every schema for the README.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from device.types import Decision, DecisionKind, LivenessVerdict
+from core.types import Decision, DecisionKind, LivenessVerdict
 
 SCHEMA_VERSION = 1
 # Largest JSON payload a receiver parses; bigger ones are rejected before decoding (memory bound).
@@ -212,6 +212,34 @@ def decision_to_event(decision: Decision, device_id: str, *, seq: int = 0, event
     )
 
 
+# The device id a record made without one carries while it is projected from the event form.
+_RECORD_DEVICE = "local"
+
+
+def decision_record(decision: Decision) -> dict[str, Any]:
+    """The JSON-lines / status form of a decision: a projection of the event (``decision_to_event``), so the
+    file and the MQTT event cannot drift apart. Never images, chips or embeddings."""
+    event = decision_to_event(decision, _RECORD_DEVICE, ts=datetime.fromtimestamp(decision.timestamp, UTC))
+    wire = event.model_dump(mode="json")
+    return {
+        "kind": wire["decision"],
+        "person_id": event.person_id,
+        "name": event.name,
+        "score": round(event.score, 4),
+        "margin": round(event.margin, 4),
+        "liveness": wire["liveness"],
+        "latencies_ms": {k: round(v, 2) for k, v in event.latencies_ms.items()},
+        "model_version": event.model_version,
+        "gallery_version": event.gallery_version,
+        "timestamp": decision.timestamp,
+        "source_id": decision.source_id,
+        "reason": event.reason,
+        # manual_unlock only, like the event's optional fields
+        **({"requested_by": event.requested_by or "", "correlation_id": event.correlation_id,
+            "seconds": event.seconds} if decision.kind is DecisionKind.MANUAL_UNLOCK else {}),
+    }
+
+
 # ----------------------------------------------------------------------------- status and commands
 
 
@@ -373,7 +401,7 @@ class ChunkRequest(Payload):
 
 
 class ChunkHeader(Payload):
-    """JSON header of a binary chunk frame (see :mod:`device.protocol.chunks`)."""
+    """JSON header of a binary chunk frame (see :mod:`core.protocol.chunks`)."""
 
     sequence: int = Field(..., ge=1)
     file_index: int = Field(..., ge=0, le=1023)
@@ -385,7 +413,7 @@ class ChunkHeader(Payload):
 
 
 class SnapshotHeader(Payload):
-    """JSON header of a snapshot frame on ``…/<device>/snapshot`` (:mod:`device.protocol.snapshots`)."""
+    """JSON header of a snapshot frame on ``…/<device>/snapshot`` (:mod:`core.protocol.snapshots`)."""
 
     event_id: uuid.UUID = Field(..., description="The event this snapshot belongs to.")
     ts: AwareDatetime = Field(..., description="The event's timestamp.")

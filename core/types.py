@@ -157,5 +157,5 @@ class Decision:
     correlation_id: str = ""
     seconds: float | None = None
     # Opt-in JPEG of the face region for unknown/spoof events, attached by the loop only when a sink
-    # asks for snapshots (device.protocol.snapshots). Biometric: excluded from repr so it never reaches logs.
+    # asks for snapshots (core.protocol.snapshots). Biometric: excluded from repr so it never reaches logs.
     snapshot: bytes | None = field(default=None, repr=False, compare=False)

@@ -1,0 +1,1 @@
+"""The one MQTT client construction and TLS setup (``core.mqtt.client``)."""

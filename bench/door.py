@@ -200,7 +200,7 @@ def celeba_people(shared: Path, count: int, judge: Any) -> list[tuple[str, npt.N
     """(id, enrollment embedding, door photo) of CelebA identities the pipeline and passive check accept."""
     import csv
 
-    from device.vision.image import decode_image
+    from models.face.image import decode_image
 
     root = shared / CELEBA
     by_id: dict[str, list[Path]] = {}

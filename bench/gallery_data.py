@@ -57,8 +57,8 @@ def _astronaut_images() -> list[npt.NDArray[np.uint8]]:
 
 def real_faces(models_dir: Path, shared: Path | None, progress: bool = True) -> RealFaces:
     """Embed (or load cached) real faces with the int8 pipeline."""
-    from device.vision.image import ImageError, decode_image
     from device.vision.pipeline import FacePipeline
+    from models.face.image import ImageError, decode_image
 
     with FacePipeline.from_models_dir(models_dir, embedder_variant="int8") as pipeline:
         source = "celeba" if shared is not None else "skimage-astronaut (one identity: degraded)"

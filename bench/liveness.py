@@ -44,7 +44,7 @@ def nuaa_frames(shared: Path, count: int = BENCH_FRAMES) -> list[Image]:
     """Every n-th genuine NUAA frame (640x480), up to ``count``."""
     import csv
 
-    from device.vision.image import decode_image
+    from models.face.image import decode_image
 
     labels = shared / NUAA_LABELS
     with open(labels, newline="", encoding="utf-8") as handle:
@@ -72,7 +72,7 @@ def run_liveness_bench(models_dir: Path, minifasnet_dir: Path | None, shared: Pa
     from device.liveness.facemesh import MeshMeasurer, mesh_model_path
     from device.liveness.passive import PassiveLiveness, crop_patch, face_box, resolve_minifasnet_files
     from device.liveness.planar import PLANAR_MESH_INDICES, frame_fit
-    from device.vision.detector import BlazeFaceDetector
+    from models.face.detector import BlazeFaceDetector
     from models.runtime.interpreter import ModelLoadError
     from models.runtime.manifest import ManifestError
     from server.evaluation.liveness import detector_path

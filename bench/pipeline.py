@@ -46,7 +46,7 @@ def limit_threads() -> None:
 
 def celeba_images(shared: Path, count: int = BENCH_IMAGES) -> list[Image]:
     """The first ``count`` images (one per identity) of the shared CelebA crops."""
-    from device.vision.image import decode_image
+    from models.face.image import decode_image
 
     root = shared / "data" / "celeba-faces"
     folders = sorted(p for p in root.iterdir() if p.is_dir())

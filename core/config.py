@@ -48,3 +48,12 @@ class ModelsConfig(Strict):
     dir: Path | None = Field(None, description="Folder with manifest.json; default: the built models.")
     threads: int = Field(1, ge=1, le=64, description="Interpreter threads (1 = edge-like).")
     embedder: Literal["int8", "float32"] = Field("int8", description="Embedder variant (match the doors).")
+
+
+class DetectorConfig(Strict):
+    """BlazeFace detector settings."""
+
+    variant: Literal["short", "full"] = Field("short", description="short-range (<2 m) or full-range.")
+    score_threshold: float = Field(0.6, ge=0, le=1, description="Minimum face score.")
+    nms_iou: float = Field(0.3, ge=0, le=1, description="IoU for weighted NMS.")
+    min_face_px: int = Field(40, ge=8, le=4096, description="Ignore faces narrower than this.")

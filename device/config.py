@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from core.config import DetectorConfig as DetectorConfig
 from core.config import ModelsConfig, MqttConnection, Strict
 from device.decide.operating_point import DEFAULT_DELTA, DEFAULT_TAU, lowest_tau_floor
 from facegate.configio import load_config
@@ -97,15 +98,6 @@ class GpioDoorConfig(Strict):
 
 
 DoorConfig = Annotated[SimulatedDoorConfig | GpioDoorConfig, Field(discriminator="type")]
-
-
-class DetectorConfig(Strict):
-    """BlazeFace detector settings."""
-
-    variant: Literal["short", "full"] = Field("short", description="short-range (<2 m) or full-range.")
-    score_threshold: float = Field(0.6, ge=0, le=1, description="Minimum face score.")
-    nms_iou: float = Field(0.3, ge=0, le=1, description="IoU for weighted NMS.")
-    min_face_px: int = Field(40, ge=8, le=4096, description="Ignore faces narrower than this.")
 
 
 class GalleryConfig(Strict):

@@ -17,9 +17,9 @@ import numpy as np
 
 from device.config import DeviceConfig
 from device.gallery import Gallery
-from device.vision.image import ImageError, decode_image
 from device.vision.pipeline import FacePipeline
 from device.vision.quality import check_enrollment
+from models.face.image import ImageError, decode_image
 
 logger = logging.getLogger(__name__)
 

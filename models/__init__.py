@@ -1,1 +1,1 @@
-"""The networks' life cycle: a light runtime (``models.runtime``) and a heavy builder (``models.build``)."""
+"""The networks' life cycle: a light runtime (``models.runtime``) and a heavy builder (``models.convert``)."""

@@ -28,11 +28,11 @@ cli = click.Group("models", help="Build, list, promote and roll back models.")
 @click.option("--no-progress", is_flag=True, help="Do not draw a progress bar.")
 def build(out: Path | None, minifasnet: Path | None, calibration: Path | None, no_progress: bool) -> None:
     """Build every model artifact and print the manifest path."""
-    from models.build.artifacts import BuildError
-    from models.build.builder import build_all
-    from models.build.calibration import CalibrationError
-    from models.build.dlib_format import DlibFormatError
-    from models.build.export import ExportError
+    from models.convert.artifacts import BuildError
+    from models.convert.builder import build_all
+    from models.convert.calibration import CalibrationError
+    from models.convert.dlib_format import DlibFormatError
+    from models.convert.export import ExportError
 
     target = out if out is not None else default_models_dir()
     try:
@@ -51,9 +51,9 @@ def build(out: Path | None, minifasnet: Path | None, calibration: Path | None, n
 @click.option("--no-progress", is_flag=True, help="Do not draw a progress bar.")
 def fetch_liveness(source: Path | None, out: Path | None, no_progress: bool) -> None:
     """Install the Apache-2.0 MiniFASNet passive-liveness models (sha256-pinned) into the models folder."""
-    from models.build.artifacts import BuildError
-    from models.build.builder import build_all
-    from models.build.liveness_fetch import FetchError, fetch_minifasnet
+    from models.convert.artifacts import BuildError
+    from models.convert.builder import build_all
+    from models.convert.liveness_fetch import FetchError, fetch_minifasnet
 
     target = out if out is not None else default_models_dir()
     folder = target / "sources" / "minifasnet"

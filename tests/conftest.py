@@ -154,7 +154,7 @@ def forgetful_broker(tmp_path: Path) -> Iterator[LocalBroker]:
 @pytest.fixture(scope="session")
 def built_models() -> Path:
     """The directory holding manifest.json of the project's built models (built once, then cached)."""
-    from models.build.builder import build_all
+    from models.convert.builder import build_all
     from models.runtime.assets import default_models_dir
 
     out = default_models_dir()

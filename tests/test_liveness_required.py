@@ -275,7 +275,7 @@ def test_liveness_required_fetch_liveness_from_a_folder_installs_passive(
 
 def test_liveness_required_fetch_liveness_refuses_a_file_that_is_not_the_pinned_one(
         tmp_path: Path, shared_dir: Path) -> None:
-    from models.build.liveness_fetch import PINNED, FetchError, fetch_minifasnet
+    from models.convert.liveness_fetch import PINNED, FetchError, fetch_minifasnet
 
     source = tmp_path / "offered"
     source.mkdir()

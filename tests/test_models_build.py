@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from models.build.builder import STAMP_NAME, build_all
+from models.convert.builder import STAMP_NAME, build_all
 from models.runtime.manifest import MANIFEST_NAME, load_manifest, verify_entry
 from tests.conftest import shared_minifasnet
 
@@ -98,7 +98,7 @@ def test_minifasnet_entries_when_given(built_models: Path, shared_dir: Path, tmp
 
 def test_missing_calibration_folder_is_a_clear_error(tmp_path: Path) -> None:
     """A calibration folder that does not exist fails before any work, naming the folder."""
-    from models.build.artifacts import BuildError
+    from models.convert.artifacts import BuildError
 
     with pytest.raises(BuildError, match="calibration folder"):
         build_all(tmp_path / "out", calibration_dir=tmp_path / "nope", progress=False)
@@ -108,7 +108,7 @@ def test_site_calibration_rebuilds_only_int8(built_models: Path, tmp_path: Path)
     """--calibration (server re-calibration) re-quantizes the int8 embedder and reuses everything else."""
     import cv2
 
-    from models.build.calibration import calibration_set
+    from models.convert.calibration import calibration_set
 
     site = tmp_path / "site-chips"
     site.mkdir()

@@ -284,9 +284,9 @@ def test_bundle_with_built_models(request: pytest.FixtureRequest, tmp_path: Path
                                   key: tuple[Ed25519PrivateKey, str]) -> None:
     """The project's own models in a bundle: the self-test embeds the synthetic chip with the embedder."""
     try:
-        import models.build.builder  # noqa: F401
+        import models.convert.builder  # noqa: F401
     except ImportError:
-        pytest.skip("models.build.builder is not available in this checkout yet")
+        pytest.skip("models.convert.builder is not available in this checkout yet")
     models_dir: Path = request.getfixturevalue("built_models")
     manifest = load_manifest(models_dir)
     embedders = sorted((m for m in manifest.models if m.role == "embedder"),

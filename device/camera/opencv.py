@@ -17,7 +17,7 @@ import numpy as np
 from core.types import ImageArray
 from device.camera.base import Backoff, CameraUnavailable, FrameSource, bgr_to_rgb
 from device.config import OpenCVCameraConfig
-from device.vision.image import as_rgb
+from models.face.image import as_rgb
 
 logger = logging.getLogger(__name__)
 

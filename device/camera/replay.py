@@ -17,7 +17,7 @@ import cv2
 from core.types import ImageArray
 from device.camera.base import Backoff, CameraUnavailable, FrameSource, bgr_to_rgb
 from device.config import ReplayCameraConfig
-from device.vision.image import ImageError, ImageErrorCode, as_rgb, decode_image
+from models.face.image import ImageError, ImageErrorCode, as_rgb, decode_image
 
 logger = logging.getLogger(__name__)
 

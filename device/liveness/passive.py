@@ -66,7 +66,7 @@ class PassiveModelSpec:
     scale: float
 
 
-# Manifest names match models/build (role "liveness"); file names are the float32 TFLite conversions.
+# Manifest names match models/convert (role "liveness"); file names are the float32 TFLite conversions.
 PASSIVE_MODELS: tuple[PassiveModelSpec, ...] = (
     PassiveModelSpec("minifasnet-2.7", "2.7_80x80_MiniFASNetV2_float32.tflite", 2.7),
     PassiveModelSpec("minifasnet-4.0", "4_0_0_80x80_MiniFASNetV1SE_float32.tflite", 4.0),

@@ -20,7 +20,7 @@ from core.mqtt.client import MqttClient
 from core.protocol.schemas import EventPayload
 from core.protocol.snapshots import encode_snapshot_frame, make_header
 from core.protocol.topics import Topics
-from device.vision.image import image_size
+from models.face.image import image_size
 
 logger = logging.getLogger(__name__)
 

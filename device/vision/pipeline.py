@@ -16,7 +16,8 @@ from types import TracebackType
 
 from core.types import Chip, Detection, Embedding, ImageArray
 from device.config import DetectorConfig
-from device.vision.align import (
+from device.vision.embedder import FLIP_FUSION, Embedder, EmbedderVariant
+from models.face.align import (
     DEFAULT_METHOD,
     KEYPOINT_TEMPLATE,
     MESH_TEMPLATE,
@@ -24,10 +25,9 @@ from device.vision.align import (
     align_keypoints,
     align_points,
 )
-from device.vision.detector import SPECS, BlazeFaceDetector
-from device.vision.embedder import FLIP_FUSION, Embedder, EmbedderVariant
-from device.vision.image import as_rgb
-from device.vision.mesh import FaceMesh, MeshResult
+from models.face.detector import SPECS, BlazeFaceDetector
+from models.face.image import as_rgb
+from models.face.mesh import FaceMesh, MeshResult
 from models.runtime.assets import default_models_dir
 from models.runtime.manifest import ManifestError, load_manifest, verify_entry
 

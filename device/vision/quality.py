@@ -9,7 +9,7 @@ six points (``HEAD_MODEL``) to the detected keypoints by least squares, orthonor
 2x3 matrix into a rotation and read yaw and pitch off it. The model is in inter-ocular units (x to the
 subject's left = image right, y down, z towards the camera): the x, y of a frontal face come from the
 keypoint template in dlib's chip and the depths from the face mesh, measured on packaged faces by
-``python -m models.build.align_template`` (nose tip 0.58 in front of the eyes, ears 0.88 behind).
+``python -m models.convert.align_template`` (nose tip 0.58 in front of the eyes, ears 0.88 behind).
 Turning the head moves the nose sideways against the ears and eyes (yaw); nodding moves the nose and
 eyes vertically against the ears (pitch). Positive yaw = the subject turns to their own left; positive
 pitch = chin up. The ears are noisy, so expect a few degrees of error; good enough for a 25-30 degree gate.
@@ -28,8 +28,8 @@ import numpy.typing as npt
 
 from core.types import Chip, Detection, ImageArray
 from device.config import QualityConfig
-from device.vision.image import as_rgb
-from device.vision.mesh import LEFT_EYE_EAR, RIGHT_EYE_EAR, MeshResult, eye_aspect_ratio
+from models.face.image import as_rgb
+from models.face.mesh import LEFT_EYE_EAR, RIGHT_EYE_EAR, MeshResult, eye_aspect_ratio
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Form, HTTPException, UploadFile, status
 from starlette.concurrency import run_in_threadpool
 
 from core.types import FloatArray
-from device.vision.image import ImageError, decode_image
+from models.face.image import ImageError, decode_image
 from server.api.deps import LimitedAdminDep, SessionDep, StateDep
 from server.api.schemas import Candidate, IdentifyResponse, VerifyResponse
 from server.api.uploads import read_upload

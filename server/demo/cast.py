@@ -27,9 +27,9 @@ import numpy as np
 from core.types import FloatArray, ImageArray, LivenessVerdict
 from device.config import QualityConfig
 from device.liveness.base import LivenessEngine
-from device.vision.image import ImageError, decode_image
 from device.vision.pipeline import FacePipeline
 from device.vision.quality import check_enrollment
+from models.face.image import ImageError, decode_image
 from server.enrollment.service import encode_chip
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
 """The demo's script: models, broker, server, cast, door, enrollment over HTTP, bundle, then the scenes.
 
-Every piece is the project's own: :func:`models.build.builder.build_all`, :class:`server.broker.LocalBroker`,
+Every piece is the project's own: :func:`models.convert.builder.build_all`,
+:class:`server.broker.LocalBroker`,
 ``create_app`` served by uvicorn, the HTTP API, the gallery export, bundle builder, signer and publisher,
 and a door wired as ``facegate device run`` wires it, watching a replay camera.
 """
@@ -220,7 +221,7 @@ class Demo:
         models_dir = default_models_dir()
         shared_models = shared_dir() / "models" / "minifasnet"
         console.print(f"[bold]models[/] in {models_dir} (built on first use; later runs reuse them)")
-        from models.build.builder import build_all
+        from models.convert.builder import build_all
 
         build_all(models_dir, minifasnet_dir=shared_models if shared_models.is_dir() else None)
         no_spoof = spoof_unavailable(models_dir)

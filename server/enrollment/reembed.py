@@ -22,8 +22,8 @@ from sqlalchemy import exists, func, select
 
 from core.types import FloatArray, ImageArray
 from device.vision.embedder import EmbedderError
-from device.vision.image import ImageError, decode_image
 from facegate.progress import progress_bar
+from models.face.image import ImageError, decode_image
 from server.crypto import ChipCipher, CryptoError
 from server.db.engine import Database
 from server.db.models import Chip, Template

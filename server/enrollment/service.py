@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.types import FloatArray, ImageArray
-from device.vision.image import ImageError, ImageErrorCode, decode_image
+from models.face.image import ImageError, ImageErrorCode, decode_image
 from server.audit.log import AuditAction, record
 from server.config import ServerConfig
 from server.crypto import ChipCipher

@@ -1,14 +1,14 @@
 """Which landmarks should drive alignment? A study on the pairs protocol's *training* folds only.
 
 ``python -m server.evaluation.align_study --pairs .../pairs.csv`` compares each candidate landmark set
-of ``models.build.align_template`` in two ways, on images of folds 1-8 (folds 9-10 are refused):
+of ``models.convert.align_template`` in two ways, on images of folds 1-8 (folds 9-10 are refused):
 
 1. geometry: how far our chip lies from dlib's own chip for the same image (mean displacement of a
    grid of chip points, in chip pixels), with the template measured on packaged faces and, as a
    bound, with a template fitted on these very images ("oracle");
 2. verification: dlib's ResNet run on our chips vs on dlib's chips (AUC, EER, TAR at FAR) on the pairs.
 
-This is a build-time study (imports dlib); its result is the choice recorded in device/vision/align.py.
+This is a build-time study (imports dlib); its result is the choice recorded in models/face/align.py.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from device.vision.align import similarity_transform, warp_chip
-from models.build.align_template import (
+from models.convert.align_template import (
     CANDIDATES,
     CHIP_PADDING,
     CHIP_SIZE,
@@ -34,6 +33,7 @@ from models.build.align_template import (
     collect_packaged,
     derive,
 )
+from models.face.align import similarity_transform, warp_chip
 from models.runtime.assets import dlib_model_file
 from server.evaluation.metrics import verification_report
 from server.evaluation.verify import PairRow, read_pairs

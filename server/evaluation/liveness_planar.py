@@ -46,8 +46,8 @@ def run_planar_eval(labels_csv: Path, models_dir: Path | None = None, threshold:
     from device.liveness.engine import planar_params
     from device.liveness.facemesh import MeshMeasurer, mesh_model_path
     from device.liveness.planar import PLANAR_MESH_INDICES, PlanarTrack
-    from device.vision.detector import BlazeFaceDetector
-    from device.vision.image import ImageError, decode_image
+    from models.face.detector import BlazeFaceDetector
+    from models.face.image import ImageError, decode_image
 
     defaults = LivenessConfig()
     config = defaults.model_copy(update={

@@ -70,9 +70,9 @@ def camera_frame(rgb: npt.NDArray[np.uint8], rng: np.random.Generator) -> npt.ND
 def track_vectors(root: Path, paths: list[str], spec: dict[str, Any], models_dir: Path | None,
                   seed: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float64]]:
     """(len(paths), FRAMES, d) embeddings and (len(paths), FRAMES) chip qualities (-1: no face); cached."""
-    from device.vision.align import AlignMethod
-    from device.vision.image import ImageError, decode_image
     from device.vision.pipeline import FacePipeline
+    from models.face.align import AlignMethod
+    from models.face.image import ImageError, decode_image
     from models.runtime.assets import default_models_dir
     from server.evaluation.embed_cache import cache_dir
 

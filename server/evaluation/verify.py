@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from device.config import DetectorConfig
-from device.vision.image import ImageError, decode_image
+from models.face.image import ImageError, decode_image
 from server.evaluation.metrics import tenfold_report, verification_report
 
 logger = logging.getLogger(__name__)
@@ -142,9 +142,9 @@ class PipelineEmbedder:
     def __init__(self, variant: str, models_dir: Path | None = None, threads: int = 1,
                  detector_cfg: DetectorConfig | None = None, align_method: str | None = None,
                  flip_fusion: bool | None = None) -> None:
-        from device.vision.align import DEFAULT_METHOD, AlignMethod
         from device.vision.embedder import FLIP_FUSION
         from device.vision.pipeline import FacePipeline
+        from models.face.align import DEFAULT_METHOD, AlignMethod
         from models.runtime.assets import default_models_dir
 
         directory = models_dir if models_dir is not None else default_models_dir()

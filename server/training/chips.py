@@ -137,7 +137,7 @@ class PipelineChipMaker:
 
     def __call__(self, path: Path) -> npt.NDArray[np.uint8] | None:
         """The chip of the largest face, or None (no face, or an unreadable image: logged, not raised)."""
-        from device.vision.image import ImageError, decode_image
+        from models.face.image import ImageError, decode_image
 
         try:
             rgb = decode_image(path.read_bytes())

@@ -1,6 +1,6 @@
 """int8 export of a trained embedder, calibrated on its own training chips, with the parity check.
 
-The TFLite conversion itself is ``models.build.export`` (the same code that builds the shipped
+The TFLite conversion itself is ``models.convert.export`` (the same code that builds the shipped
 embedder); this module only picks the calibration chips, writes the files and measures parity and
 latency so the gate can decide.
 """
@@ -67,7 +67,7 @@ def calibration_chips(train_chips: npt.NDArray[Any], count: int = CALIBRATION_CH
 def export_candidate(model: keras.Model, train_chips: npt.NDArray[Any], parity_chips: npt.NDArray[Any],
                      out_dir: Path, seed: int = 0) -> ExportResult:
     """Write float32 and int8 TFLite files of ``model`` and measure int8-vs-float parity on held-out chips."""
-    from models.build.export import cosines, embed_all, export_float32, export_int8, latency_ms
+    from models.convert.export import cosines, embed_all, export_float32, export_int8, latency_ms
 
     out_dir.mkdir(parents=True, exist_ok=True)
     float_path, int8_path = out_dir / FLOAT_FILE, out_dir / INT8_FILE

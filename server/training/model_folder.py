@@ -91,7 +91,7 @@ def _embedder_entry(tmp: Path, name: str, src: Path, version: ModelVersion,
         raise ModelFolderError(f"{version.version}: {src} is not a usable embedder: {exc}") from exc
     if base is not None and base.sha256 == sha:
         return base.model_copy(update={"version": version.version, "file": file})
-    from models.build.export import tensor_specs  # LiteRT only; TensorFlow stays unimported
+    from models.convert.export import tensor_specs  # LiteRT only; TensorFlow stays unimported
 
     inputs, outputs = tensor_specs(tmp / file)
     return ModelEntry(name=name, role="embedder", version=version.version, file=file, sha256=sha,

@@ -111,8 +111,8 @@ def build_student(spec: StudentSpec = StudentSpec()) -> keras.Model:
 def load_dlib_teacher() -> keras.Model:
     """The dlib ResNet rebuilt in Keras from the packaged .dat (same I/O as the device embedder)."""
     try:
-        from models.build.artifacts import EmbedderBuild
-        from models.build.dlib_format import DlibFormatError
+        from models.convert.artifacts import EmbedderBuild
+        from models.convert.dlib_format import DlibFormatError
         from models.runtime.assets import AssetNotFoundError
     except ModuleNotFoundError as exc:
         raise ModelBuildError(f"the dlib converter is not available: {exc}") from exc

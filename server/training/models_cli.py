@@ -216,7 +216,7 @@ def _images(folder: Path, chips: bool, models_dir: Path | None, limit: int) -> A
     if chips:
         import cv2
 
-        from device.vision.image import ImageError, decode_image
+        from models.face.image import ImageError, decode_image
 
         try:
             return np.stack([cv2.resize(decode_image(p.read_bytes()), (150, 150)) for p in files])

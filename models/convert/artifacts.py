@@ -38,7 +38,7 @@ LICENSE_MEDIAPIPE = "Apache-2.0"
 # Sources of the conversion: a change in any of them changes what the embedder files contain.
 _CONVERTER_MODULES = ("dlib_format.py", "dlib_parse.py", "dlib_spec.py", "dlib_keras.py", "export.py",
                       "calibration.py", "artifacts.py")
-_CALIBRATION_ALIGNERS = ("device/vision/detector.py", "device/vision/align.py")
+_CALIBRATION_ALIGNERS = ("models/face/detector.py", "models/face/align.py")
 
 
 class BuildError(Exception):
@@ -89,7 +89,7 @@ def describe(out: Path, name: str, role: ModelRole, file: str, version: str, pac
              package_version_: str, license_: str, metrics: dict[str, float] | None = None,
              extra: dict[str, str] | None = None) -> ModelEntry:
     """A manifest entry for a ``.tflite`` already written to ``out/file``."""
-    from models.build.export import tensor_specs
+    from models.convert.export import tensor_specs
 
     path = out / file
     inputs, outputs = tensor_specs(path)
@@ -106,7 +106,7 @@ def _copy(src: Path, dst: Path) -> None:
 def copied_artifact(name: str, role: ModelRole, src: Path, file: str, card: str, package: str,
                     version: str, license_: str, extra: dict[str, str]) -> Artifact:
     """An artifact that is a packaged ``.tflite`` copied as it is (with its latency measured)."""
-    from models.build.export import latency_ms
+    from models.convert.export import latency_ms
 
     def build(out: Path) -> ModelEntry:
         _copy(src, out / file)
@@ -144,7 +144,7 @@ def packaged_artifacts(minifasnet_dir: Path | None) -> list[Artifact]:
 
 
 def _minifasnet(scale: str, stem: str, src: Path) -> Artifact:
-    from models.build.export import latency_ms
+    from models.convert.export import latency_ms
 
     name, file = f"minifasnet-{scale}", f"minifasnet-{scale}.tflite"
 
@@ -171,9 +171,9 @@ class EmbedderBuild:
     def keras_model(self) -> Any:
         """The Keras rebuild of the dlib network (built on first use)."""
         if self._model is None:
-            from models.build.dlib_keras import build_keras_model
-            from models.build.dlib_parse import parse_file
-            from models.build.dlib_spec import face_resnet_spec
+            from models.convert.dlib_keras import build_keras_model
+            from models.convert.dlib_parse import parse_file
+            from models.convert.dlib_spec import face_resnet_spec
 
             self._model = build_keras_model(parse_file(self.source, face_resnet_spec()))
         return self._model
@@ -181,7 +181,7 @@ class EmbedderBuild:
     def holdout(self) -> np.ndarray[Any, Any]:
         """Augmented package chips (not the calibration draw) for the int8-vs-float check."""
         if self._holdout is None:
-            from models.build.calibration import calibration_set
+            from models.convert.calibration import calibration_set
 
             self._holdout = calibration_set(HOLDOUT_SAMPLES, seed=HOLDOUT_SEED)
         return self._holdout
@@ -191,7 +191,8 @@ class EmbedderBuild:
             "input": "1x150x150x3 RGB chip, pixel values 0..255 (dlib get_face_chip geometry, padding 0.25); "
                      "normalisation is folded into the first convolution",
             "output": "dlib's raw 128-d descriptor (norm about 1.5, not unit): L2-normalise before cosine",
-            "converter": f"models.build c{CONVERTER_VERSION}, tensorflow {package_version('tensorflow-cpu')}",
+            "converter": (f"models.convert c{CONVERTER_VERSION}, "
+                          f"tensorflow {package_version('tensorflow-cpu')}"),
         }
 
     def artifacts(self) -> list[Artifact]:
@@ -211,7 +212,7 @@ class EmbedderBuild:
         ]
 
     def _build_float(self, out: Path) -> ModelEntry:
-        from models.build.export import export_float32, latency_ms
+        from models.convert.export import export_float32, latency_ms
 
         file = "embedder-float32.tflite"
         atomic_write_bytes(out / file, export_float32(self.keras_model()))
@@ -220,8 +221,8 @@ class EmbedderBuild:
                         package_version(DLIB_PACKAGE), LICENSE_DLIB, metrics, self._common_extra())
 
     def _build_int8(self, out: Path) -> ModelEntry:
-        from models.build.calibration import calibration_set
-        from models.build.export import cosines, embed_all, export_float32, export_int8, latency_ms
+        from models.convert.calibration import calibration_set
+        from models.convert.export import cosines, embed_all, export_float32, export_int8, latency_ms
 
         file = "embedder-int8.tflite"
         calibration = calibration_set(CALIBRATION_SAMPLES, self.calibration_dir)

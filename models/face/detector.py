@@ -17,9 +17,9 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from core.config import DetectorConfig
 from core.types import Detection, ImageArray
-from device.config import DetectorConfig
-from device.vision.image import as_rgb
+from models.face.image import as_rgb
 from models.runtime.interpreter import TFLiteModel
 
 logger = logging.getLogger(__name__)

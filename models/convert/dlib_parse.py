@@ -1,6 +1,6 @@
 """Parse a serialized dlib network (layer by layer) into a ``DlibNetwork``, numpy only.
 
-See ``models.build.dlib_format`` for the encoding and the order of the fields in the file.
+See ``models.convert.dlib_format`` for the encoding and the order of the fields in the file.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.build.dlib_format import (
+from models.convert.dlib_format import (
     AddPrev,
     Affine,
     Conv,

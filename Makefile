@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.facegate-installed
-PKGS   := core facegate device server models bench
+PKGS   := core facegate device server models bench demo
 
 .PHONY: test demo venv lint typecheck pytest models clean
 

@@ -156,10 +156,10 @@ class Probe:
     challenged: set[float] = field(default_factory=set)
 
     def assess(self, rgb: ImageArray, detection: Detection, track_id: int,
-               timestamp: float) -> LivenessResult:
+               timestamp: float, mesh: Any = None) -> LivenessResult:
         """Run the real engine; remember the frame."""
         self.last_timestamp = timestamp
-        result: LivenessResult = self.engine.assess(rgb, detection, track_id, timestamp)
+        result: LivenessResult = self.engine.assess(rgb, detection, track_id, timestamp, mesh)
         if any(c.name == "challenge" for c in result.checks) and result.verdict is LivenessVerdict.UNCERTAIN:
             self.challenged.add(timestamp)
         return result

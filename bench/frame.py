@@ -4,9 +4,9 @@ Measured in the same run on the same frames (NUAA 640x480 webcam frames when ``.
 otherwise packaged scikit-image / matplotlib faces):
 
 - ``plain``: what the door does per frame without liveness: detect -> align -> embed every face;
-- ``challenge``: the same frame as the agent processes it with the active challenge on every face
-  (``[liveness.challenge] mode = "always"``, passive on as configured), i.e. passive + face mesh + the
-  challenge state machine on one track.
+- ``challenge``: the same frame as the agent's ``FramePipeline`` processes it with the active challenge on
+  every face (``challenge = "always"``, passive on as configured): passive + the challenge state machine on
+  one track, reusing the face mesh the alignment ran (``FaceResult.mesh``).
 
 Reported: median ms per frame of both and the ratio challenge / plain.
 """
@@ -64,7 +64,7 @@ def run_frame_bench(models_dir: Path, shared: Path | None, runs: int = MIN_RUNS)
 
         def challenge(rgb: Any, timestamp: float) -> object:
             faces = pipeline.analyze(rgb)
-            return [liveness.assess(rgb, face.detection, TRACK_ID, timestamp) for face in faces]
+            return [liveness.assess(rgb, f.detection, TRACK_ID, timestamp, mesh=f.mesh) for f in faces]
 
         plain_ms = _median_ms(plain, frames, runs)
         challenge_ms = _median_ms(challenge, frames, runs)

@@ -27,7 +27,7 @@ class GroupSpec:
 GROUPS: dict[str, GroupSpec] = {
     "models": GroupSpec(
         "Build, list, promote and roll back models.",
-        ("models.cli:cli", "server.training.models_cli:cli"),
+        ("models.cli:cli", "server.registry.models_cli:cli"),
         "server",
     ),
     "eval": GroupSpec(
@@ -50,7 +50,7 @@ GROUPS: dict[str, GroupSpec] = {
     "keys": GroupSpec("Manage the Ed25519 bundle-signing keys.", ("server.bundles.cli:keys",), "server"),
     "train": GroupSpec("Train embedders and the pairs head.", ("server.training.cli:cli",), "server"),
     "style": GroupSpec("Neural style transfer (Gatys et al.).", ("server.style.cli:cli",), "server"),
-    "demo": GroupSpec("Run the whole system end to end.", ("server.demo:cli",), "server"),
+    "demo": GroupSpec("Run the whole system end to end.", ("demo:cli",), "server"),
     "doctor": GroupSpec("Check a device or server installation.", ("device.doctor:cli",), "device"),
 }
 

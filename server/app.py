@@ -20,8 +20,8 @@ from server.config import ServerConfig
 from server.enrollment.engine import RecognitionEngine
 from server.enrollment.sync import GallerySync
 from server.metrics import HttpMetricsMiddleware, ServerMetrics
+from server.registry.promotion import PromotionContext, promotion_hooks
 from server.state import AppState
-from server.training.promotion import PromotionContext, install_promotion_hooks
 from server.web import routes as web_routes
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def create_app(config: ServerConfig, *, engine: RecognitionEngine | None = None,
     """Build the state (database, key, services) and the app; MQTT starts with the app's lifespan."""
     state = AppState.build(config, engine=engine, sync=sync)
     # Promotions in this process re-embed from this state's chips, bundle, and switch its engine.
-    state.extra_closers.append(install_promotion_hooks(PromotionContext.for_state(state)))
+    state.promotion_hooks.update(promotion_hooks(PromotionContext.for_state(state)))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -20,7 +20,8 @@ from server.enrollment.engine import RecognitionEngine
 from server.enrollment.index import TemplateIndex
 from server.enrollment.service import EnrollmentService
 from server.enrollment.sync import GallerySync, NullSync
-from server.training.model_folder import active_models_dir
+from server.registry.gate import PromotionHook
+from server.registry.model_folder import active_models_dir
 
 if TYPE_CHECKING:
     from server.bundles.publisher import BundleServer
@@ -77,6 +78,8 @@ class AppState:
     source: ManualAckSource | None = None
     bundles: BundleServer | None = None  # answers chunk requests and offers the published bundle
     extra_closers: list[Closable] = field(default_factory=list)
+    # The promotion hooks bound to this state (server.app fills them); pass them to gate.promote/rollback.
+    promotion_hooks: dict[str, PromotionHook] = field(default_factory=dict)
     _closed: bool = field(default=False, repr=False)
 
     @classmethod

@@ -18,13 +18,14 @@ from device.bundles.signing import load_public_key, verify
 from models.runtime.manifest import load_manifest, save_manifest
 from server.bundles.builder import EXPORT_JSON, export_time
 from server.bundles.delta import ADDED_AT, STATE_FILE, DeltaLedger, GalleryCoverage, MqttGallerySync
+from server.bundles.gallery_bundle import build_gallery_bundle
 from server.bundles.rebase import CoverageCache, DeltaRebaser, plan
 from server.db.models import Device
 from server.enrollment.sync import GalleryEntry, SyncError
 from server.enrollment.templates import new_template
+from server.registry.model_folder import embedder_entry_name
+from server.registry.promotion import PromotionContext
 from server.state import AppState
-from server.training.model_folder import embedder_entry_name
-from server.training.promotion import PromotionContext, build_gallery_bundle
 from tests.bundle_kit import build as build_from_gallery_folder
 from tests.conftest import Broker
 from tests.mqtt_kit import keypair, make_models_dir, sha_tag, unit_vectors

@@ -279,7 +279,7 @@ class AlwaysSpoof:
     """A liveness engine that calls every face a spoof (no ../shared, no MiniFASNet needed)."""
 
     def assess(self, rgb: ImageArray, detection: Detection, track_id: int,
-               timestamp: float) -> LivenessResult:
+               timestamp: float, mesh: Any = None) -> LivenessResult:
         return LivenessResult(LivenessVerdict.SPOOF, (LivenessCheck("stub", 0.0, LivenessVerdict.SPOOF),))
 
     def end_track(self, track_id: int) -> None:

@@ -27,16 +27,16 @@ from models.runtime.manifest import load_manifest
 from server.app import create_app
 from server.bundles.builder import load_bundle
 from server.bundles.cli import cli as bundle_cli
+from server.bundles.gallery_bundle import EXPORT_PREFIX
 from server.bundles.signing import generate_key
 from server.db.models import Chip, Template
 from server.enrollment.engine import RecognitionEngine
 from server.enrollment.reembed import open_chip, reembed_gallery
 from server.enrollment.templates import open_template
+from server.registry import gate
+from server.registry.model_folder import version_models_dir
+from server.registry.registry import ModelRegistry, Status
 from server.state import AppState
-from server.training import gate
-from server.training.model_folder import version_models_dir
-from server.training.promotion import EXPORT_PREFIX
-from server.training.registry import ModelRegistry, Status
 from tests.face_kit import Faces, pick_faces
 from tests.server_support import login, make_config, state_of
 
@@ -130,12 +130,12 @@ def test_promotion_reembeds_bundles_and_rollback_repoints(client: TestClient, fa
     baseline, candidate = _versions(registry, built_models)
 
     # The baseline is what enrolled the faces: nothing to re-embed, but its bundle is built.
-    gate.promote(registry, baseline)
+    gate.promote(registry, baseline, hooks=state.promotion_hooks)
     assert set(_templates(state)) == {base_sha}
     first = state.config.bundles_root / "1"
     _check_bundle(state, first, base_sha, names)
 
-    gate.promote(registry, candidate)
+    gate.promote(registry, candidate, hooks=state.promotion_hooks)
     new_sha = load_manifest(version_models_dir(state.config, candidate)).get("embedder-int8").sha256
     assert new_sha != base_sha and registry.current().version == candidate
     by_model = _templates(state)
@@ -169,7 +169,7 @@ def test_promotion_reembeds_bundles_and_rollback_repoints(client: TestClient, fa
     finally:
         restarted.close()
 
-    withdrawn, restored = gate.rollback(registry)
+    withdrawn, restored = gate.rollback(registry, hooks=state.promotion_hooks)
     assert (withdrawn.version, restored.version) == (candidate, baseline)
     after = _templates(state)
     assert {t.id for t in after[base_sha]} == kept  # re-pointed at the kept templates, nothing re-embedded
@@ -205,10 +205,10 @@ def test_a_failing_hook_undoes_the_promotion_and_nothing_is_bundled(client: Test
     _enroll_all(client, faces)
     registry = ModelRegistry(state.db)
     baseline, candidate = _versions(registry, built_models)
-    gate.promote(registry, baseline)
+    gate.promote(registry, baseline, hooks=state.promotion_hooks)
     state.config.signing_key_path.unlink()  # the bundle cannot be signed now
     with pytest.raises(gate.PromotionHookError, match=r"build-bundle.*does not exist"):
-        gate.promote(registry, candidate)
+        gate.promote(registry, candidate, hooks=state.promotion_hooks)
     assert registry.current().version == baseline
     assert registry.get(candidate).status == Status.CANDIDATE
     assert not (state.config.bundles_root / "2").exists()

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from server.training import gate
+from server.registry import gate
+from server.registry.registry import ModelRegistry, RegistryError, Status
 from server.training.data import IdentityLeakError, check_disjoint, pair_identities
-from server.training.registry import ModelRegistry, RegistryError, Status
 
 
 def _metrics(tar: float, parity: float = 0.999, disjoint: bool = True) -> dict[str, Any]:
@@ -26,11 +26,16 @@ def registry(tmp_path: Path) -> ModelRegistry:
 
 
 @pytest.fixture()
-def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str, str | None]]:
+def hooks() -> dict[str, gate.PromotionHook]:
+    return {}
+
+
+@pytest.fixture()
+def calls(hooks: dict[str, gate.PromotionHook]) -> list[tuple[str, str, str, str | None]]:
     seen: list[tuple[str, str, str, str | None]] = []
     for name in gate.DEFAULT_HOOKS:
-        monkeypatch.setitem(gate.HOOKS, name, lambda ev, name=name: seen.append(
-            (name, ev.action, ev.active.version, None if ev.previous is None else ev.previous.version)))
+        hooks[name] = lambda ev, name=name: seen.append(
+            (name, ev.action, ev.active.version, None if ev.previous is None else ev.previous.version))
     return seen
 
 
@@ -40,13 +45,14 @@ def _register(reg: ModelRegistry, tar: float, **kw: Any) -> str:
 
 
 def test_gate_refuses_a_worse_model_and_records_why(registry: ModelRegistry, calls: list[Any],
+                                                     hooks: dict[str, gate.PromotionHook],
                                                      caplog: pytest.LogCaptureFixture) -> None:
     base = _register(registry, 0.80)
-    gate.promote(registry, base)
+    gate.promote(registry, base, hooks=hooks)
     worse = _register(registry, 0.75)
     with caplog.at_level(logging.WARNING), pytest.raises(gate.PromotionRefusedError,
                                                          match="below the current"):
-        gate.promote(registry, worse, gate.GateConfig(tolerance=0.02))
+        gate.promote(registry, worse, gate.GateConfig(tolerance=0.02), hooks=hooks)
     assert registry.current().version == base  # nothing changed
     assert registry.get(worse).status == Status.REFUSED
     assert any(e["action"] == "refuse" for e in registry.events(worse))
@@ -55,19 +61,20 @@ def test_gate_refuses_a_worse_model_and_records_why(registry: ModelRegistry, cal
 
 
 def test_gate_accepts_within_tolerance_then_rollback_restores(registry: ModelRegistry,
-                                                              calls: list[Any]) -> None:
+                                                              calls: list[Any],
+                                                              hooks: dict[str, gate.PromotionHook]) -> None:
     v1 = _register(registry, 0.80)
-    gate.promote(registry, v1)
+    gate.promote(registry, v1, hooks=hooks)
     v2 = _register(registry, 0.795)
-    decision = gate.promote(registry, v2, gate.GateConfig(tolerance=0.01))
+    decision = gate.promote(registry, v2, gate.GateConfig(tolerance=0.01), hooks=hooks)
     assert decision.passed and decision.current == v1
     assert registry.current().version == v2 and registry.get(v1).status == Status.RETIRED
-    withdrawn, restored = gate.rollback(registry)
+    withdrawn, restored = gate.rollback(registry, hooks=hooks)
     assert (withdrawn.version, restored.version) == (v2, v1)
     assert registry.current().version == v1 and registry.get(v2).status == Status.ROLLED_BACK
     assert calls[-1] == ("build-bundle", "rollback", v1, v2)
     with pytest.raises(RegistryError, match="replaced nothing"):
-        gate.rollback(registry)
+        gate.rollback(registry, hooks=hooks)
 
 
 @pytest.mark.parametrize(("kwargs", "reason"), [
@@ -75,26 +82,27 @@ def test_gate_accepts_within_tolerance_then_rollback_restores(registry: ModelReg
     ({"disjoint": False}, "disjoint"),
 ])
 def test_gate_refuses_bad_parity_or_unchecked_identities(registry: ModelRegistry, calls: list[Any],
+                                                         hooks: dict[str, gate.PromotionHook],
                                                          kwargs: dict[str, Any], reason: str) -> None:
     version = _register(registry, 0.9, **kwargs)
     with pytest.raises(gate.PromotionRefusedError, match=reason):
-        gate.promote(registry, version)
+        gate.promote(registry, version, hooks=hooks)
     assert registry.current() is None and calls == []
 
 
 def test_failing_hook_undoes_the_promotion(registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(gate.HOOKS, "reembed-gallery", lambda ev: None)
-    monkeypatch.setitem(gate.HOOKS, "build-bundle", lambda ev: None)
+    hooks: dict[str, gate.PromotionHook] = {"reembed-gallery": lambda ev: None,
+                                            "build-bundle": lambda ev: None}
     v1 = _register(registry, 0.8)
-    gate.promote(registry, v1)
+    gate.promote(registry, v1, hooks=hooks)
 
     def broken(event: gate.PromotionEvent) -> None:
         raise OSError("bundle store is full")
 
-    monkeypatch.setitem(gate.HOOKS, "build-bundle", broken)
+    hooks["build-bundle"] = broken
     v2 = _register(registry, 0.85)
     with pytest.raises(gate.PromotionHookError, match="bundle store is full"):
-        gate.promote(registry, v2)
+        gate.promote(registry, v2, hooks=hooks)
     assert registry.current().version == v1
     assert registry.get(v2).status == Status.CANDIDATE  # may be retried once the hook is fixed
     assert [e["action"] for e in registry.events(v2)][-1] == "undo-promote"
@@ -102,11 +110,10 @@ def test_failing_hook_undoes_the_promotion(registry: ModelRegistry, monkeypatch:
 
 def test_without_server_context_a_promotion_fails_and_is_undone(registry: ModelRegistry,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, hook in gate.default_hooks().items():  # what a process gets before installing the real hooks
-        monkeypatch.setitem(gate.HOOKS, name, hook)
+    hooks = gate.default_hooks()  # what a process gets before it passes the real hooks
     first = _register(registry, 0.8)
     with pytest.raises(gate.PromotionHookError, match=r"no server context.*--config"):
-        gate.promote(registry, first)
+        gate.promote(registry, first, hooks=hooks)
     assert registry.current() is None  # even a first promotion is taken back
     assert registry.get(first).status == Status.CANDIDATE
 

@@ -25,23 +25,21 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
 
 from core.protocol.snapshots import SNAPSHOT_KINDS
-from core.types import Chip, Decision, DecisionKind, Detection, Embedding, Frame, ImageArray, LivenessResult
+from core.types import Decision, DecisionKind, Detection, Frame, LivenessResult
 from device.agent.sink import EventSink, FanOutSink
 from device.agent.status import LIVENESS_OFF_KEY, LOW_TAU_KEY, AgentStatus, Counters, RateMeter
 from device.camera import CameraSetupError, FrameSource
 from device.config import DeviceConfig
-from device.decide import AccessPolicy, DecisionEngine, FaceObservation, Tracker
-from device.decide.fusion import TrackFusion
 from device.decide.operating_point import low_tau_warning
 from device.door import Door, DoorError, DoorState, Transition
 from device.gallery import Gallery
 from device.liveness.base import LIVENESS_OFF, LivenessEngine, PassThroughLiveness
+from device.pipeline.frame import FramePipeline, LatencyObserver, Models
 from device.vision.snapshot import encode_snapshot
 
 logger = logging.getLogger(__name__)
@@ -54,30 +52,6 @@ WATCH_INTERVAL_S = 2.0
 JOIN_TIMEOUT_S = 1.5
 # The reason a grant carries when the door could not open for it (a ``denied`` event).
 DOOR_FAULT_REASON = "door_fault"
-
-
-class FaceLike(Protocol):
-    """What the loop needs from one analysed face (``device.vision.pipeline.FaceResult``)."""
-
-    @property
-    def detection(self) -> Detection: ...
-    @property
-    def chip(self) -> Chip: ...
-    @property
-    def embedding(self) -> Embedding: ...
-    @property
-    def latencies_ms(self) -> dict[str, float]: ...
-
-
-class Analyzer(Protocol):
-    """What the loop needs from the face pipeline (``device.vision.pipeline.FacePipeline``)."""
-
-    @property
-    def model_sha256(self) -> str: ...
-    @property
-    def model_version(self) -> str: ...
-    def analyze(self, rgb: ImageArray) -> Sequence[FaceLike]: ...
-    def close(self) -> None: ...
 
 
 class AgentError(Exception):
@@ -94,16 +68,7 @@ def tau_warning(config: DeviceConfig, gallery: Gallery) -> str | None:
     return f"{warning} (acknowledged)"
 
 
-@dataclass(slots=True)
-class Models:
-    """The swappable pair: the pipeline and the gallery built for its embedder."""
-
-    pipeline: Analyzer
-    gallery: Gallery
-
-
 Loader = Callable[[], Models]
-LatencyObserver = Callable[[Mapping[str, float]], None]
 # The latency key an observer gets once per processed frame: the whole frame's processing time.
 FRAME_STAGE = "frame"
 
@@ -148,7 +113,6 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._closed = False
         self._latency_observers: list[LatencyObserver] = []
-        self._fusion = TrackFusion(config.decision.fuse_frames)  # owned by the processing thread
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -448,9 +412,7 @@ class Agent:
 
     # ------------------------------------------------------------------ processing thread
     def _process_loop(self) -> None:
-        tracker = Tracker(self.config.decision.track_timeout_s)
-        engine = DecisionEngine(self.config.decision, AccessPolicy(self.config.access),
-                                liveness_required=self.config.liveness.required)
+        frames = FramePipeline(self.config, self.liveness)  # owned by this thread
         epoch = self._camera_epoch
         try:
             while not self._stop.is_set():
@@ -460,14 +422,14 @@ class Agent:
                 except queue.Empty:
                     if self._capture_done.is_set():
                         break
-                    self._end_tracks(tracker.expire(time.monotonic()), engine)
+                    frames.expire(time.monotonic())
                     continue
                 if epoch != self._camera_epoch:  # the camera dropped: whoever was there is gone
                     epoch = self._camera_epoch
-                    self._end_tracks(tracker.clear(), engine)
+                    frames.clear()
                 try:
                     with self._models_lock:
-                        self._process(frame, tracker, engine)
+                        self._process(frame, frames)
                 except Exception:  # one bad frame must never stop the door, and never leave it open
                     self._counters.processing_errors += 1
                     logger.exception("frame %d could not be processed", frame.index)
@@ -483,45 +445,24 @@ class Agent:
             self._counters.door_errors += 1
             logger.error("cannot lock the door after an error: %s", exc)
 
-    def _end_tracks(self, ended: list[int], engine: DecisionEngine) -> None:
-        for track_id in ended:
-            engine.end_track(track_id)
-            self._fusion.end_track(track_id)
-            self.liveness.end_track(track_id)
-
-    def _process(self, frame: Frame, tracker: Tracker, engine: DecisionEngine) -> None:
+    def _process(self, frame: Frame, frames: FramePipeline) -> None:
         started = time.perf_counter()
-        self._process_faces(frame, tracker, engine)
-        if self._latency_observers:
-            self._observe_latencies({FRAME_STAGE: (time.perf_counter() - started) * 1000.0})
-
-    def _process_faces(self, frame: Frame, tracker: Tracker, engine: DecisionEngine) -> None:
         models = self._models
-        faces = models.pipeline.analyze(frame.rgb)
+        faces = frames.analyze(frame, models)
         self._counters.frames_processed += 1
         self._fps.tick()
-        self._end_tracks(tracker.expire(frame.timestamp), engine)
-        track_ids = tracker.assign([f.detection.box for f in faces], frame.timestamp)
         self._counters.faces += len(faces)
-        for face, track_id in zip(faces, track_ids, strict=True):
-            latencies = dict(face.latencies_ms)
-            t0 = time.perf_counter()
-            live = self.liveness.assess(frame.rgb, face.detection, track_id, frame.timestamp)
-            t1 = time.perf_counter()
-            vector = self._fusion.update(track_id, face.embedding.vector, face.chip.quality)
-            match = models.gallery.search(vector)
-            t2 = time.perf_counter()
-            latencies["liveness"] = (t1 - t0) * 1000.0
-            latencies["search"] = (t2 - t1) * 1000.0
-            if self._latency_observers:
+        result = frames.decide(frame, models, faces)
+        if self._latency_observers:
+            for latencies in result.latencies:
                 self._observe_latencies(latencies)
-            obs = FaceObservation(track_id, match, live, frame.timestamp, frame.source_id, latencies)
-            decision = engine.observe(obs, models.pipeline.model_version)
-            if decision is not None:
-                # the gallery version (a content hash, recomputed after a delta) only when it is needed
-                snapshot = (self._snapshot(frame, face.detection)
-                            if decision.kind in SNAPSHOT_KINDS and self.sink.wants_snapshots else None)
-                self._act(replace(decision, gallery_version=models.gallery.version, snapshot=snapshot))
+        for made in result.decisions:
+            decision = made.decision
+            snapshot = (self._snapshot(frame, made.detection)
+                        if decision.kind in SNAPSHOT_KINDS and self.sink.wants_snapshots else None)
+            self._act(replace(decision, snapshot=snapshot) if snapshot is not None else decision)
+        if self._latency_observers:
+            self._observe_latencies({FRAME_STAGE: (time.perf_counter() - started) * 1000.0})
 
     def _snapshot(self, frame: Frame, detection: Detection) -> bytes | None:
         """JPEG of the face region for an opted-in sink, or None (a failed snapshot never costs the event)."""

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from device.agent.loop import Agent, Loader, Models
+from device.agent.loop import Agent, Loader
 from device.agent.sink import EventSink, JsonLinesSink, LoggingSink
 from device.camera import FrameSource, create_source
 from device.config import DeviceConfig
@@ -30,6 +30,7 @@ from device.gallery import Gallery
 from device.gallery.store import META_NAME
 from device.liveness.base import LivenessEngine
 from device.metrics import DeviceMetrics, start_metrics
+from device.pipeline.frame import Models
 from device.vision.embedder import EMBEDDING_DIM
 from device.vision.pipeline import FacePipeline
 from models.runtime.assets import default_models_dir

@@ -6,6 +6,7 @@ from typing import Protocol
 
 from core.types import Detection, ImageArray, LivenessResult
 from device.config import LivenessConfig
+from models.face.mesh import MeshResult
 
 # What status, metrics, doctor and Home Assistant show for a door that runs no liveness check.
 LIVENESS_OFF = "liveness off"
@@ -15,9 +16,10 @@ class LivenessEngine(Protocol):
     """Assesses one face in one frame, with the track it belongs to for multi-frame checks."""
 
     def assess(
-        self, rgb: ImageArray, detection: Detection, track_id: int, timestamp: float
+        self, rgb: ImageArray, detection: Detection, track_id: int, timestamp: float,
+        mesh: MeshResult | None = None,
     ) -> LivenessResult:
-        """Return each check's score and verdict plus the fused verdict."""
+        """Return each check's score and verdict plus the fused verdict (``mesh``: landmarks already run)."""
         ...
 
     def end_track(self, track_id: int) -> None:
@@ -44,7 +46,8 @@ class PassThroughLiveness:
     mode = LIVENESS_OFF
 
     def assess(
-        self, rgb: ImageArray, detection: Detection, track_id: int, timestamp: float
+        self, rgb: ImageArray, detection: Detection, track_id: int, timestamp: float,
+        mesh: MeshResult | None = None,
     ) -> LivenessResult:
         """Return the skipped result."""
         return LivenessResult.skipped()

@@ -45,6 +45,7 @@ from device.liveness.challenge import (
 from device.liveness.facemesh import MeshMeasurer, mesh_model_path
 from device.liveness.passive import PassiveLiveness, PassiveModelError, manifest_minifasnet_files
 from device.liveness.planar import PLANAR_MESH_INDICES, PlanarParams, PlanarTrack
+from models.face.mesh import MeshResult
 from models.runtime.assets import default_models_dir
 
 logger = logging.getLogger(__name__)
@@ -152,8 +153,9 @@ class FusedLiveness:
         return passive is not None and passive.verdict is LivenessVerdict.UNCERTAIN
 
     def assess(self, rgb: ImageArray, detection: Detection, track_id: int,
-               timestamp: float) -> LivenessResult:
-        """Run the configured checks on one face of one frame and fuse them."""
+               timestamp: float, mesh: MeshResult | None = None) -> LivenessResult:
+        """Run the configured checks on one face of one frame and fuse them (``mesh``: the face pipeline's
+        landmarks for this face, reused when they come from the same mesh model)."""
         state = self._state(track_id, timestamp)
         checks: list[LivenessCheck] = []
         passive = self.passive.check(rgb, detection) if self.passive is not None else None
@@ -166,7 +168,7 @@ class FusedLiveness:
             self._notify(state.challenge.status)
         observed = None
         if self.mesh is not None and (self.config.planar or state.challenge is not None):
-            observed = self.mesh.observe(rgb, detection)
+            observed = self.mesh.observe(rgb, detection, mesh)
         if state.challenge is not None:
             before = state.challenge.status.state
             status = state.challenge.update(observed[1] if observed else None, timestamp)

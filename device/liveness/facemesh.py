@@ -116,9 +116,14 @@ class MeshMeasurer:
     def __init__(self, model_path: Path, threads: int = 1) -> None:
         self.mesh = FaceMesh(model_path, threads=threads)
 
-    def observe(self, rgb: ImageArray, det: Detection) -> tuple[MeshResult, FaceMeasures] | None:
-        """Landmarks and measures, or None when the mesh says the crop holds no face."""
-        result = self.mesh.landmarks(rgb, det)
+    def observe(self, rgb: ImageArray, det: Detection,
+                landmarks: MeshResult | None = None) -> tuple[MeshResult, FaceMeasures] | None:
+        """Landmarks and measures, or None when the mesh says the crop holds no face. ``landmarks`` from the
+        same mesh model (the face pipeline's, for this detection) are reused instead of running it again."""
+        if landmarks is not None and landmarks.model_sha256 == self.mesh.sha256:
+            result = landmarks
+        else:
+            result = self.mesh.landmarks(rgb, det)
         if result.presence < MIN_PRESENCE:
             logger.debug("face mesh presence %.2f below %.2f", result.presence, MIN_PRESENCE)
             return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from core.protocol.schemas import DeltaState, GalleryDelta
-from device.agent.loop import Agent, AgentError, Loader, Models
+from device.agent.loop import Agent, AgentError, Loader
 from device.agent.runner import build_agent, default_loader, open_door, run_agent
 from device.bundles.signing import BundleKeyError, load_public_key
 from device.bundles.store import ActiveBundle, BundleStore
@@ -17,6 +17,7 @@ from device.bundles.updater import BundleUpdater, DeltaHook
 from device.config import DeviceConfig
 from device.metrics import DeviceMetrics
 from device.mqtt.service import DeviceMqtt
+from device.pipeline.frame import Models
 
 logger = logging.getLogger(__name__)
 

@@ -43,12 +43,14 @@ MIN_MESH_PRESENCE = 0.5
 
 @dataclass(frozen=True, slots=True)
 class FaceResult:
-    """One analysed face: detection, chip, embedding and per-stage latencies (ms)."""
+    """One analysed face: detection, chip, embedding, per-stage latencies (ms) and the face mesh the
+    alignment ran (None without one): liveness reuses it, so the mesh runs once per face."""
 
     detection: Detection
     chip: Chip
     embedding: Embedding
     latencies_ms: dict[str, float] = field(default_factory=dict)
+    mesh: MeshResult | None = None
 
 
 class FacePipeline:
@@ -142,12 +144,13 @@ class FacePipeline:
         results = []
         for det in detections:
             t0 = time.perf_counter()
-            chip = self.align(image, det)
+            mesh = self.landmarks(image, det) if self.align_method is AlignMethod.MESH else None
+            chip = self.align(image, det, mesh)
             t1 = time.perf_counter()
             embedding = self.embed(chip)
             t2 = time.perf_counter()
             latencies = {"detect": detect_ms, "align": (t1 - t0) * 1000.0, "embed": (t2 - t1) * 1000.0}
-            results.append(FaceResult(det, chip, embedding, latencies))
+            results.append(FaceResult(det, chip, embedding, latencies, mesh))
         return results
 
     def largest_chip(self, rgb: ImageArray) -> Chip | None:

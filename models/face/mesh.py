@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from core.files import sha256_file
 from core.types import Detection, ImageArray
 from models.runtime.interpreter import TFLiteModel
 
@@ -40,10 +41,12 @@ LEFT_EYE_EAR = (362, 385, 387, 263, 373, 380)
 
 @dataclass(frozen=True, slots=True)
 class MeshResult:
-    """468 landmarks (x, y in image pixels; z in the same scale), and the face-presence probability."""
+    """468 landmarks (x, y in image pixels; z in the same scale), the face-presence probability and the
+    sha256 of the mesh model that produced them (so a result is reused only by the same model)."""
 
     points: npt.NDArray[np.float32]
     presence: float
+    model_sha256: str = ""
 
     def xy(self, *indices: int) -> npt.NDArray[np.float32]:
         """The (len(indices), 2) image coordinates of the given landmark indices."""
@@ -76,6 +79,7 @@ class FaceMesh:
     """The face-mesh model; ``landmarks(rgb, det)`` returns a MeshResult; a context manager."""
 
     def __init__(self, model_path: Path, threads: int = 1) -> None:
+        self.sha256 = sha256_file(model_path)
         self.model = TFLiteModel(model_path, threads=threads)
         expected = (1, MESH_INPUT, MESH_INPUT, 3)
         if self.model.input.shape != expected:
@@ -96,7 +100,7 @@ class FaceMesh:
         scale = float(np.sqrt(abs(np.linalg.det(inverse[:, :2]))))
         points = np.hstack([xy, coords[:, 2:3] * scale]).astype(np.float32)
         presence = 1.0 / (1.0 + np.exp(-np.clip(logit, -80.0, 80.0)))
-        return MeshResult(points, float(presence))
+        return MeshResult(points, float(presence), self.sha256)
 
     def close(self) -> None:
         """Release the interpreter (safe to call twice)."""

@@ -166,12 +166,13 @@ def _build_from_database(config: ServerConfig, models_dir: Path | None, key_path
     from models.runtime.assets import default_models_dir
     from models.runtime.manifest import ManifestError
     from server.bundles.builder import BundleBuildError
+    from server.bundles.gallery_bundle import build_gallery_bundle
     from server.bundles.gallery_export import GalleryExportError
     from server.bundles.signing import SigningKeyError
     from server.crypto import CryptoError
     from server.db.engine import Database
-    from server.training.model_folder import active_models_dir
-    from server.training.promotion import PromotionContext, build_gallery_bundle
+    from server.registry.model_folder import active_models_dir
+    from server.registry.promotion import PromotionContext
 
     with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
         folder = models_dir or active_models_dir(config, db) or config.models.dir or default_models_dir()

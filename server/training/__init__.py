@@ -1,5 +1,5 @@
-"""Server-side training: triplet loss and mining, student distillation, pairs head, gate and registry.
+"""Server-side training (TensorFlow): triplet loss and mining, student distillation, the pairs head.
 
-Most modules here import TensorFlow/Keras; registry, gate, model_folder and promotion stay light (the
-server app imports them). The device never imports this package.
+Most modules here import TensorFlow/Keras; the light registry, gate, model folders and promotion live in
+``server.registry``. The device never imports this package.
 """

@@ -156,7 +156,7 @@ def triplet(data: Path, pairs: Path | None, folds: str, report: Path | None, mod
                                "parity": outcome.metrics.get("parity"),
                                "final_active_fraction": outcome.metrics.get("final_active_fraction")}
     if register:
-        from server.training.registry import ModelRegistry
+        from server.registry.registry import ModelRegistry
 
         with ModelRegistry.open(database_url(server_config, db)) as registry:
             current = registry.current("embedder")

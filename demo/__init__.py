@@ -1,5 +1,5 @@
 """``facegate demo``: broker, server, enrollment, signed bundle and a door on a replay camera, end to end."""
 
-from server.demo.cli import cli
+from demo.cli import cli
 
 __all__ = ["cli"]

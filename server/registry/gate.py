@@ -10,23 +10,23 @@ A candidate embedder is promoted only when
 Any failed check refuses the promotion: the refusal and its reasons are written to the registry and
 logged as a warning, and ``PromotionRefusedError`` is raised. After a promotion (or a rollback) every
 configured hook runs: by default "reembed-gallery" and "build-bundle". They need the server's database,
-chip key, models and signing key, so the real ones are registered by whoever holds that context
-(``server.training.promotion.install_promotion_hooks``: the ``facegate models promote|rollback`` CLI and
-the server app). Until then the defaults fail, loudly: a promotion never "succeeds" without its gallery
-and bundle. A failing hook undoes the promotion (the previous model, if any, is promoted again and the
-candidate goes back to ``candidate``) and raises ``PromotionHookError``.
+chip key, models and signing key, so the caller that holds that context passes them in
+(``hooks=server.registry.promotion.promotion_hooks(ctx)``: the ``facegate models promote|rollback`` CLI and
+the server app's ``AppState.promotion_hooks``). Without them the defaults fail, loudly: a promotion never
+"succeeds" without its gallery and bundle. A failing hook undoes the promotion (the previous model, if any,
+is promoted again and the candidate goes back to ``candidate``) and raises ``PromotionHookError``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.training.registry import ModelRegistry, ModelVersion, RegistryError
+from server.registry.registry import ModelRegistry, ModelVersion, RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def needs_context(name: str) -> PromotionHook:
         raise HookContextMissingError(
             f"no server context to {event.action} {event.active.version}: hook {name!r} needs the server "
             "database, chip key, models and signing key; run `facegate models promote|rollback --config "
-            "<server.toml>` (or call server.training.promotion.install_promotion_hooks)")
+            "<server.toml>` (or pass hooks=server.registry.promotion.promotion_hooks(ctx))")
 
     return refuse
 
@@ -151,20 +151,12 @@ def default_hooks() -> dict[str, PromotionHook]:
     return {name: needs_context(name) for name in DEFAULT_HOOKS}
 
 
-HOOKS: dict[str, PromotionHook] = default_hooks()
-
-
-def set_hook(name: str, hook: PromotionHook) -> None:
-    """Install (or replace) the callable run for hook ``name``."""
-    HOOKS[name] = hook
-
-
-def run_hooks(event: PromotionEvent, names: tuple[str, ...]) -> None:
+def run_hooks(event: PromotionEvent, names: tuple[str, ...], hooks: Mapping[str, PromotionHook]) -> None:
     """Run the named hooks in order; raise PromotionHookError on the first failure."""
     for name in names:
-        hook = HOOKS.get(name)
+        hook = hooks.get(name)
         if hook is None:
-            raise PromotionHookError(f"no hook called {name!r} (known: {', '.join(sorted(HOOKS))})")
+            raise PromotionHookError(f"no hook called {name!r} (known: {', '.join(sorted(hooks))})")
         try:
             hook(event)
         except Exception as exc:  # a hook is foreign code: report which one failed
@@ -172,9 +164,13 @@ def run_hooks(event: PromotionEvent, names: tuple[str, ...]) -> None:
 
 
 def promote(registry: ModelRegistry, version: str, cfg: GateConfig | None = None,
-            actor: str = "cli") -> GateDecision:
-    """Gate ``version`` against the current model; promote it and run the hooks, or refuse loudly."""
+            actor: str = "cli", hooks: Mapping[str, PromotionHook] | None = None) -> GateDecision:
+    """Gate ``version`` against the current model; promote it and run the hooks, or refuse loudly.
+
+    ``hooks`` maps hook names to callables (``promotion.promotion_hooks(ctx)``); without them the
+    refusing defaults run, so a promotion without the server context is undone."""
     cfg = cfg or GateConfig()
+    hooks = default_hooks() if hooks is None else hooks
     candidate = registry.get(version)
     current = registry.current(candidate.kind)
     decision = evaluate_gate(candidate, current, cfg)
@@ -183,7 +179,7 @@ def promote(registry: ModelRegistry, version: str, cfg: GateConfig | None = None
         raise PromotionRefusedError(decision)
     replaced = registry.mark_promoted(version, actor, gate=decision.as_dict())
     try:
-        run_hooks(PromotionEvent("promote", registry.get(version), replaced), cfg.hooks)
+        run_hooks(PromotionEvent("promote", registry.get(version), replaced), cfg.hooks, hooks)
     except PromotionHookError as exc:
         registry.undo_promotion(version, None if replaced is None else replaced.version, actor, str(exc))
         logger.error("promotion of %s undone: a hook failed", version)
@@ -192,12 +188,14 @@ def promote(registry: ModelRegistry, version: str, cfg: GateConfig | None = None
 
 
 def rollback(registry: ModelRegistry, kind: str = "embedder", cfg: GateConfig | None = None,
-             actor: str = "cli") -> tuple[ModelVersion, ModelVersion]:
-    """Restore the previous promoted version and run the hooks for it."""
+             actor: str = "cli", hooks: Mapping[str, PromotionHook] | None = None,
+             ) -> tuple[ModelVersion, ModelVersion]:
+    """Restore the previous promoted version and run the hooks for it (``hooks`` as for ``promote``)."""
     cfg = cfg or GateConfig()
+    hooks = default_hooks() if hooks is None else hooks
     withdrawn, restored = registry.rollback(kind, actor)
     try:
-        run_hooks(PromotionEvent("rollback", restored, withdrawn), cfg.hooks)
+        run_hooks(PromotionEvent("rollback", restored, withdrawn), cfg.hooks, hooks)
     except PromotionHookError as exc:
         raise PromotionHookError(f"rolled back to {restored.version} but {exc}") from exc
     return withdrawn, restored
@@ -205,4 +203,4 @@ def rollback(registry: ModelRegistry, kind: str = "embedder", cfg: GateConfig | 
 
 __all__ = ["GateConfig", "GateDecision", "HookContextMissingError", "PromotionEvent", "PromotionHookError",
            "PromotionRefusedError", "RegistryError", "default_hooks", "evaluate_gate", "promote", "rollback",
-           "set_hook"]
+           "run_hooks"]

@@ -22,9 +22,9 @@ import click
 from click.core import ParameterSource
 from rich.console import Console
 
-from server.demo.report import Summary
-from server.demo.run import ADMIN, DEVICE_ID, PREFIX, SITE, Demo, Options
-from server.demo.stack import DemoError
+from demo.report import Summary
+from demo.run import ADMIN, DEVICE_ID, PREFIX, SITE, Demo, Options
+from demo.stack import DemoError
 
 logger = logging.getLogger(__name__)
 

@@ -1,18 +1,19 @@
 """The real promotion hooks: re-embed the gallery from the stored chips, then build and sign a bundle.
 
-:func:`install_promotion_hooks` puts them into ``server.training.gate`` with the server context they
-need (database, chip key, config, models). ``facegate models promote|rollback`` and the server app
-call it; without it the gate's defaults fail the promotion. For the version that becomes active (the
+:func:`promotion_hooks` binds them to the server context they need (database, chip key, config, models);
+``facegate models promote|rollback`` and the server app pass the result to ``gate.promote``/``rollback``
+explicitly; without it the gate's defaults fail the promotion. For the version that becomes active (the
 candidate on promote, the restored one on rollback):
 
-1. ``reembed-gallery`` composes the version's models folder (``server.training.model_folder``), loads its
+1. ``reembed-gallery`` composes the version's models folder (``server.registry.model_folder``), loads its
    embedder (``[models] embedder``, int8 by default) with ``device.vision.embedder.Embedder``, and gives
    every stored chip an encrypted template under that sha256 (``server.enrollment.reembed``). Templates
    of earlier models are kept, so a rollback embeds only the chips enrolled since.
-2. ``build-bundle`` exports the server gallery for that sha256 (``server.bundles.gallery_export``) into a
-   private temp folder and builds a bundle signed with the server key into ``bundles_root``, ready for
-   ``facegate bundle publish``. In the server process it then points the recognition engine at the new
-   models, so enrollment, verify and identify use the promoted embedder and its templates.
+2. ``build-bundle`` calls ``server.bundles.gallery_bundle.build_gallery_bundle``: it exports the server
+   gallery for that sha256 into a private temp folder and builds a bundle signed with the server key into
+   ``bundles_root``, ready for ``facegate bundle publish``. In the server process it then points the
+   recognition engine at the new models, so enrollment, verify and identify use the promoted embedder
+   and its templates.
 
 Versions of other kinds (the pairs head) change neither the embeddings nor the doors: both hooks say so
 in the log and return. Nothing biometric is logged.
@@ -21,25 +22,21 @@ in the log and return. Nothing biometric is logged.
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.protocol.schemas import utcnow
 from device.vision.embedder import Embedder
 from models.runtime.manifest import load_manifest
-from server.bundles.builder import build_bundle
-from server.bundles.gallery_export import export_gallery
-from server.bundles.signing import load_private_key
+from server.bundles.gallery_bundle import build_gallery_bundle
 from server.config import ServerConfig
 from server.crypto import ChipCipher, load_chip_cipher
 from server.db.engine import Database
 from server.enrollment.engine import RecognitionEngine
 from server.enrollment.index import TemplateIndex
 from server.enrollment.reembed import reembed_gallery
-from server.training import gate
-from server.training.model_folder import embedder_entry_name, models_folder_for
+from server.registry import gate
+from server.registry.model_folder import embedder_entry_name, models_folder_for
 
 if TYPE_CHECKING:
     from server.state import AppState
@@ -47,7 +44,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REEMBED_HOOK, BUNDLE_HOOK = gate.DEFAULT_HOOKS
-EXPORT_PREFIX = ".gallery-export-"
 
 
 @dataclass
@@ -104,36 +100,6 @@ def reembed_hook(ctx: PromotionContext, event: gate.PromotionEvent) -> None:
                    event.active.version, report.embedded, report.skipped)
 
 
-def build_gallery_bundle(ctx: PromotionContext, folder: Path, *, key_path: Path | None = None,
-                         out_root: Path | None = None, sequence: int | None = None,
-                         chunk_size: int | None = None) -> dict[str, Any]:
-    """Export the stored gallery for ``folder``'s embedder, build and sign a bundle; return its summary.
-
-    Used by the ``build-bundle`` hook and by ``facegate bundle build`` without ``--gallery``; the
-    keyword arguments override the config's signing key, bundles folder, sequence and chunk size.
-    """
-    entry = load_manifest(folder).get(embedder_entry_name(ctx.config))
-    key = load_private_key(key_path or ctx.config.signing_key_path)
-    root = out_root or ctx.config.bundles_root
-    root.mkdir(parents=True, exist_ok=True)
-    # The exported gallery is biometric data: a private temp folder, removed once the bundle holds it.
-    with tempfile.TemporaryDirectory(prefix=EXPORT_PREFIX, dir=root) as tmp:
-        gallery_dir = Path(tmp) / "gallery"
-        # Taken before the export reads anything: whatever was committed earlier is in the gallery.
-        exported_at = utcnow()
-        with ctx.db.session() as session:
-            meta = export_gallery(session, ctx.chip_cipher(), entry.sha256, gallery_dir,
-                                  model_version=f"{entry.name}@{entry.version}")
-        extra: dict[str, Any] = {} if chunk_size is None else {"chunk_size": chunk_size}
-        built = build_bundle(folder, gallery_dir, root, key, embedder=entry.name, sequence=sequence,
-                             exported_at=exported_at, **extra)
-    m = built.manifest
-    return {"sequence": m.sequence, "path": str(built.path), "persons": len(meta.persons),
-            "templates": len(meta.template_ids), "model_version": m.model_version,
-            "gallery_version": m.gallery_version, "files": len(m.files), "bytes": m.total_size,
-            "chunks": m.total_chunks}
-
-
 def bundle_hook(ctx: PromotionContext, event: gate.PromotionEvent) -> None:
     """Hook ``build-bundle``: export the gallery for the active embedder, build and sign the bundle."""
     folder = _embedder_models(ctx, event)
@@ -151,28 +117,9 @@ def bundle_hook(ctx: PromotionContext, event: gate.PromotionEvent) -> None:
             ctx.index.invalidate()
 
 
-@dataclass
-class HookInstallation:
-    """Installed hooks; ``close()`` restores what they replaced, where still ours (idempotent)."""
-
-    hooks: dict[str, gate.PromotionHook]
-    replaced: dict[str, gate.PromotionHook]
-
-    def close(self) -> None:
-        """Uninstall (a second server built and closed in one process gives the first its hooks back)."""
-        for name, hook in self.hooks.items():
-            if gate.HOOKS.get(name) is hook:
-                gate.set_hook(name, self.replaced[name])
-
-
-def install_promotion_hooks(ctx: PromotionContext) -> HookInstallation:
-    """Register the real ``reembed-gallery`` and ``build-bundle`` hooks bound to ``ctx``."""
-    hooks: dict[str, gate.PromotionHook] = {
+def promotion_hooks(ctx: PromotionContext) -> dict[str, gate.PromotionHook]:
+    """The real ``reembed-gallery`` and ``build-bundle`` hooks bound to ``ctx`` (pass them to the gate)."""
+    return {
         REEMBED_HOOK: lambda event: reembed_hook(ctx, event),
         BUNDLE_HOOK: lambda event: bundle_hook(ctx, event),
     }
-    defaults = gate.default_hooks()
-    replaced = {name: gate.HOOKS.get(name) or defaults[name] for name in hooks}
-    for name, hook in hooks.items():
-        gate.set_hook(name, hook)
-    return HookInstallation(hooks, replaced)

@@ -23,6 +23,29 @@ from rich.markup import escape
 from core.mqtt.client import ClientSettings, MqttClient
 from core.protocol.topics import Topics
 from core.types import DecisionKind
+from demo.cast import (
+    Cast,
+    CastError,
+    Judge,
+    celeba_candidates,
+    choose,
+    enrollee,
+    nuaa_subject,
+    packaged_candidates,
+    shared_dir,
+)
+from demo.report import Summary, event_line
+from demo.scene import Director, EventLog, SceneCamera, Stage, Step
+from demo.stack import (
+    HTTP_POLL_S,
+    START_STALL_S,
+    Api,
+    DemoError,
+    DoorRunner,
+    ServerRunner,
+    ship_bundle,
+    wait_until,
+)
 from device.config import DeviceConfig, LivenessConfig, ReplayCameraConfig
 from device.decide.operating_point import operating_point
 from device.liveness.base import LIVENESS_OFF
@@ -34,29 +57,6 @@ from server.broker import LocalBroker, free_port
 from server.bundles.signing import generate_key, public_key_b64
 from server.config import ServerConfig
 from server.crypto import generate_key_text
-from server.demo.cast import (
-    Cast,
-    CastError,
-    Judge,
-    celeba_candidates,
-    choose,
-    enrollee,
-    nuaa_subject,
-    packaged_candidates,
-    shared_dir,
-)
-from server.demo.report import Summary, event_line
-from server.demo.scene import Director, EventLog, SceneCamera, Stage, Step
-from server.demo.stack import (
-    HTTP_POLL_S,
-    START_STALL_S,
-    Api,
-    DemoError,
-    DoorRunner,
-    ServerRunner,
-    ship_bundle,
-    wait_until,
-)
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import click
 from server.training.cli import database_url
 
 if TYPE_CHECKING:
-    from server.training.promotion import PromotionContext
-    from server.training.registry import ModelRegistry
+    from server.registry.promotion import PromotionContext
+    from server.registry.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ def _promotion(server_config: Path | None,
     from facegate.configio import ConfigError
     from server.config import load_server_config
     from server.db.engine import Database, DatabaseError
-    from server.training.promotion import PromotionContext, install_promotion_hooks
-    from server.training.registry import ModelRegistry
+    from server.registry.promotion import PromotionContext
+    from server.registry.registry import ModelRegistry
 
     try:
         config = load_server_config(server_config)
@@ -64,12 +64,7 @@ def _promotion(server_config: Path | None,
     except (ConfigError, DatabaseError) as exc:
         raise click.ClickException(str(exc)) from exc
     with ModelRegistry(database, owns=True) as registry:
-        context = PromotionContext(config, database, progress=True)
-        installed = install_promotion_hooks(context)
-        try:
-            yield registry, context
-        finally:
-            installed.close()
+        yield registry, PromotionContext(config, database, progress=True)
 
 
 def _view(version: Any) -> dict[str, Any]:
@@ -87,7 +82,7 @@ def _view(version: Any) -> dict[str, Any]:
 @click.option("--kind", type=click.Choice(["embedder", "pairs-head"]), default=None)
 def list_models(server_config: Path | None, db: str | None, kind: str | None) -> None:
     """List registered model versions with their held-out figures."""
-    from server.training.registry import ModelRegistry
+    from server.registry.registry import ModelRegistry
 
     with ModelRegistry.open(database_url(server_config, db)) as registry:
         _emit({"models": [_view(v) for v in registry.versions(kind)]})
@@ -100,7 +95,7 @@ def list_models(server_config: Path | None, db: str | None, kind: str | None) ->
 @click.option("--parent", default=None, help="Parent version (default: the current promoted one).")
 def register(server_config: Path | None, db: str | None, report: Path, kind: str, parent: str | None) -> None:
     """Register a training report folder (metrics.json + exported files) as a candidate."""
-    from server.training.registry import ModelRegistry, RegistryError
+    from server.registry.registry import ModelRegistry, RegistryError
 
     try:
         metrics = json.loads((report / "metrics.json").read_text(encoding="utf-8"))
@@ -134,9 +129,9 @@ def register(server_config: Path | None, db: str | None, report: Path, kind: str
 def baseline(server_config: Path | None, db: str | None, models_dir: Path | None, pairs: Path, folds: str,
              cache_dir: Path | None) -> None:
     """Evaluate the built dlib-converted embedder on the held-out folds and register it (then promote it)."""
+    from server.registry.registry import ModelRegistry
     from server.training.baseline import baseline_metrics
     from server.training.cli import _folds
-    from server.training.registry import ModelRegistry
 
     metrics, artifacts = baseline_metrics(models_dir, pairs, _folds(folds), cache_dir)
     with ModelRegistry.open(database_url(server_config, db)) as registry:
@@ -157,15 +152,16 @@ def baseline(server_config: Path | None, db: str | None, models_dir: Path | None
 def promote(server_config: Path | None, db: str | None, version: str, tolerance: float, metric: str,
             min_parity: float, folds: str) -> None:
     """Promote a candidate through the evaluation gate (refused, loudly, if worse); re-embed and bundle."""
-    from server.training import gate
+    from server.registry import gate
+    from server.registry.promotion import promotion_hooks
+    from server.registry.registry import RegistryError
     from server.training.cli import _folds
-    from server.training.registry import RegistryError
 
     cfg = gate.GateConfig.model_validate({"tolerance": tolerance, "metric": metric,
                                           "min_parity_cosine": min_parity, "eval_folds": _folds(folds)})
     with _promotion(server_config, db) as (registry, context):
         try:
-            decision = gate.promote(registry, version, cfg)
+            decision = gate.promote(registry, version, cfg, hooks=promotion_hooks(context))
         except gate.PromotionRefusedError as exc:
             _emit({"promoted": False, **exc.decision.as_dict()})
             raise click.ClickException(str(exc)) from exc
@@ -179,12 +175,13 @@ def promote(server_config: Path | None, db: str | None, version: str, tolerance:
 @click.option("--kind", type=click.Choice(["embedder", "pairs-head"]), default="embedder", show_default=True)
 def rollback(server_config: Path | None, db: str | None, kind: str) -> None:
     """Withdraw the promoted version and restore the one it replaced (its kept templates, a new bundle)."""
-    from server.training import gate
-    from server.training.registry import RegistryError
+    from server.registry import gate
+    from server.registry.promotion import promotion_hooks
+    from server.registry.registry import RegistryError
 
     with _promotion(server_config, db) as (registry, context):
         try:
-            withdrawn, restored = gate.rollback(registry, kind)
+            withdrawn, restored = gate.rollback(registry, kind, hooks=promotion_hooks(context))
         except (gate.PromotionHookError, RegistryError) as exc:
             raise click.ClickException(str(exc)) from exc
         _emit({"withdrawn": withdrawn.version, "restored": restored.version, **context.outcomes})

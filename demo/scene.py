@@ -27,11 +27,11 @@ from core.mqtt.client import Message, MqttClient
 from core.protocol.schemas import EventPayload, PayloadError
 from core.protocol.topics import Topics
 from core.types import DecisionKind, ImageArray
+from demo.stack import DemoError, wait_until
 from device.agent.loop import Agent
 from device.camera import ReplaySource
 from device.config import ReplayCameraConfig
 from device.door.base import DoorState
-from server.demo.stack import DemoError, wait_until
 from server.enrollment.service import encode_chip
 
 logger = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from rich.table import Table
 
 from core.files import atomic_write_bytes
 from core.protocol.schemas import EventPayload
+from demo.scene import Step
 from device.liveness.base import LIVENESS_OFF
-from server.demo.scene import Step
 
 STYLES = {"granted": "green", "unknown": "yellow", "spoof": "red", "denied": "red"}
 

@@ -34,7 +34,7 @@ from models.runtime.manifest import (
 )
 from server.config import ServerConfig
 from server.db.engine import Database
-from server.training.registry import ModelRegistry, ModelVersion
+from server.registry.registry import ModelRegistry, ModelVersion
 
 logger = logging.getLogger(__name__)
 

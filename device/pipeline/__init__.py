@@ -1,0 +1,1 @@
+"""The one per-frame pipeline: detect -> align -> liveness -> embed -> search -> decide (``frame``)."""

@@ -69,7 +69,7 @@ def _writer(path: Path, host: str, port: int, client_id: str, batch_max: int, li
     from server.audit.subscriber import AuditSubscriber
     from server.audit.transport import ManualAckSource
     from server.config import MqttConfig
-    from server.db.engine import Database
+    from server.db.session import Database
 
     db = Database(f"sqlite:///{path}")
     db.create_schema()

@@ -254,7 +254,7 @@ def run_door_bench(models_dir: Path, shared: Path | None, sequences: int = DEFAU
     from device.agent.runner import build_agent
     from device.config import DeviceConfig, LivenessConfig
     from device.gallery import Gallery
-    from device.liveness.engine import build_liveness
+    from device.liveness.fusion import build_liveness
     from device.liveness.passive import PassiveModelError, manifest_minifasnet_files
     from device.vision.embedder import EMBEDDING_DIM
     from device.vision.pipeline import FacePipeline

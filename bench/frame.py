@@ -8,7 +8,10 @@ otherwise packaged scikit-image / matplotlib faces):
   every face (``challenge = "always"``, passive on as configured): passive + the challenge state machine on
   one track, reusing the face mesh the alignment ran (``FaceResult.mesh``).
 
-Reported: median ms per frame of both and the ratio challenge / plain.
+- ``challenge_mesh_twice``: the same, with liveness running its own face mesh again (how the agent did it
+  before ``FramePipeline`` carried the mesh): the before/after of issue 19 in one run.
+
+Reported: median ms per frame of each and the ratios to plain.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def run_frame_bench(models_dir: Path, shared: Path | None, runs: int = MIN_RUNS)
     from bench.liveness import NUAA_LABELS, nuaa_frames
     from bench.pipeline import packaged_images
     from device.config import LivenessConfig
-    from device.liveness.engine import FusedLiveness, build_liveness
+    from device.liveness.fusion import FusedLiveness, build_liveness
     from device.vision.pipeline import FacePipeline
 
     if shared is not None and (shared / NUAA_LABELS).is_file():
@@ -66,14 +69,21 @@ def run_frame_bench(models_dir: Path, shared: Path | None, runs: int = MIN_RUNS)
             faces = pipeline.analyze(rgb)
             return [liveness.assess(rgb, f.detection, TRACK_ID, timestamp, mesh=f.mesh) for f in faces]
 
+        def mesh_twice(rgb: Any, timestamp: float) -> object:
+            faces = pipeline.analyze(rgb)
+            return [liveness.assess(rgb, f.detection, TRACK_ID + 1, timestamp) for f in faces]
+
         plain_ms = _median_ms(plain, frames, runs)
         challenge_ms = _median_ms(challenge, frames, runs)
+        twice_ms = _median_ms(mesh_twice, frames, runs)
     finally:
         liveness.close()
         pipeline.close()
     return {"threads": 1, "runs": runs, "frames": len(frames), "source": source,
             "plain_ms": round(plain_ms, 3), "challenge_ms": round(challenge_ms, 3),
-            "ratio_challenge_over_plain": round(challenge_ms / plain_ms, 3)}
+            "ratio_challenge_over_plain": round(challenge_ms / plain_ms, 3),
+            "challenge_mesh_twice_ms": round(twice_ms, 3),
+            "ratio_mesh_twice_over_plain": round(twice_ms / plain_ms, 3)}
 
 
 @click.command("frame")
@@ -103,4 +113,5 @@ def frame(models_dir: Path | None, shared: Path, runs: int, as_json: bool) -> No
         return
     click.echo(f"{result['runs']} runs on {result['frames']} frames ({result['source']}), one thread; "
                f"median ms per frame: plain {result['plain_ms']}, with challenge liveness "
-               f"{result['challenge_ms']} (x{result['ratio_challenge_over_plain']})")
+               f"{result['challenge_ms']} (x{result['ratio_challenge_over_plain']}), with the mesh run twice "
+               f"{result['challenge_mesh_twice_ms']} (x{result['ratio_mesh_twice_over_plain']})")

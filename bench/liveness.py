@@ -69,10 +69,10 @@ def run_liveness_bench(models_dir: Path, minifasnet_dir: Path | None, shared: Pa
     """Median ms per frame of the pipeline stages and the liveness checks; shares of the total."""
     from bench.pipeline import packaged_images
     from device.config import DetectorConfig, LivenessConfig
-    from device.liveness.facemesh import MeshMeasurer, mesh_model_path
     from device.liveness.passive import PassiveLiveness, crop_patch, face_box, resolve_minifasnet_files
     from device.liveness.planar import PLANAR_MESH_INDICES, frame_fit
     from models.face.detector import BlazeFaceDetector
+    from models.face.mesh import MeshMeasurer, mesh_model_path
     from models.runtime.interpreter import ModelLoadError
     from models.runtime.manifest import ManifestError
     from server.evaluation.liveness import detector_path
@@ -150,8 +150,8 @@ def liveness(models_dir: Path | None, minifasnet_dir: Path | None, shared: Path,
     from bench.pipeline import limit_threads
 
     limit_threads()
-    from device.liveness.facemesh import MeshUnavailableError
     from device.liveness.passive import PassiveModelError
+    from models.face.mesh import MeshUnavailableError
     from models.runtime.assets import default_models_dir
     from models.runtime.manifest import ManifestError
 

@@ -49,7 +49,7 @@ from demo.stack import (
 from device.config import DeviceConfig, LivenessConfig, ReplayCameraConfig
 from device.decide.operating_point import operating_point
 from device.liveness.base import LIVENESS_OFF
-from device.liveness.engine import build_liveness
+from device.liveness.fusion import build_liveness
 from device.vision.pipeline import FacePipeline
 from models.runtime.assets import default_models_dir
 from models.runtime.manifest import load_manifest

@@ -155,7 +155,7 @@ class Api:
 
 
 class DoorRunner:
-    """One door: agent, MQTT side and bundle updater, wired as ``device.mqtt.runtime.run_connected`` does."""
+    """One door: agent, MQTT side and bundle updater, wired as ``device.agent.compose.run_door`` does."""
 
     def __init__(self, config: DeviceConfig, source: FrameSource | None = None) -> None:
         self.config = config

@@ -31,13 +31,9 @@ def run(config_path: Path | None, validate_config: bool) -> None:
         config = load_device_config(config_path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    if config.mqtt.enabled:
-        from device.mqtt.runtime import run_connected
+    from device.agent.compose import run_door
 
-        sys.exit(run_connected(config))
-    from device.agent.runner import run_agent
-
-    sys.exit(run_agent(config))
+    sys.exit(run_door(config))
 
 
 @cli.command("enroll")

@@ -43,7 +43,7 @@ PREFIX = "facegate_device"
 # slow Pi core): half a millisecond to two seconds, roughly x2-x2.5 apart, keeps quantiles useful at
 # both ends with 13 buckets per stage.
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
-# The loop's stage names (device/vision/pipeline.py, device/agent/loop.py, device/decide/engine.py);
+# The loop's stage names (device/vision/pipeline.py, device/agent/loop.py, device/decide/decision.py);
 # "total" is their sum. Unknown stage names from a future stage are observed too.
 STAGES = ("detect", "align", "liveness", "embed", "search", "decide")
 TOTAL_STAGE = "total"

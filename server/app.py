@@ -17,7 +17,7 @@ from facegate import __version__
 from server.api import auth, events, ops, persons, recognize
 from server.api.deps import PrincipalDep, require_admin
 from server.config import ServerConfig
-from server.enrollment.engine import RecognitionEngine
+from server.enrollment.recognition import RecognitionEngine
 from server.enrollment.sync import GallerySync
 from server.metrics import HttpMetricsMiddleware, ServerMetrics
 from server.registry.promotion import PromotionContext, promotion_hooks

@@ -53,7 +53,7 @@ def create_user_cmd(config_path: Path | None, username: str, role: str, password
     """Add a user with an argon2id-hashed password."""
     from server.audit.log import AuditAction, record
     from server.auth.service import AuthError, Role, create_user
-    from server.db.engine import Database
+    from server.db.session import Database
 
     config = _load(config_path)
     with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
@@ -79,8 +79,8 @@ def create_token_cmd(config_path: Path | None, username: str, name: str, ttl_day
 
     from server.audit.log import AuditAction, record
     from server.auth.service import issue_token
-    from server.db.engine import Database
     from server.db.models import User
+    from server.db.session import Database
 
     config = _load(config_path)
     with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
@@ -107,7 +107,7 @@ def rotate_chip_key_cmd(config_path: Path | None, new_key_file: Path | None, yes
     Stop the server first. Safe to rerun after an interruption: rows already under the new key are
     skipped. The old key file is kept as <key file>.old-<key id>; back up the new key before deleting it.
     """
-    from server.db.engine import Database
+    from server.db.session import Database
     from server.keyrotation import KeyRotationError, rotate_chip_key, rows_to_rotate
 
     config = _load(config_path)

@@ -29,8 +29,8 @@ from core.files import atomic_write_bytes
 from server.audit.log import AuditAction, record
 from server.config import ServerConfig
 from server.crypto import KEY_FILE_MODE, ChipCipher, CryptoError, cipher_from_text, generate_key_text
-from server.db.engine import Database
 from server.db.models import Chip, Template
+from server.db.session import Database
 from server.enrollment.templates import template_associated
 
 logger = logging.getLogger(__name__)

@@ -14,10 +14,10 @@ from server.auth.ratelimit import TokenBucket
 from server.auth.service import bootstrap_admin
 from server.config import ServerConfig
 from server.crypto import ChipCipher, load_chip_cipher
-from server.db.engine import Database
+from server.db.session import Database
 from server.enrollment.deletion import DeletionService
-from server.enrollment.engine import RecognitionEngine
-from server.enrollment.index import TemplateIndex
+from server.enrollment.index import EnrollmentIndex
+from server.enrollment.recognition import RecognitionEngine
 from server.enrollment.service import EnrollmentService
 from server.enrollment.sync import GallerySync, NullSync
 from server.registry.gate import PromotionHook
@@ -67,7 +67,7 @@ class AppState:
     db: Database
     cipher: ChipCipher
     engine: RecognitionEngine
-    index: TemplateIndex
+    index: EnrollmentIndex
     sync: GallerySync
     enrollment: EnrollmentService
     deletions: DeletionService
@@ -92,7 +92,7 @@ class AppState:
         owns_engine = engine is None
         # The registry's promoted embedder (its composed models folder) wins over [models] dir.
         engine = engine or RecognitionEngine.from_config(config, active_models_dir(config, db))
-        index = TemplateIndex(cipher)
+        index = EnrollmentIndex(cipher)
         topics = Topics(config.mqtt.prefix, config.mqtt.site)
         closers: list[Closable] = []
         if sync is None:

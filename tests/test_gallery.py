@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core import files as gallery_store  # the atomic write the gallery saves through
 from device.config import GalleryConfig
 from device.gallery import (
     NO_RUNNER_UP,
@@ -19,7 +20,6 @@ from device.gallery import (
     GalleryNotFoundError,
     IndexKind,
 )
-from device.gallery import store as gallery_store
 
 DIM = 128
 SHA = "a" * 64

@@ -18,7 +18,7 @@ from device.agent.runner import build_agent, run_agent
 from device.cli import cli as device_cli
 from device.config import LivenessConfig, load_device_config
 from device.door.base import DoorState
-from device.liveness.engine import FusedLiveness, build_liveness
+from device.liveness.fusion import FusedLiveness, build_liveness
 from device.liveness.passive import PassiveLiveness, find_minifasnet_files
 from models.face.image import decode_image
 from models.runtime.manifest import load_manifest

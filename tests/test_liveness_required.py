@@ -254,7 +254,7 @@ def test_liveness_required_fetch_liveness_from_a_folder_installs_passive(
         tmp_path: Path, built_models: Path, shared_dir: Path) -> None:
     models = _models_without_minifasnet(built_models, tmp_path / "models")
     liveness = DeviceConfig().liveness
-    from device.liveness.engine import FusedLiveness, build_liveness
+    from device.liveness.fusion import FusedLiveness, build_liveness
 
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("FACEGATE_MINIFASNET_DIR", raising=False)

@@ -29,8 +29,8 @@ from server.audit.subscriber import AuditSubscriber
 from server.audit.transport import ManualAckSource
 from server.broker import LocalBroker
 from server.config import MqttConfig
-from server.db.engine import Database
 from server.db.models import EventRow
+from server.db.session import Database
 from tests.mqtt_kit import CONNECT_S, wait_until
 
 RATE_HZ = 10.0  # decisions per second from the producer

@@ -30,7 +30,7 @@ from server.bundles.cli import cli as bundle_cli
 from server.bundles.gallery_bundle import EXPORT_PREFIX
 from server.bundles.signing import generate_key
 from server.db.models import Chip, Template
-from server.enrollment.engine import RecognitionEngine
+from server.enrollment.recognition import RecognitionEngine
 from server.enrollment.reembed import open_chip, reembed_gallery
 from server.enrollment.templates import open_template
 from server.registry import gate

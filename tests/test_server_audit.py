@@ -19,8 +19,8 @@ from core.types import DecisionKind
 from server.audit.subscriber import AuditSubscriber
 from server.audit.transport import ManualAckSource
 from server.config import MqttConfig
-from server.db.engine import Database
 from server.db.models import BundleAckRow, Device, EventRow
+from server.db.session import Database
 from tests.conftest import Broker
 from tests.mqtt_kit import CONNECT_S
 from tests.server_support import PREFIX, SITE, SimDevice, delta_ack, event_payload, status_payload, wait_until

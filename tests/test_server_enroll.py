@@ -23,7 +23,7 @@ from models.face.image import decode_image
 from server.app import create_app
 from server.crypto import ChipCipher, CryptoError
 from server.db.models import AuditEntry, Chip
-from server.enrollment.engine import RecognitionEngine
+from server.enrollment.recognition import RecognitionEngine
 from tests.face_kit import Faces, pick_faces
 from tests.server_support import jpeg_bytes, login, make_config, no_face_image, png_bytes, state_of
 

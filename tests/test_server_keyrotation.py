@@ -20,9 +20,9 @@ from server.app import create_app
 from server.cli import cli as server_cli
 from server.config import ServerConfig
 from server.crypto import ChipCipher, CryptoError, load_chip_cipher
-from server.db.engine import Database
 from server.db.models import AuditEntry, Chip, Template
-from server.enrollment.engine import RecognitionEngine
+from server.db.session import Database
+from server.enrollment.recognition import RecognitionEngine
 from server.enrollment.templates import open_template
 from tests.face_kit import Faces, pick_faces
 from tests.server_support import login, make_config

@@ -19,7 +19,7 @@ from device.vision.pipeline import FacePipeline
 from server.app import create_app
 from server.crypto import ChipCipher, CryptoError
 from server.db.models import Template
-from server.enrollment.engine import RecognitionEngine
+from server.enrollment.recognition import RecognitionEngine
 from server.enrollment.templates import open_template
 from tests.face_kit import Faces, embed, pick_faces
 from tests.server_support import login, make_config, state_of

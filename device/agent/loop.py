@@ -83,7 +83,7 @@ class Agent:
             raise AgentError("gallery and embedder differ (sha256); load the gallery for this model")
         if liveness is None and config.liveness.required:
             raise AgentError("[liveness] is required but no liveness engine was given; build it with "
-                             "device.liveness.engine.build_liveness, or set [liveness] required = false")
+                             "device.liveness.fusion.build_liveness, or set [liveness] required = false")
         self._tau_warning = tau_warning(config, models.gallery)
         self.config = config
         self._models = models

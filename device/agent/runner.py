@@ -115,7 +115,7 @@ def build_agent(config: DeviceConfig, *, loader: Loader | None = None,
             # Liveness models come from the configured models folder (MiniFASNet entries of its manifest).
             # Missing MiniFASNet files fall back to the active challenge (or stop the start, as configured),
             # never to no check.
-            from device.liveness.engine import build_liveness
+            from device.liveness.fusion import build_liveness
 
             liveness = build_liveness(config.liveness, models_dir(config), config.models.threads)
         chosen = list(sinks) if sinks is not None else default_sinks(config)

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from device.decide.access import AccessPolicy, DenyReason
-    from device.decide.engine import DecisionEngine, FaceObservation
+    from device.decide.decision import DecisionEngine, FaceObservation
     from device.decide.tracks import IOU_MATCH, Track, Tracker, iou
 
 _HOMES = {
     "AccessPolicy": "access", "DenyReason": "access",
-    "DecisionEngine": "engine", "FaceObservation": "engine",
+    "DecisionEngine": "decision", "FaceObservation": "decision",
     "IOU_MATCH": "tracks", "Track": "tracks", "Tracker": "tracks", "iou": "tracks",
 }
 

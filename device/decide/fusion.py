@@ -3,7 +3,7 @@
 A door sees the same face in many consecutive frames. Each frame's embedding carries its own noise
 (landmarks, blur, a half-closed eye), so the loop can search, for every frame, the normalised mean of
 the embeddings of the ``frames`` best-quality frames of the track so far (chip quality: detection
-score discounted by the landmark fit). The decision rules of ``device.decide.engine`` are unchanged:
+score discounted by the landmark fit). The decision rules of ``device.decide.decision`` are unchanged:
 each frame still votes, with the fused match. ``frames = 1`` searches each frame on its own.
 
 The fused vector belongs to one track only; it is dropped when the track ends. Embeddings are kept in

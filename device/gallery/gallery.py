@@ -28,7 +28,7 @@ import numpy.typing as npt
 from core.files import atomic_write
 from core.types import Match
 from device.config import GalleryConfig
-from device.gallery.index import IndexKind, IndexParams, TemplateIndex, Vectors, normalise
+from device.gallery.index import GalleryIndex, IndexKind, IndexParams, Vectors, normalise
 from device.gallery.store import (
     META_NAME,
     GalleryCorruptError,
@@ -79,7 +79,7 @@ class Gallery:
         self._row: dict[int, int] = {}
         self._free_rows: list[int] = []
         self._used_rows = 0
-        self._index: TemplateIndex | None = TemplateIndex(dim, IndexParams.choose(0, config))
+        self._index: GalleryIndex | None = GalleryIndex(dim, IndexParams.choose(0, config))
         self._content_hash: str | None = None
         self._means: dict[str, npt.NDArray[np.float32]] = {}  # person -> unit mean template (lazy)
 
@@ -137,7 +137,7 @@ class Gallery:
         if meta.index_file and meta.index_sha256 and stored.same_structure(wanted):
             path = verified_file(self.directory, meta.index_file, meta.index_sha256)
             blob = np.fromfile(path, dtype=np.uint8)
-            index = TemplateIndex.from_bytes(self.dim, stored, blob, set(meta.tombstones))
+            index = GalleryIndex.from_bytes(self.dim, stored, blob, set(meta.tombstones))
             if index.live != self.template_count:
                 raise GalleryCorruptError(f"{path} holds {index.live} live vectors, metadata has "
                                           f"{self.template_count}")
@@ -146,7 +146,7 @@ class Gallery:
             self._rebuild(wanted)
 
     # ----------------------------------------------------------------- properties
-    def _live_index(self) -> TemplateIndex:
+    def _live_index(self) -> GalleryIndex:
         if self._index is None:
             raise GalleryClosedError(f"gallery {self.directory} is closed")
         return self._index
@@ -283,7 +283,7 @@ class Gallery:
     def _rebuild(self, params: IndexParams) -> None:
         started = time.monotonic()
         tids, vectors = self._ordered()
-        self._index = TemplateIndex.build(self.dim, params, np.asarray(tids, np.int64), vectors)
+        self._index = GalleryIndex.build(self.dim, params, np.asarray(tids, np.int64), vectors)
         logger.info("gallery index rebuilt as %s over %d templates in %.1f s", params.kind.value,
                     len(tids), time.monotonic() - started)
 

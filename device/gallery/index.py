@@ -127,7 +127,7 @@ def normalise(vectors: npt.ArrayLike, dim: int) -> Vectors:
     return out
 
 
-class TemplateIndex:
+class GalleryIndex:
     """A FAISS inner-product index over template ids with tombstone-based removal for HNSW."""
 
     def __init__(self, dim: int, params: IndexParams) -> None:
@@ -159,7 +159,7 @@ class TemplateIndex:
         return faiss.IndexIDMap2(inner)
 
     @classmethod
-    def build(cls, dim: int, params: IndexParams, ids: IdArray, vectors: Vectors) -> TemplateIndex:
+    def build(cls, dim: int, params: IndexParams, ids: IdArray, vectors: Vectors) -> GalleryIndex:
         """A fresh index holding ``vectors`` under ``ids`` (vectors already normalised)."""
         index = cls(dim, params)
         if params.kind is IndexKind.IVF:
@@ -184,7 +184,7 @@ class TemplateIndex:
 
     @classmethod
     def from_bytes(cls, dim: int, params: IndexParams, blob: npt.NDArray[np.uint8],
-                   tombstones: set[int]) -> TemplateIndex:
+                   tombstones: set[int]) -> GalleryIndex:
         """Restore a serialised index (``faiss.serialize_index``) and its tombstones."""
         index = cls(dim, params)
         try:

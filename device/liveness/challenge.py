@@ -7,8 +7,8 @@ changes. The machine consumes per-frame ``FaceMeasures`` (eye aspect ratio, yaw)
   count as closed below ``closed_ratio`` x that level and as open again above ``open_ratio`` x it. A blink
   is open -> closed -> open, and needs ``min_baseline_frames`` open frames first (no baseline, no blink).
 - **Turns** are from the *subject's* point of view: ``turn_left`` means the person turns their head to
-  their own left, which is positive yaw (see ``facemesh``; on an unmirrored camera the nose moves to the
-  image right). A turn counts only after the head was seen facing the camera (``|yaw| < neutral_deg``),
+  their own left, which is positive yaw (see ``models.face.mesh``; on an unmirrored camera the nose moves to
+  the image right). A turn counts only after the head was seen facing the camera (``|yaw| < neutral_deg``),
   so a head that is already turned when the challenge appears does not pass by itself; it passes when
   yaw goes beyond ``turn_deg`` in the asked direction.
 - **Wrong action**: a turn beyond ``turn_deg`` in a direction that was not asked (also during a blink
@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
-from device.liveness.facemesh import FaceMeasures
+from models.face.mesh import FaceMeasures
 
 
 class ChallengeAction(enum.StrEnum):

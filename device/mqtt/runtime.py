@@ -1,7 +1,8 @@
-"""``facegate device run`` with MQTT: the agent, its MQTT side and the bundle updater wired together.
+"""The connected door's parts: the bundle store, the bundle loader and the gallery-delta hook.
 
 Models and gallery come from the active bundle when one is installed (re-resolved on every reload, so
-a new bundle or gallery delta takes effect through ``Agent.reload``), else from the config.
+a new bundle or gallery delta takes effect through ``Agent.reload``), else from the config. They are
+wired by the one composition root, ``device.agent.compose.run_door``.
 """
 
 from __future__ import annotations
@@ -10,18 +11,15 @@ import logging
 
 from core.protocol.schemas import DeltaState, GalleryDelta
 from device.agent.loop import Agent, AgentError, Loader
-from device.agent.runner import build_agent, default_loader, open_door, run_agent
-from device.bundles.signing import BundleKeyError, load_public_key
+from device.agent.runner import default_loader
+from device.bundles.signing import load_public_key
 from device.bundles.store import ActiveBundle, BundleStore
-from device.bundles.updater import BundleUpdater, DeltaHook
+from device.bundles.updater import DeltaHook
 from device.config import DeviceConfig
-from device.metrics import DeviceMetrics
-from device.mqtt.service import DeviceMqtt
 from device.pipeline.frame import Models
 
 logger = logging.getLogger(__name__)
 
-EXIT_FAILED = 1
 
 
 def open_store(config: DeviceConfig) -> BundleStore | None:
@@ -71,50 +69,3 @@ def make_delta_live(agent: Agent) -> DeltaHook:
         return None
 
     return hook
-
-
-def run_connected(config: DeviceConfig) -> int:
-    """Run the agent with MQTT events, status, commands and bundles until SIGTERM/SIGINT."""
-    try:
-        door = open_door(config)  # locked before bundle recovery and model loading (fail-secure restart)
-    except Exception as exc:
-        logger.error("agent cannot start: the door cannot be driven: %s", exc)
-        return EXIT_FAILED
-    try:
-        store = open_store(config)
-        if store is not None:
-            active = store.recover()
-            logger.info("active bundle: %s", active.sequence if active else "none (models from the config)")
-        agent = build_agent(config, loader=bundle_loader(config, store) if store is not None else None,
-                            door=door)
-    except BundleKeyError as exc:
-        door.close()
-        logger.error("cannot start: %s", exc)
-        return EXIT_FAILED
-    except Exception as exc:  # models, gallery or liveness could not be opened: say why and exit non-zero
-        door.close()
-        logger.error("agent cannot start: %s", exc)
-        return EXIT_FAILED
-
-    def reload(_bundle: ActiveBundle) -> None:
-        agent.reload()
-
-    mqtt = DeviceMqtt(config, agent)
-    agent.add_sink(mqtt.sink)
-    updater = None
-    if store is not None:
-        updater = BundleUpdater(mqtt.client, mqtt.topics, config.device.id, store, config.bundle,
-                                on_installed=reload, on_gallery_changed=make_delta_live(agent))
-        mqtt.attach_updater(updater)
-    metrics = DeviceMetrics()
-    metrics.observe_mqtt(mqtt.outbox, updater, mqtt.snapshots)
-    mqtt.start()
-    if updater is not None:
-        updater.start()
-    try:
-        # run_agent stops the metrics endpoint before the outbox below is closed
-        return run_agent(config, agent, metrics)
-    finally:
-        if updater is not None:
-            updater.close()
-        mqtt.close()

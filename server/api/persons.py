@@ -24,7 +24,7 @@ from server.api.uploads import enroll_response, failure_status, person_out, read
 from server.audit.log import AuditAction, record
 from server.db.models import DeletionRequest, Person, Template, utcnow
 from server.enrollment.deletion import DeletionError
-from server.enrollment.engine import EngineUnavailableError
+from server.enrollment.recognition import EngineUnavailableError
 from server.enrollment.service import EnrollmentError, EnrollmentErrorKind, NewPerson, UploadedImage
 from server.state import AppState
 

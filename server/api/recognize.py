@@ -13,7 +13,7 @@ from server.api.deps import LimitedAdminDep, SessionDep, StateDep
 from server.api.schemas import Candidate, IdentifyResponse, VerifyResponse
 from server.api.uploads import read_upload
 from server.db.models import Person
-from server.enrollment.engine import EngineUnavailableError, QualityRejectedError
+from server.enrollment.recognition import EngineUnavailableError, QualityRejectedError
 from server.state import AppState
 
 router = APIRouter(prefix="/api", tags=["recognition"])

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from core.protocol.topics import Topics
 from server.audit.store import BatchResult, InvalidMessageError, Parsed, apply_batch, parse
 from server.audit.transport import Delivery
-from server.db.engine import Database
+from server.db.session import Database
 
 logger = logging.getLogger(__name__)
 

@@ -170,7 +170,7 @@ def _build_from_database(config: ServerConfig, models_dir: Path | None, key_path
     from server.bundles.gallery_export import GalleryExportError
     from server.bundles.signing import SigningKeyError
     from server.crypto import CryptoError
-    from server.db.engine import Database
+    from server.db.session import Database
     from server.registry.model_folder import active_models_dir
     from server.registry.promotion import PromotionContext
 

@@ -18,7 +18,7 @@ from server.bundles.gallery_export import export_gallery
 from server.bundles.signing import load_private_key
 from server.config import ServerConfig
 from server.crypto import ChipCipher
-from server.db.engine import Database
+from server.db.session import Database
 
 EXPORT_PREFIX = ".gallery-export-"  # the private temp folder of a plain export, removed once bundled
 

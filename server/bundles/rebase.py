@@ -35,8 +35,8 @@ from core.bundle_layout import BUNDLE_JSON
 from device.gallery.store import GalleryError, read_meta
 from server.bundles.builder import export_time
 from server.bundles.delta import GalleryCoverage, MqttGallerySync
-from server.db.engine import Database
 from server.db.models import Device
+from server.db.session import Database
 
 logger = logging.getLogger(__name__)
 

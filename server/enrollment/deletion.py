@@ -16,9 +16,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.audit.log import AuditAction, record
-from server.db.engine import Database
 from server.db.models import BundleAckRow, DeletionDevice, DeletionRequest, Device, Person, utcnow
-from server.enrollment.index import TemplateIndex
+from server.db.session import Database
+from server.enrollment.index import EnrollmentIndex
 from server.enrollment.sync import GallerySync, SyncError
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ class DeletionError(Exception):
 class DeletionService:
     """Creates deletion requests and confirms them from device acks."""
 
-    def __init__(self, db: Database, index: TemplateIndex, sync: GallerySync, model_sha256: str = "") -> None:
+    def __init__(self, db: Database, index: EnrollmentIndex, sync: GallerySync,
+                 model_sha256: str = "") -> None:
         self.db = db
         self.index = index
         self.sync = sync

@@ -38,7 +38,7 @@ class _Snapshot:
     matrix: FloatArray  # (n, dim), rows L2-normalised
 
 
-class TemplateIndex:
+class EnrollmentIndex:
     """Cached (person, embedding) matrix for one model version; call :meth:`invalidate` after writes."""
 
     def __init__(self, cipher: ChipCipher) -> None:

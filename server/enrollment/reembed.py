@@ -25,8 +25,8 @@ from device.vision.embedder import EmbedderError
 from facegate.progress import progress_bar
 from models.face.image import ImageError, decode_image
 from server.crypto import ChipCipher, CryptoError
-from server.db.engine import Database
 from server.db.models import Chip, Template
+from server.db.session import Database
 from server.enrollment.templates import new_template
 
 logger = logging.getLogger(__name__)

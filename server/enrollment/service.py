@@ -24,8 +24,8 @@ from server.audit.log import AuditAction, record
 from server.config import ServerConfig
 from server.crypto import ChipCipher
 from server.db.models import Chip, Person, Template, new_id, utcnow
-from server.enrollment.engine import GateFailure, QualityRejectedError, RecognitionEngine
-from server.enrollment.index import IdentityScore, TemplateIndex
+from server.enrollment.index import EnrollmentIndex, IdentityScore
+from server.enrollment.recognition import GateFailure, QualityRejectedError, RecognitionEngine
 from server.enrollment.sync import GalleryEntry, GallerySync, SyncError
 from server.enrollment.templates import new_template, open_template
 
@@ -129,7 +129,7 @@ class EnrollmentService:
     """Runs enrollments against one database, engine, cipher and gallery sync."""
 
     def __init__(self, config: ServerConfig, engine: RecognitionEngine, cipher: ChipCipher,
-                 index: TemplateIndex, sync: GallerySync) -> None:
+                 index: EnrollmentIndex, sync: GallerySync) -> None:
         self.config = config
         self.engine = engine
         self.cipher = cipher

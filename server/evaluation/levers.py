@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="DET plot of the variants on the `eval identify` split of the part.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    logging.getLogger("device.decide.engine").setLevel(logging.WARNING)  # one line per simulated grant
+    logging.getLogger("device.decide.decision").setLevel(logging.WARNING)  # one line per simulated grant
     identities = _filtered(args.identities, args.part, {d for d in args.drop.split(",") if d})
     paths = [p for images in identities.values() for p in images]
     result: dict[str, Any] = {"part": args.part, "identities": len(identities), "images": len(paths),

@@ -43,11 +43,11 @@ def run_planar_eval(labels_csv: Path, models_dir: Path | None = None, threshold:
                     min_motion: float | None = None) -> dict[str, Any]:
     """Per-track planar scores of genuine and attack sequences, AUC and rates at the threshold."""
     from device.config import DetectorConfig, LivenessConfig
-    from device.liveness.engine import planar_params
-    from device.liveness.facemesh import MeshMeasurer, mesh_model_path
+    from device.liveness.fusion import planar_params
     from device.liveness.planar import PLANAR_MESH_INDICES, PlanarTrack
     from models.face.detector import BlazeFaceDetector
     from models.face.image import ImageError, decode_image
+    from models.face.mesh import MeshMeasurer, mesh_model_path
 
     defaults = LivenessConfig()
     config = defaults.model_copy(update={
@@ -110,7 +110,7 @@ def run_planar_eval(labels_csv: Path, models_dir: Path | None = None, threshold:
 def liveness_planar(labels_csv: Path, models_dir: Path | None, threshold: float | None,
                     min_motion: float | None, as_json: bool) -> None:
     """Planar-attack geometry on real frame sequences: per-track scores, AUC, rates at the threshold."""
-    from device.liveness.facemesh import MeshUnavailableError
+    from models.face.mesh import MeshUnavailableError
     from models.runtime.assets import AssetNotFoundError
     from models.runtime.manifest import ManifestError
 

@@ -109,7 +109,7 @@ def track_vectors(root: Path, paths: list[str], spec: dict[str, Any], models_dir
 def _granted(matches: list[Any], cfg: Any) -> str | None:
     """The person a track is granted to by the real decision engine, or None."""
     from core.types import DecisionKind, LivenessResult, LivenessVerdict
-    from device.decide.engine import DecisionEngine, FaceObservation
+    from device.decide.decision import DecisionEngine, FaceObservation
 
     live = LivenessResult(LivenessVerdict.LIVE)
     engine = DecisionEngine(cfg)

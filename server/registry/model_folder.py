@@ -33,7 +33,7 @@ from models.runtime.manifest import (
     verify_entry,
 )
 from server.config import ServerConfig
-from server.db.engine import Database
+from server.db.session import Database
 from server.registry.registry import ModelRegistry, ModelVersion
 
 logger = logging.getLogger(__name__)

@@ -53,7 +53,7 @@ def _promotion(server_config: Path | None,
     """The registry, with the promotion hooks installed on the server context (``--db`` wins for the URL)."""
     from facegate.configio import ConfigError
     from server.config import load_server_config
-    from server.db.engine import Database, DatabaseError
+    from server.db.session import Database, DatabaseError
     from server.registry.promotion import PromotionContext
     from server.registry.registry import ModelRegistry
 

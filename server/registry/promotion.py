@@ -31,9 +31,9 @@ from models.runtime.manifest import load_manifest
 from server.bundles.gallery_bundle import build_gallery_bundle
 from server.config import ServerConfig
 from server.crypto import ChipCipher, load_chip_cipher
-from server.db.engine import Database
-from server.enrollment.engine import RecognitionEngine
-from server.enrollment.index import TemplateIndex
+from server.db.session import Database
+from server.enrollment.index import EnrollmentIndex
+from server.enrollment.recognition import RecognitionEngine
 from server.enrollment.reembed import reembed_gallery
 from server.registry import gate
 from server.registry.model_folder import embedder_entry_name, models_folder_for
@@ -58,7 +58,7 @@ class PromotionContext:
     db: Database
     cipher: ChipCipher | None = None
     engine: RecognitionEngine | None = None
-    index: TemplateIndex | None = None
+    index: EnrollmentIndex | None = None
     progress: bool = False
     outcomes: dict[str, Any] = field(default_factory=dict)
 

@@ -18,8 +18,8 @@ from sqlalchemy import JSON, ForeignKey, Integer, String, Text, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from server.db.engine import Database
 from server.db.models import ID_LEN, Base, new_id, utcnow
+from server.db.session import Database
 
 logger = logging.getLogger(__name__)
 

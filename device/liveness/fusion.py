@@ -42,10 +42,9 @@ from device.liveness.challenge import (
     ChallengeStatus,
     pick_action,
 )
-from device.liveness.facemesh import MeshMeasurer, mesh_model_path
 from device.liveness.passive import PassiveLiveness, PassiveModelError, manifest_minifasnet_files
 from device.liveness.planar import PLANAR_MESH_INDICES, PlanarParams, PlanarTrack
-from models.face.mesh import MeshResult
+from models.face.mesh import MeshMeasurer, MeshResult, mesh_model_path
 from models.runtime.assets import default_models_dir
 
 logger = logging.getLogger(__name__)

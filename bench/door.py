@@ -252,7 +252,7 @@ def run_door_bench(models_dir: Path, shared: Path | None, sequences: int = DEFAU
     """Play ``sequences`` walk-ins through a real agent; return the time-to-unlock figures."""
     from device.agent.loop import FRAME_STAGE
     from device.agent.runner import build_agent
-    from device.config import DeviceConfig, LivenessConfig
+    from device.config import ChallengeLivenessConfig, DeviceConfig, LivenessConfig
     from device.gallery import Gallery
     from device.liveness.fusion import build_liveness
     from device.liveness.passive import PassiveModelError, manifest_minifasnet_files
@@ -261,7 +261,7 @@ def run_door_bench(models_dir: Path, shared: Path | None, sequences: int = DEFAU
 
     liveness_config = LivenessConfig()  # the example config's: passive + challenge on uncertain
     try:
-        manifest_minifasnet_files(models_dir, liveness_config.passive_models)
+        manifest_minifasnet_files(models_dir, liveness_config.passive.models)
     except PassiveModelError as exc:
         raise ValueError(f"the door bench runs with passive liveness: {exc}") from exc
     with tempfile.TemporaryDirectory(prefix="facegate-bench-door-") as tmp:
@@ -275,7 +275,8 @@ def run_door_bench(models_dir: Path, shared: Path | None, sequences: int = DEFAU
         with FacePipeline.from_models_dir(models_dir, config.detector, 1) as pipeline, \
                 Gallery.create(Path(tmp) / "gallery", EMBEDDING_DIM, pipeline.model_sha256, config.gallery,
                                pipeline.model_version) as gallery:
-            passive_only = build_liveness(LivenessConfig(challenge="never"), models_dir, 1)
+            never = LivenessConfig(challenge=ChallengeLivenessConfig(mode="never"))
+            passive_only = build_liveness(never, models_dir, 1)
             try:
                 judge = Judge(pipeline, passive_only, cfg.tau, cfg.delta)
                 if shared is not None and (shared / CELEBA / "identities.csv").is_file():

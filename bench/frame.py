@@ -47,7 +47,7 @@ def run_frame_bench(models_dir: Path, shared: Path | None, runs: int = MIN_RUNS)
     """Median ms per frame of the plain pipeline and of the agent's processing with challenge liveness."""
     from bench.liveness import NUAA_LABELS, nuaa_frames
     from bench.pipeline import packaged_images
-    from device.config import LivenessConfig
+    from device.config import ChallengeLivenessConfig, LivenessConfig
     from device.liveness.fusion import FusedLiveness, build_liveness
     from device.vision.pipeline import FacePipeline
 
@@ -55,7 +55,7 @@ def run_frame_bench(models_dir: Path, shared: Path | None, runs: int = MIN_RUNS)
         frames, source = nuaa_frames(shared), "nuaa genuine frames"
     else:
         frames, source = packaged_images(), "packaged (scikit-image astronaut, matplotlib grace_hopper)"
-    config = LivenessConfig(challenge="always")
+    config = LivenessConfig(challenge=ChallengeLivenessConfig(mode="always"))
     pipeline = FacePipeline.from_models_dir(models_dir, threads=1)
     liveness = build_liveness(config, models_dir, threads=1)
     if not isinstance(liveness, FusedLiveness):

@@ -103,7 +103,7 @@ def run_liveness_bench(models_dir: Path, minifasnet_dir: Path | None, shared: Pa
         except (ManifestError, ModelLoadError, OSError, ValueError) as exc:  # partial build: say why
             logger.warning("pipeline models unavailable (%s); baseline is detect only", exc)
     with PassiveLiveness(resolve_minifasnet_files(models_dir, minifasnet_dir),
-                         head=LivenessConfig().passive_head) as passive:
+                         head=LivenessConfig().passive.head) as passive:
         live = {"passive": _median_ms(lambda fd: passive.score(fd[0], fd[1]), pairs, runs)}
 
         def one_pass(fd: tuple[Any, Any]) -> None:

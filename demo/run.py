@@ -99,7 +99,7 @@ def phase(console: Console, text: str) -> Iterator[list[str]]:
 def passive_available(models_dir: Path) -> bool:
     """Whether the models folder has the MiniFASNet files passive liveness needs."""
     manifest = load_manifest(models_dir)
-    return all(manifest.has(name) for name in LivenessConfig().passive_models)
+    return all(manifest.has(name) for name in LivenessConfig().passive.models)
 
 
 def door_liveness(passive: bool) -> dict[str, Any]:
@@ -108,8 +108,8 @@ def door_liveness(passive: bool) -> dict[str, Any]:
     The challenge stays off: the replay camera shows still photos, which cannot blink or turn.
     """
     if passive:
-        return {"passive": True, "challenge": "never"}
-    return {"required": False, "passive": False, "challenge": "never"}
+        return {"passive": {"enabled": True}, "challenge": {"mode": "never"}}
+    return {"required": False, "passive": {"enabled": False}, "challenge": {"mode": "never"}}
 
 
 def spoof_unavailable(models_dir: Path) -> str | None:

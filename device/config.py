@@ -180,6 +180,114 @@ class QualityConfig(Strict):
 PASSIVE_HEAD = (0.410862, 0.473467, -0.110549, 0.244424, -3.286294)
 
 
+# Old flat [liveness] keys (before issue 19) and where each one lives now: a config that still uses one
+# gets this clear error instead of an "extra field" one.
+MOVED_LIVENESS_KEYS = {
+    "passive_missing": "[liveness.passive] missing",
+    "passive_models": "[liveness.passive] models",
+    "passive_threshold": "[liveness.passive] threshold",
+    "uncertain_band": "[liveness.passive] uncertain_band",
+    "passive_head": "[liveness.passive] head",
+    "challenge_actions": "[liveness.challenge] actions",
+    "challenge_timeout_s": "[liveness.challenge] timeout_s",
+    "blink_closed_ratio": "[liveness.challenge] blink_closed_ratio",
+    "blink_open_ratio": "[liveness.challenge] blink_open_ratio",
+    "turn_deg": "[liveness.challenge] turn_deg",
+    "neutral_deg": "[liveness.challenge] neutral_deg",
+    "planar_threshold": "[liveness.planar] threshold",
+    "planar_min_motion": "[liveness.planar] min_motion",
+    "planar_min_frames": "[liveness.planar] min_frames",
+    "planar_window": "[liveness.planar] window",
+    "planar_required": "[liveness.planar] required",
+}
+# The three checks' old on/off keys, now tables: ``passive = true`` -> ``[liveness.passive] enabled``.
+MOVED_LIVENESS_SWITCHES = {
+    "passive": (bool, "[liveness.passive] enabled"),
+    "challenge": (str, "[liveness.challenge] mode"),
+    "planar": (bool, "[liveness.planar] enabled"),
+}
+
+
+class PassiveLivenessConfig(Strict):
+    """``[liveness.passive]``: the MiniFASNet passive check (`facegate eval liveness-calibrate` sets it)."""
+
+    enabled: bool = Field(True, description="Run the MiniFASNet passive check.")
+    missing: Literal["challenge", "refuse"] = Field(
+        "challenge",
+        description="Without the MiniFASNet files: fall back to the active challenge on every face, or "
+                    "refuse to start (`facegate models fetch-liveness` installs them).",
+    )
+    models: tuple[str, ...] = Field(
+        ("minifasnet-2.7", "minifasnet-4.0"), min_length=1, max_length=2,
+        description="Manifest names of the MiniFASNet models whose softmax outputs are averaged.",
+    )
+    threshold: float = Field(
+        0.527165, ge=0, le=1,
+        description="Passive score to pass (`facegate eval liveness-calibrate`: BPCER <= 5% on every set).",
+    )
+    uncertain_band: float = Field(
+        1.387, ge=0, le=10,
+        description="Half-width, in logit units, of the band around threshold that is uncertain.",
+    )
+    head: tuple[float, ...] | None = Field(
+        PASSIVE_HEAD,
+        description="Logistic head on both MiniFASNets' logit margins (4 weights, then the bias; from "
+                    "`facegate eval liveness-calibrate`); null = Minivision's mean softmax.",
+    )
+
+    @model_validator(mode="after")
+    def _head(self) -> PassiveLivenessConfig:
+        if self.head is not None and len(self.head) != 2 * len(self.models) + 1:
+            raise ValueError(f"head needs {2 * len(self.models) + 1} numbers (2 weights per passive model, "
+                             "then the bias)")
+        return self
+
+
+class ChallengeLivenessConfig(Strict):
+    """``[liveness.challenge]``: the active challenge (blink or turn) and when it is asked for."""
+
+    mode: Literal["never", "uncertain", "always"] = Field(
+        "uncertain", description="Active challenge: on an uncertain passive score, on every face, or never."
+    )
+    actions: tuple[Literal["blink", "turn_left", "turn_right"], ...] = Field(
+        ("blink", "turn_left", "turn_right"), min_length=1, description="Actions drawn at random."
+    )
+    timeout_s: float = Field(5.0, gt=0, le=60, description="Time to perform the action.")
+    blink_closed_ratio: float = Field(
+        0.6, gt=0, lt=1, description="Eyes closed below this fraction of the open eye aspect ratio."
+    )
+    blink_open_ratio: float = Field(
+        0.85, gt=0, le=1, description="Eyes open again above this fraction of the open eye aspect ratio."
+    )
+    turn_deg: float = Field(20.0, gt=0, le=80, description="Yaw (degrees) a turn must exceed.")
+    neutral_deg: float = Field(8.0, ge=0, le=40, description="Yaw below which the head faces the camera.")
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> ChallengeLivenessConfig:
+        if self.blink_closed_ratio >= self.blink_open_ratio:
+            raise ValueError("blink_closed_ratio must be below blink_open_ratio")
+        if self.neutral_deg >= self.turn_deg:
+            raise ValueError("neutral_deg must be below turn_deg")
+        return self
+
+
+class PlanarLivenessConfig(Strict):
+    """``[liveness.planar]``: the planar-attack geometry check over a track."""
+
+    enabled: bool = Field(False, description="Run the planar-attack geometry check over the track.")
+    threshold: float = Field(
+        0.015, ge=0, le=1, description="Homography residual / face size below which motion is planar."
+    )
+    min_motion: float = Field(
+        0.02, ge=0, le=1, description="Similarity residual a frame needs to count as planar evidence."
+    )
+    min_frames: int = Field(3, ge=1, le=1000, description="Evidence frames needed for a verdict.")
+    window: int = Field(30, ge=2, le=1000, description="Frames kept per track for the planar check.")
+    required: bool = Field(
+        False, description="Count 'too little motion' from the planar check as uncertain, not ignore it."
+    )
+
+
 class LivenessConfig(Strict):
     """Liveness checks and fusion policy (device/liveness/; thresholds from `facegate eval liveness`).
 
@@ -192,95 +300,61 @@ class LivenessConfig(Strict):
         True, description="Refuse to start without a liveness check; false runs with no check (unsafe, shown "
                           "as 'liveness off' everywhere).",
     )
-    passive: bool = Field(True, description="Run the MiniFASNet passive check.")
-    passive_missing: Literal["challenge", "refuse"] = Field(
-        "challenge",
-        description="Without the MiniFASNet files: fall back to the active challenge on every face, or "
-                    "refuse to start (`facegate models fetch-liveness` installs them).",
-    )
-    passive_models: tuple[str, ...] = Field(
-        ("minifasnet-2.7", "minifasnet-4.0"), min_length=1, max_length=2,
-        description="Manifest names of the MiniFASNet models whose softmax outputs are averaged.",
-    )
-    passive_threshold: float = Field(
-        0.527165, ge=0, le=1,
-        description="Passive score to pass (`facegate eval liveness-calibrate`: BPCER <= 5% on every set).",
-    )
-    uncertain_band: float = Field(
-        1.387, ge=0, le=10,
-        description="Half-width, in logit units, of the band around passive_threshold that is uncertain.",
-    )
-    passive_head: tuple[float, ...] | None = Field(
-        PASSIVE_HEAD,
-        description="Logistic head on both MiniFASNets' logit margins (4 weights, then the bias; from "
-                    "`facegate eval liveness-calibrate`); null = Minivision's mean softmax.",
-    )
-    challenge: Literal["never", "uncertain", "always"] = Field(
-        "uncertain", description="Active challenge: on an uncertain passive score, on every face, or never."
-    )
-    challenge_actions: tuple[Literal["blink", "turn_left", "turn_right"], ...] = Field(
-        ("blink", "turn_left", "turn_right"), min_length=1, description="Actions drawn at random."
-    )
-    challenge_timeout_s: float = Field(5.0, gt=0, le=60, description="Time to perform the action.")
-    blink_closed_ratio: float = Field(
-        0.6, gt=0, lt=1, description="Eyes closed below this fraction of the open eye aspect ratio."
-    )
-    blink_open_ratio: float = Field(
-        0.85, gt=0, le=1, description="Eyes open again above this fraction of the open eye aspect ratio."
-    )
-    turn_deg: float = Field(20.0, gt=0, le=80, description="Yaw (degrees) a turn must exceed.")
-    neutral_deg: float = Field(8.0, ge=0, le=40, description="Yaw below which the head faces the camera.")
-    mesh_model: str = Field(
-        "facemesh", min_length=1, description="Manifest name of the face mesh (else the packaged file)."
-    )
-    planar: bool = Field(False, description="Run the planar-attack geometry check over the track.")
-    planar_threshold: float = Field(
-        0.015, ge=0, le=1, description="Homography residual / face size below which motion is planar."
-    )
-    planar_min_motion: float = Field(
-        0.02, ge=0, le=1, description="Similarity residual a frame needs to count as planar evidence."
-    )
-    planar_min_frames: int = Field(3, ge=1, le=1000, description="Evidence frames needed for a verdict.")
-    planar_window: int = Field(30, ge=2, le=1000, description="Frames kept per track for the planar check.")
-    planar_required: bool = Field(
-        False, description="Count 'too little motion' from the planar check as uncertain, not ignore it."
-    )
     uncertain_as: Literal["uncertain", "spoof"] = Field(
         "uncertain",
         description="What an unresolved uncertain verdict becomes: no grant (uncertain) or a spoof alarm; "
                     "never live.",
     )
 
+    mesh_model: str = Field(
+        "facemesh", min_length=1, description="Manifest name of the face mesh (else the packaged file)."
+    )
+    passive: PassiveLivenessConfig = Field(PassiveLivenessConfig(), description="[liveness.passive]")
+    challenge: ChallengeLivenessConfig = Field(ChallengeLivenessConfig(), description="[liveness.challenge]")
+    planar: PlanarLivenessConfig = Field(PlanarLivenessConfig(), description="[liveness.planar]")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        for key, (kind, new) in MOVED_LIVENESS_SWITCHES.items():
+            if isinstance(data.get(key), kind):
+                raise ValueError(f"[liveness] {key} = {data[key]!r} moved to {new} (see the README's "
+                                 "configuration migration note)")
+        for key, new in MOVED_LIVENESS_KEYS.items():
+            if key in data:
+                raise ValueError(f"[liveness] {key} moved to {new} (see the README's configuration migration "
+                                 "note)")
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> LivenessConfig:
         if self.required and not self.enabled:
             raise ValueError(
-                "[liveness] has no check enabled (passive = false, challenge = \"never\", planar = false): a "
-                "printed photo of an enrolled person would open the door. Enable passive = true (run "
-                "`facegate models fetch-liveness`) or challenge = \"always\"; to run without liveness anyway "
-                "set [liveness] required = false (shown as 'liveness off' everywhere)"
+                "[liveness] has no check enabled ([liveness.passive] enabled = false, "
+                "[liveness.challenge] mode = \"never\", [liveness.planar] enabled = false): a printed photo "
+                "of an enrolled person would open the door. Enable [liveness.passive] (run `facegate models "
+                "fetch-liveness`) or set [liveness.challenge] mode = \"always\"; to run without liveness "
+                "anyway set [liveness] required = false (shown as 'liveness off' everywhere)"
             )
-        if self.challenge == "uncertain" and not self.passive:
-            raise ValueError("[liveness] challenge = \"uncertain\" reacts to the passive score, but "
-                             "passive = false: set challenge = \"always\" (a challenge on every face) or "
-                             "passive = true")
-        if self.blink_closed_ratio >= self.blink_open_ratio:
-            raise ValueError("blink_closed_ratio must be below blink_open_ratio")
-        if self.neutral_deg >= self.turn_deg:
-            raise ValueError("neutral_deg must be below turn_deg")
-        if self.passive_head is not None and len(self.passive_head) != 2 * len(self.passive_models) + 1:
-            raise ValueError(f"passive_head needs {2 * len(self.passive_models) + 1} numbers (2 weights per "
-                             "passive model, then the bias)")
+        if self.challenge.mode == "uncertain" and not self.passive.enabled:
+            raise ValueError("[liveness.challenge] mode = \"uncertain\" reacts to the passive score, "
+                             "but [liveness.passive] enabled = false: set mode = \"always\" (a challenge on "
+                             "every face) or enable the passive check")
         return self
 
     @property
     def enabled(self) -> bool:
         """True when at least one liveness check runs."""
-        return self.passive or self.planar or self.challenge != "never"
+        return self.passive.enabled or self.planar.enabled or self.challenge.mode != "never"
 
     def without_passive(self) -> LivenessConfig:
         """This config with the passive check replaced by the active challenge on every face."""
-        return self.model_copy(update={"passive": False, "challenge": "always"})
+        return self.model_copy(update={
+            "passive": self.passive.model_copy(update={"enabled": False}),
+            "challenge": self.challenge.model_copy(update={"mode": "always"}),
+        })
 
 
 class MqttConfig(MqttConnection):

@@ -87,14 +87,15 @@ def check_liveness(config: DeviceConfig) -> CheckResult:
         return CheckResult("liveness", Status.WARN,
                            f"{LIVENESS_OFF} ([liveness] required = false): a printed photo of an enrolled "
                            "person opens the door",
-                           'set passive = true (`facegate models fetch-liveness`) or challenge = "always"')
-    if live.passive:
+                           "set [liveness.passive] enabled = true (`facegate models fetch-liveness`) or "
+                           '[liveness.challenge] mode = "always"')
+    if live.passive.enabled:
         directory = config.models.dir or default_models_dir()
         try:
-            manifest_minifasnet_files(directory, live.passive_models)
+            manifest_minifasnet_files(directory, live.passive.models)
         except PassiveModelError:
             fix = "run `facegate models fetch-liveness` (or `--from DIR` offline)"
-            if live.passive_missing == "refuse":
+            if live.passive.missing == "refuse":
                 return CheckResult("liveness", Status.FAIL, f"MiniFASNet files missing from {directory}: the "
                                    "agent will not start (passive_missing = \"refuse\")", fix)
             fallback = describe_liveness(live.without_passive())

@@ -17,7 +17,8 @@ WAIT_S = 120.0
 # `[liveness]` of loop tests that replay still photos (they cannot blink, and on a fresh clone there is no
 # MiniFASNet): explicitly off, as a user would have to write it. Liveness is tested with its engine
 # (test_liveness_agent.py, test_fail_secure.py).
-LIVENESS_OFF: dict[str, Any] = {"required": False, "passive": False, "challenge": "never"}
+LIVENESS_OFF: dict[str, Any] = {"required": False, "passive": {"enabled": False},
+                                     "challenge": {"mode": "never"}}
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = WAIT_S,
@@ -72,13 +73,23 @@ def _toml_value(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _toml_table(name: str, values: dict[str, Any]) -> list[str]:
+    """``[name]`` with its keys, then a ``[name.sub]`` table for each nested dict."""
+    lines = [f"[{name}]"]
+    lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items()
+                 if not isinstance(value, dict))
+    lines.append("")
+    for key, value in values.items():
+        if isinstance(value, dict):
+            lines.extend(_toml_table(f"{name}.{key}", value))
+    return lines
+
+
 def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    """A device config TOML from plain dicts (what a user would write)."""
+    """A device config TOML from plain dicts (what a user would write; nested dicts are sub-tables)."""
     lines = []
     for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
-        lines.append("")
+        lines.extend(_toml_table(name, values))
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 

@@ -44,7 +44,8 @@ def _config(tmp_path: Path, models: Path, name: str) -> Path:
         "door": {"type": "simulated", "unlock_seconds": 5.0},
         "decision": {"tau": TAU, "delta": 0.02, "confirm_k": 2, "confirm_n": 3, "cooldown_s": 600.0,
                      "track_timeout_s": 1.0, "acknowledge_low_tau": True},  # liveness is under test
-        "liveness": {"passive": True, "challenge": "never"},  # passive alone: its verdicts are under test
+        # passive alone: its verdicts are under test
+        "liveness": {"passive": {"enabled": True}, "challenge": {"mode": "never"}},
         "loop": {"queue_size": 512, "events_jsonl": str(tmp_path / f"{name}.jsonl")},
     })
 
@@ -56,8 +57,9 @@ def _engine(config: LivenessConfig, models: Path, shared_dir: Path) -> FusedLive
         assert isinstance(engine, FusedLiveness)
         return engine
     files = find_minifasnet_files(shared_dir / "models" / "minifasnet")
-    return FusedLiveness(config, PassiveLiveness(files, config.passive_threshold, config.uncertain_band,
-                                                 head=config.passive_head))
+    passive = config.passive
+    return FusedLiveness(config, PassiveLiveness(files, passive.threshold, passive.uncertain_band,
+                                                 head=passive.head))
 
 
 def _run(config_path: Path, models: Path, shared_dir: Path) -> tuple[list[dict[str, Any]], list[DoorState]]:
@@ -108,7 +110,7 @@ def test_printed_photo_is_spoof_and_never_unlocks(tmp_path: Path, shared_dir: Pa
     assert DoorState.UNLOCKED not in door_states, door_states
     spoof = next(e for e in events if e["kind"] == "spoof")
     passive = next(c for c in spoof["liveness"]["checks"] if c["name"] == "passive")
-    assert passive["verdict"] == "spoof" and passive["score"] < LivenessConfig().passive_threshold
+    assert passive["verdict"] == "spoof" and passive["score"] < LivenessConfig().passive.threshold
     # the prints match A above tau: without liveness this replay would have opened the door
     assert all(e["person_id"] == "A" for e in events), events
     print("liveness e2e attack events:", _summary(events))

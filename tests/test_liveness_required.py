@@ -50,7 +50,7 @@ from tests.agent_support import (
     write_frames,
 )
 
-NO_CHECK = '[liveness]\npassive = false\nchallenge = "never"\n'
+NO_CHECK = '[liveness.passive]\nenabled = false\n[liveness.challenge]\nmode = "never"\n[liveness]\n'
 
 
 def test_liveness_required_validate_config_refuses_a_door_without_any_check(tmp_path: Path) -> None:
@@ -71,7 +71,8 @@ def test_liveness_required_validate_config_refuses_a_door_without_any_check(tmp_
 
 def test_liveness_required_defaults_are_secure() -> None:
     config = DeviceConfig()
-    assert config.liveness.required and config.liveness.passive and config.liveness.challenge == "uncertain"
+    assert config.liveness.required and config.liveness.passive.enabled
+    assert config.liveness.challenge.mode == "uncertain"
     assert config.decision.tau == op.DEFAULT_TAU and config.decision.delta == op.DEFAULT_DELTA
     with pytest.raises(ValidationError, match="uncertain_as"):
         DeviceConfig.model_validate({"liveness": {"uncertain_as": "live"}})

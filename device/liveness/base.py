@@ -30,12 +30,12 @@ class LivenessEngine(Protocol):
 def describe_liveness(config: LivenessConfig) -> str:
     """A short, human-readable summary of the checks a liveness config runs ("liveness off" when none)."""
     parts = []
-    if config.passive:
+    if config.passive.enabled:
         parts.append("passive")
-    if config.challenge != "never":
-        parts.append("challenge on uncertain" if config.challenge == "uncertain"
+    if config.challenge.mode != "never":
+        parts.append("challenge on uncertain" if config.challenge.mode == "uncertain"
                      else "challenge on every face")
-    if config.planar:
+    if config.planar.enabled:
         parts.append("planar")
     return " + ".join(parts) if parts else LIVENESS_OFF
 

@@ -73,15 +73,15 @@ class _TrackState:
 
 def challenge_params(config: LivenessConfig) -> ChallengeParams:
     """Challenge thresholds from the config."""
-    return ChallengeParams(timeout_s=config.challenge_timeout_s, closed_ratio=config.blink_closed_ratio,
-                           open_ratio=config.blink_open_ratio, turn_deg=config.turn_deg,
-                           neutral_deg=config.neutral_deg)
+    c = config.challenge
+    return ChallengeParams(timeout_s=c.timeout_s, closed_ratio=c.blink_closed_ratio,
+                           open_ratio=c.blink_open_ratio, turn_deg=c.turn_deg, neutral_deg=c.neutral_deg)
 
 
 def planar_params(config: LivenessConfig) -> PlanarParams:
     """Planar-check thresholds from the config."""
-    return PlanarParams(threshold=config.planar_threshold, min_motion=config.planar_min_motion,
-                        min_frames=config.planar_min_frames, window=config.planar_window)
+    return PlanarParams(threshold=config.planar.threshold, min_motion=config.planar.min_motion,
+                        min_frames=config.planar.min_frames, window=config.planar.window)
 
 
 def fuse(checks: tuple[LivenessCheck, ...], config: LivenessConfig) -> LivenessVerdict:
@@ -97,7 +97,7 @@ def fuse(checks: tuple[LivenessCheck, ...], config: LivenessConfig) -> LivenessV
     unresolved = [
         name for name, verdict in verdicts.items()
         if verdict is LivenessVerdict.UNCERTAIN
-        and not (name == "planar" and not config.planar_required)
+        and not (name == "planar" and not config.planar.required)
         and not (name == "passive" and challenge is LivenessVerdict.LIVE)
     ]
     if unresolved or LivenessVerdict.LIVE not in verdicts.values():  # nothing said live: no evidence
@@ -115,9 +115,9 @@ class FusedLiveness:
     def __init__(self, config: LivenessConfig, passive: PassiveLiveness | None = None,
                  mesh: MeshMeasurer | None = None, rng: random.Random | None = None,
                  listener: ChallengeListener | None = None, note: str = "") -> None:
-        if config.passive and passive is None:
+        if config.passive.enabled and passive is None:
             raise ValueError("passive liveness is enabled but no passive model was given")
-        if (config.planar or config.challenge != "never") and mesh is None:
+        if (config.planar.enabled or config.challenge.mode != "never") and mesh is None:
             raise ValueError("the challenge and planar checks need the face mesh")
         self.config = config
         # What runs, for the status topic, metrics and doctor ("passive + challenge on uncertain", ...).
@@ -128,7 +128,7 @@ class FusedLiveness:
         self.listener = listener
         self._challenge_params = challenge_params(config)
         self._planar_params = planar_params(config)
-        self._actions = tuple(ChallengeAction(a) for a in config.challenge_actions)
+        self._actions = tuple(ChallengeAction(a) for a in config.challenge.actions)
         self._tracks: OrderedDict[int, _TrackState] = OrderedDict()
 
     def _state(self, track_id: int, timestamp: float) -> _TrackState:
@@ -145,9 +145,9 @@ class FusedLiveness:
         return state
 
     def _wants_challenge(self, state: _TrackState, passive: LivenessCheck | None) -> bool:
-        if state.challenge is not None or self.config.challenge == "never":
+        if state.challenge is not None or self.config.challenge.mode == "never":
             return False
-        if self.config.challenge == "always":
+        if self.config.challenge.mode == "always":
             return True
         return passive is not None and passive.verdict is LivenessVerdict.UNCERTAIN
 
@@ -166,7 +166,7 @@ class FusedLiveness:
             logger.info("liveness: track %d challenged to %s", track_id, action.value)
             self._notify(state.challenge.status)
         observed = None
-        if self.mesh is not None and (self.config.planar or state.challenge is not None):
+        if self.mesh is not None and (self.config.planar.enabled or state.challenge is not None):
             observed = self.mesh.observe(rgb, detection, mesh)
         if state.challenge is not None:
             before = state.challenge.status.state
@@ -176,7 +176,7 @@ class FusedLiveness:
                 self._notify(status)
             checks.append(LivenessCheck(CHALLENGE_CHECK, _CHALLENGE_SCORES[status.state],
                                         _CHALLENGE_VERDICTS[status.state], status.detail()))
-        if self.config.planar:
+        if self.config.planar.enabled:
             if observed is not None:
                 state.planar.add(observed[0].points[list(PLANAR_MESH_INDICES), :2])
             checks.append(state.planar.check())
@@ -233,19 +233,19 @@ def build_liveness(config: LivenessConfig, models_dir: Path | None = None, threa
     mesh = None
     note = ""
     try:
-        if config.passive:
+        if config.passive.enabled:
             try:
-                files = manifest_minifasnet_files(folder, config.passive_models)
+                files = manifest_minifasnet_files(folder, config.passive.models)
             except PassiveModelError as exc:
-                if config.passive_missing == "refuse":
+                if config.passive.missing == "refuse":
                     raise
                 logger.warning("passive liveness unavailable (%s): falling back to the active challenge on "
                                "every face; `facegate models fetch-liveness` installs the models", exc)
                 config, note = config.without_passive(), "passive models missing"
             else:
-                passive = PassiveLiveness(files, config.passive_threshold, config.uncertain_band, threads,
-                                          config.passive_head)
-        if config.planar or config.challenge != "never":
+                passive = PassiveLiveness(files, config.passive.threshold, config.passive.uncertain_band,
+                                          threads, config.passive.head)
+        if config.planar.enabled or config.challenge.mode != "never":
             mesh = MeshMeasurer(mesh_model_path(folder, config.mesh_model), threads)
         return FusedLiveness(config, passive, mesh, rng, listener, note)
     except BaseException:

@@ -16,11 +16,11 @@ Protocol:
   ``folds`` folds (default: one subject per fold). For each fold the threshold minimising ACER on the other
   subjects' frames is applied to the held-out subjects' frames; APCER/BPCER/ACER are pooled over all
   held-out decisions. The reported ``threshold`` is chosen the same way on all subjects (the value to
-  deploy as ``[liveness] passive_threshold``). Between equally good thresholds we take the middle of the
+  deploy as ``[liveness.passive] threshold``). Between equally good thresholds we take the middle of the
   widest ACER-optimal score interval in logit space: scores crowd near 0 and 1, and the logit middle keeps
   the largest relative margin on both sides.
 - **Fixed threshold** (``--threshold T``): no fitting at all; every frame is decided at T, as a door with
-  ``[liveness] passive_threshold = T`` would. ``threshold_source`` says which of the two was used.
+  ``[liveness.passive] threshold = T`` would. ``threshold_source`` says which of the two was used.
 - **Attack kinds**: when a ``kinds.csv`` (``path,kind``) sits beside the labels, ``apcer_by_kind`` gives
   APCER per kind (print, screen, ...) from the same decisions; otherwise it is null.
 - The score is the device's own (``PassiveLiveness`` with the config's default head, face box and mirror
@@ -306,7 +306,7 @@ def run_liveness_eval(labels_csv: Path, models_dir: Path | None = None, minifasn
     kinds = load_kinds(labels_csv, rows)
     models_dir = default_models(models_dir, minifasnet_dir)
     logits = frame_logits(rows, labels_csv.parent, models_dir, minifasnet_dir, variant, progress)
-    head = LivenessConfig().passive_head if use_head else None
+    head = LivenessConfig().passive.head if use_head else None
     if head is not None and logits.shape[1] * 2 + 1 != len(head):
         raise LivenessEvalError(f"the default passive head needs both MiniFASNet models ({logits.shape[1]} "
                                 "found); use --no-head")
@@ -413,5 +413,5 @@ def liveness(labels_csv: Path, models_dir: Path | None, minifasnet_dir: Path | N
         click.echo("APCER by kind: " + ", ".join(f"{k} {v:.4f}" for k, v in result["apcer_by_kind"].items()))
     if result["threshold_source"] == THRESHOLD_CV:
         click.echo(f"threshold fitted on this set alone: {result['threshold']:.6f} (prefer "
-                   "`facegate eval liveness-calibrate` over several sets for [liveness] passive_threshold)")
+                   "`facegate eval liveness-calibrate` over several sets for [liveness.passive] threshold)")
 

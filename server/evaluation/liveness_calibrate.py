@@ -334,6 +334,6 @@ def liveness_calibrate(labels_csvs: tuple[Path, ...], models_dir: Path | None, m
                 by_kind = " ".join(f"{k} {v:.4f}" for k, v in kinds.items())
                 click.echo(f"{protocol:22s} {scorer:12s} {name:16s} APCER {r['apcer']:.4f} "
                            f"BPCER {r['bpcer']:.4f} ACER {r['acer']:.4f} {by_kind}")
-    click.echo(f"ship: passive_head = {final['passive_head']}, "
-               f"passive_threshold = {final['passive_threshold']}, "
+    click.echo(f"ship ([liveness.passive]): head = {final['passive_head']}, "
+               f"threshold = {final['passive_threshold']}, "
                f"uncertain_band = {final['uncertain_band']}")

@@ -50,9 +50,9 @@ def run_planar_eval(labels_csv: Path, models_dir: Path | None = None, threshold:
     from models.face.mesh import MeshMeasurer, mesh_model_path
 
     defaults = LivenessConfig()
-    config = defaults.model_copy(update={
-        "planar_threshold": defaults.planar_threshold if threshold is None else threshold,
-        "planar_min_motion": defaults.planar_min_motion if min_motion is None else min_motion})
+    config = defaults.model_copy(update={"planar": defaults.planar.model_copy(update={
+        "threshold": defaults.planar.threshold if threshold is None else threshold,
+        "min_motion": defaults.planar.min_motion if min_motion is None else min_motion})})
     params = planar_params(config)
     tracks: dict[tuple[str, ...], list[tuple[int, LabelRow]]] = defaultdict(list)
     for row in load_labels(labels_csv):

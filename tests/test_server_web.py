@@ -18,6 +18,7 @@ import uvicorn
 from device.config import QualityConfig
 from device.vision.image import decode_image
 from server.app import create_app
+from tests.browser_kit import WAIT_S, open_chromium, shot
 from tests.conftest import Broker
 from tests.server_support import (
     ADMIN_PASSWORD,
@@ -30,28 +31,11 @@ from tests.server_support import (
 
 pytestmark = pytest.mark.browser
 
-REPO = Path(__file__).resolve().parents[1]
-SCREENSHOTS = REPO / "artifacts" / "screenshots"
-CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
-CHROMEDRIVER = "/usr/bin/chromedriver"
-WAIT_S = 60.0  # a safety net for slow CI machines, never a timing claim
-CHROME_ARGS = (
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-    "--window-size=1280,900",
-    # A synthetic camera so the getUserMedia capture path runs without hardware.
-    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-)
-
-webdriver = pytest.importorskip("selenium.webdriver")
+pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-
-
-def _chromium() -> str | None:
-    return next((c for c in CHROMIUM if Path(c).exists()), None) or shutil.which("chromium")
 
 
 class LiveServer:
@@ -103,16 +87,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, broker: Broker) -> Iterator[L
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
-    binary = _chromium()
-    if binary is None or not Path(CHROMEDRIVER).exists():
-        pytest.skip("chromium and chromium-driver are not installed (apt install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    for arg in CHROME_ARGS:
-        options.add_argument(arg)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chrome-profile')}")
-    options.binary_location = binary
-    browser = webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    browser = open_chromium(tmp_path_factory.mktemp("chrome-profile"))
     try:
         yield browser
     finally:
@@ -124,7 +99,7 @@ def _wait(driver: WebDriver) -> WebDriverWait[WebDriver]:
 
 
 def _shot(driver: WebDriver, name: str) -> None:
-    driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
+    shot(driver, name)
 
 
 def _login(driver: WebDriver, live: LiveServer, password: str = ADMIN_PASSWORD) -> None:

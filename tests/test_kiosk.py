@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from device.agent.loop import FaceView
 from device.agent.runner import build_agent
-from device.agent.status import LIVENESS_OFF_KEY, AgentStatus
+from device.agent.status import LIVENESS_OFF_KEY
 from device.config import DeviceConfig, QualityConfig, config_warnings
 from device.kiosk.config import KioskConfig, is_loopback
 from device.kiosk.preview import encode_preview
 from device.kiosk.screen import KioskScreen, Screen
 from device.kiosk.server import KioskServer, start_kiosk
 from device.liveness.challenge import ChallengeAction, ChallengeState, ChallengeStatus
-from device.types import Chip, Decision, DecisionKind, Detection, Frame, LivenessResult
+from device.types import DecisionKind, Frame
 from tests.agent_support import LIVENESS_OFF, astronaut_frames, wait_until, write_frames
+from tests.kiosk_kit import Clock, Reporter, Status, decision, face_frame
 
 STATE_FIELDS = {"state", "message", "person_name", "challenge", "door", "online", "liveness", "ts"}
 
@@ -47,58 +47,6 @@ def test_config_bounds_and_the_non_loopback_warning() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- model
-class Clock:
-    """A hand-driven monotonic clock."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Status:
-    """An agent's status as the screen reads it (the real AgentStatus dataclass)."""
-
-    def __init__(self) -> None:
-        self.door = "locked"
-        self.camera = True
-        self.warnings: dict[str, str] = {}
-
-    def status(self) -> AgentStatus:
-        return AgentStatus(device_id="door-1", running=True, uptime_s=1.0, fps=10.0, capture_fps=10.0,
-                           frames_captured=1, frames_processed=1, queue_drops=0, bad_frames=0, camera_errors=0,
-                           camera_connected=self.camera, processing_errors=0, faces=0, decisions={},
-                           last_decision=None, model_version="m", model_sha256="s", gallery_version="g",
-                           gallery_persons=1, door_state=self.door, liveness="passive",
-                           warnings=dict(self.warnings))
-
-
-class Reporter:
-    """A liveness engine's ``challenges()`` (ChallengeReporter)."""
-
-    def __init__(self) -> None:
-        self.pending: tuple[ChallengeStatus, ...] = ()
-
-    def challenges(self) -> tuple[ChallengeStatus, ...]:
-        return self.pending
-
-
-def decision(kind: DecisionKind, name: str | None = None, reason: str = "") -> Decision:
-    return Decision(kind=kind, person_id="p-1" if name else None, name=name, score=0.9, margin=0.2,
-                    liveness=LivenessResult.skipped(), reason=reason)
-
-
-def face_frame(box: tuple[float, float, float, float] = (100, 80, 220, 220), brightness: int = 150,
-               sharp: bool = True, ts: float = 100.0, track: int = 1) -> tuple[Frame, list[FaceView]]:
-    rng = np.random.default_rng(0)
-    rgb = np.full((320, 320, 3), brightness, np.uint8)
-    chip = (rng.integers(0, 255, (150, 150, 3)) if sharp else np.full((150, 150, 3), 128)).astype(np.uint8)
-    det = Detection(box=box, keypoints=np.zeros((6, 2), np.float32), score=0.9)
-    view = FaceView(track, det, Chip(chip, np.eye(2, 3, dtype=np.float32), 1.0, det), LivenessResult.skipped())
-    return Frame(rgb, ts, "test"), [view]
-
-
 def screen(**kiosk: Any) -> tuple[KioskScreen, Clock, Status, Reporter]:
     clock, status, reporter = Clock(), Status(), Reporter()
     model = KioskScreen(KioskConfig.model_validate(kiosk), QualityConfig(), status, reporter, clock=clock)
@@ -282,7 +230,8 @@ def test_http_state_page_and_preview_on_a_real_agent(agent_with_kiosk: Any) -> N
     assert code == 200 and set(state) == STATE_FIELDS and headers["Cache-Control"] == "no-store"
     assert state["liveness"] == "off" and state["online"] is None  # standalone, liveness explicitly off
     code, headers, page = _get(server, "/kiosk")
-    assert code == 200 and b'id="message"' in page and "script-src 'self'" in headers["Content-Security-Policy"]
+    assert code == 200 and b'id="message"' in page
+    assert "script-src 'self'" in headers["Content-Security-Policy"]
     assert _get(server, "/kiosk/static/kiosk.js")[0] == 200
     assert _get(server, "/kiosk/static/../config.py")[0] == 404
     parts, span = _frames(server, 3.0)

@@ -44,10 +44,13 @@
 
   function down() {
     body.dataset.state = "unavailable";
+    body.dataset.door = "unknown";
     message.textContent = "Out of service: the door stays locked";
     glyph.textContent = GLYPHS.unavailable;
+    doorText.textContent = "Door: no signal";
     challenge.hidden = true;
     deadline = null;
+    preview.hidden = true; // a frozen picture would look like a live one
   }
 
   async function poll() {
@@ -57,6 +60,9 @@
         throw new Error("HTTP " + res.status);
       }
       render(await res.json());
+      if (Date.now() - lastOk > DOWN_AFTER_MS) {
+        reloadPreview(); // back after an outage: a fresh stream
+      }
       lastOk = Date.now();
     } catch (err) {
       if (Date.now() - lastOk > DOWN_AFTER_MS) {
@@ -76,12 +82,14 @@
     window.requestAnimationFrame(tick);
   }
 
+  function reloadPreview() {
+    preview.hidden = false;
+    preview.src = "/kiosk/preview.mjpg?t=" + Date.now();
+  }
+
   preview.addEventListener("error", () => {
     preview.hidden = true; // the preview is off or the agent restarts: try again shortly
-    window.setTimeout(() => {
-      preview.hidden = false;
-      preview.src = "/kiosk/preview.mjpg?t=" + Date.now();
-    }, PREVIEW_RETRY_MS);
+    window.setTimeout(reloadPreview, PREVIEW_RETRY_MS);
   });
   poll();
   tick();

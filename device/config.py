@@ -321,6 +321,11 @@ class MqttConfig(Strict):
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive.")
     homeassistant: bool = Field(True, description="Publish Home Assistant discovery configs.")
     snapshots: bool = Field(False, description="Opt-in: publish a JPEG for unknown/spoof events.")
+    confirm_events: bool = Field(
+        True, description="Keep each event in the outbox until the facegate server confirms it stored it, "
+        "not only until the broker acknowledges it (correct on a broker restarted without persistence). "
+        "Turn off only where no facegate server subscribes (e.g. Home Assistant alone).",
+    )
     status_interval_s: float = Field(
         30.0, ge=1, le=3600, description="Retained status re-published this often."
     )

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from device.protocol.schemas import EventConfirm
 from device.protocol.topics import Topics
 from server.audit.subscriber import AuditSubscriber
 from server.audit.transport import ManualAckSource
@@ -20,6 +21,9 @@ from server.enrollment.index import TemplateIndex
 from server.enrollment.service import EnrollmentService
 from server.enrollment.sync import GallerySync, NullSync
 from server.training.model_folder import active_models_dir
+
+if TYPE_CHECKING:
+    from server.bundles.publisher import BundleServer
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +80,7 @@ class AppState:
     login_limiter: TokenBucket
     audit: AuditSubscriber | None = None
     source: ManualAckSource | None = None
+    bundles: BundleServer | None = None  # answers chunk requests and offers the published bundle
     extra_closers: list[Closable] = field(default_factory=list)
     _closed: bool = field(default=False, repr=False)
 
@@ -117,14 +122,30 @@ class AppState:
 
         rebaser = None
         if isinstance(self.sync, MqttGallerySync):  # NullSync publishes nothing, so has nothing to rebase
+            from server.bundles.offers import OfferKeeper
+            from server.bundles.publisher import BundleServer
             from server.bundles.rebase import DeltaRebaser
 
             rebaser = DeltaRebaser(self.db, self.sync, self.config.bundles_root).start()
-            self.extra_closers.insert(0, rebaser)
+            # Never assume the broker kept the retained delta or announcement: offer them again on
+            # reconnect, to doors that say hello behind, and periodically; and answer chunk requests.
+            offers = OfferKeeper(self.sync.client, self.topics, [self.sync]).start()
+            self.bundles = BundleServer(self.sync.client, self.topics, self.config.bundles_root).start()
+            self.extra_closers[:0] = [rebaser, offers, self.bundles]
         self.audit = AuditSubscriber(self.db, self.topics, on_delta_acks=self.deletions.on_acks,
                                      after_commit=self.deletions.notify,
-                                     on_running_bundles=rebaser.request if rebaser else None).start()
+                                     on_running_bundles=rebaser.request if rebaser else None,
+                                     on_events_stored=self._send_receipts).start()
         self.source = ManualAckSource(self.config.mqtt, self.audit.filters, self.audit.handle).start()
+
+    def _send_receipts(self, stored: dict[str, list[int]]) -> None:
+        """Tell each door which of its events are on record (it keeps them in its outbox until then)."""
+        source = self.source
+        if source is None:
+            return
+        for device, seqs in stored.items():
+            for receipt in EventConfirm.of(device, seqs):
+                source.publish(self.topics.events_confirm(device), receipt.to_bytes())
 
     def close(self) -> None:
         """Stop MQTT, the writer, the engine and the database (idempotent)."""

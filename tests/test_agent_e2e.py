@@ -30,7 +30,7 @@ from tests.agent_support import (
     write_frames,
 )
 
-# The door's calibrated open-set operating point for a one-person gallery (`facegate eval calibrate --open-set`).
+# The door's calibrated open-set operating point for one person (`facegate eval calibrate --open-set`).
 POINT = operating_point(1)
 REPEAT = 2  # each photo is shown for two frames, as a camera sees a person for a while
 GAP_FRAMES = 20  # 2 s without a face at 10 fps ends the track (timeout 1 s)
@@ -42,8 +42,8 @@ def _config(tmp_path: Path, models: Path, frames: Path) -> Path:
         "models": {"dir": str(models)},
         "camera": {"type": "replay", "path": str(frames), "fps": 10.0, "loop": False},
         "door": {"type": "simulated", "unlock_seconds": 5.0},
-        "decision": {"tau": POINT.tau, "delta": POINT.delta, "confirm_k": 2, "confirm_n": 3, "cooldown_s": 600.0,
-                     "track_timeout_s": 1.0},
+        "decision": {"tau": POINT.tau, "delta": POINT.delta, "confirm_k": 2, "confirm_n": 3,
+                     "cooldown_s": 600.0, "track_timeout_s": 1.0},
         "loop": {"queue_size": 512, "events_jsonl": str(tmp_path / "events.jsonl")},
         "liveness": LIVENESS_OFF,
     })
@@ -92,7 +92,8 @@ def test_celeba_person_granted_stranger_unknown_empty_frames_silent(tmp_path: Pa
     events = _run(config)
     assert [(e["kind"], e["person_id"]) for e in events] == [("granted", "A"), ("unknown", None)], events
     granted, unknown = events
-    assert granted["score"] >= POINT.tau and granted["margin"] >= POINT.delta and granted["name"] == "Person A"
+    assert granted["score"] >= POINT.tau and granted["margin"] >= POINT.delta
+    assert granted["name"] == "Person A"
     assert unknown["score"] < POINT.tau
     for event in events:
         assert event["liveness"]["verdict"] == "skipped"

@@ -20,6 +20,7 @@ from tests.conftest import REPO
 
 # Only so that a hung demo fails the test instead of the whole run; never a performance claim.
 DEMO_TIMEOUT_S = 600
+pytestmark = pytest.mark.broker  # the demo starts its own broker (FACEGATE_BROKER picks which)
 
 
 def _run_demo(tmp_path: Path, **env: str) -> tuple[dict[str, Any], str]:

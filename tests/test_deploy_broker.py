@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import ssl
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,14 +16,15 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device.protocol.topics import Topics
-from tests.conftest import free_port, wait_port
+from server.broker import free_port, mosquitto_binary, wait_port
+from tests.mqtt_kit import ACK_S, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy" / "mosquitto"
-SETTLE_S = 1.0
 
-HAVE_MOSQUITTO = shutil.which("mosquitto") is not None or Path("/usr/sbin/mosquitto").exists()
-pytestmark = pytest.mark.skipif(not HAVE_MOSQUITTO, reason="mosquitto is not installed (CI installs it)")
+MOSQUITTO = mosquitto_binary()
+pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="needs mosquitto for deploy/'s TLS and ACL config "
+                                "(apt install mosquitto; put /usr/sbin on PATH)")
 
 
 class TlsBroker:
@@ -46,10 +45,11 @@ class TlsBroker:
         if os.geteuid() == 0:  # as root mosquitto drops to user 'mosquitto', who cannot read tmp_path
             conf += "\nuser root\n"
         (tmp / "mosquitto.conf").write_text(conf)
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        assert MOSQUITTO is not None
         self.log = open(tmp / "mosquitto.log", "wb")
-        self.proc = subprocess.Popen([binary, "-c", str(tmp / "mosquitto.conf")], stderr=self.log)
-        wait_port("127.0.0.1", self.port)
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(tmp / "mosquitto.conf")], stderr=self.log)
+        assert wait_port("127.0.0.1", self.port, alive=lambda: self.proc.poll() is None), \
+            f"mosquitto with the deploy config did not listen; see {tmp / 'mosquitto.log'}"
 
     def client(self, cn: str | None) -> mqtt.Client:
         """A connected client presenting ``cn``'s certificate (None: no certificate)."""
@@ -96,12 +96,28 @@ class Recorder:
         with self.lock:
             return {t for t, _ in self.seen}
 
+    def got(self, topic: str, payload: bytes) -> bool:
+        """True once ``payload`` arrived on ``topic``."""
+        with self.lock:
+            return (topic, payload) in self.seen
+
 
 def _subscribe(client: mqtt.Client, topic: str, recorder: Recorder) -> None:
+    """Subscribe and wait for the broker's SUBACK (no fixed settling time)."""
+    granted = threading.Event()
+    client.on_subscribe = lambda *_args: granted.set()
     client.on_message = recorder
     result, _mid = client.subscribe(topic, qos=1)
     assert result == mqtt.MQTT_ERR_SUCCESS
-    time.sleep(0.3)
+    assert granted.wait(ACK_S), f"no SUBACK for {topic}"
+
+
+def _fence(sender: mqtt.Client, topic: str, recorder: Recorder) -> None:
+    """Publish a marker on an allowed ``topic`` and wait for it: the broker keeps one sender's order, so
+    every earlier message from ``sender`` that was going to arrive has arrived."""
+    marker = f"fence-{uuid.uuid4().hex}".encode()
+    sender.publish(topic, marker, qos=1).wait_for_publish(ACK_S)
+    assert wait_until(lambda: recorder.got(topic, marker)), f"the fence on {topic} never arrived"
 
 
 def test_device_cannot_publish_to_other_device_or_bundles(tls_broker: TlsBroker) -> None:
@@ -116,8 +132,8 @@ def test_device_cannot_publish_to_other_device_or_bundles(tls_broker: TlsBroker)
     forged_bundle = topics.bundle_announce
     forged_command = topics.command("door-2", "unlock")
     for topic in (own, forged_events, forged_bundle, forged_command):
-        door1.publish(topic, b'{"probe": true}', qos=1).wait_for_publish(5)
-    time.sleep(SETTLE_S)
+        door1.publish(topic, b'{"probe": true}', qos=1).wait_for_publish(ACK_S)
+    _fence(door1, own, recorder)
 
     received = recorder.topics()
     assert own in received, "the device's own event must pass the ACL"
@@ -138,9 +154,9 @@ def test_device_reads_only_its_own_commands_and_bundles(tls_broker: TlsBroker) -
     for topic in (topics.command("door-1", "unlock"), topics.command("door-2", "unlock"),
                   topics.bundle_announce, topics.bundle_chunk(3), topics.gallery_delta,
                   topics.bundle_chunk_reply("door-1"), topics.bundle_chunk_reply("door-2"),
-                  topics.events("door-2")):
-        server.publish(topic, b"{}", qos=1).wait_for_publish(5)
-    time.sleep(SETTLE_S)
+                  topics.events_confirm("door-1"), topics.events_confirm("door-2"), topics.events("door-2")):
+        server.publish(topic, b"{}", qos=1).wait_for_publish(ACK_S)
+    _fence(server, topics.command("door-1", "unlock"), recorder)
     received = recorder.topics()
     assert topics.command("door-1", "unlock") in received
     assert topics.bundle_announce in received
@@ -148,6 +164,8 @@ def test_device_reads_only_its_own_commands_and_bundles(tls_broker: TlsBroker) -
     assert topics.gallery_delta in received
     assert topics.bundle_chunk_reply("door-1") in received, "re-sent chunks addressed to this device"
     assert topics.bundle_chunk_reply("door-2") not in received
+    assert topics.events_confirm("door-1") in received, "the server's receipts for this device's events"
+    assert topics.events_confirm("door-2") not in received
     assert topics.command("door-2", "unlock") not in received
     assert topics.events("door-2") not in received
     for c in (server, door1):
@@ -155,23 +173,47 @@ def test_device_reads_only_its_own_commands_and_bundles(tls_broker: TlsBroker) -
         c.loop_stop()
 
 
-def test_anonymous_client_is_refused(tls_broker: TlsBroker) -> None:
-    with pytest.raises((ssl.SSLError, OSError, ConnectionError)):
-        client = tls_broker.client(None)
-        # TLS 1.3 may report the missing certificate only on the first read.
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and not client.is_connected():
-            time.sleep(0.05)
+def _admitted(port: int, context: ssl.SSLContext | None) -> bool:
+    """Whether the broker lets this client in: waits for the verdict (a CONNACK, or the connection
+    closed), not for a fixed time, so a slow machine cannot turn a late "yes" into a "no"."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{uuid.uuid4().hex[:6]}",
+                         protocol=mqtt.MQTTv311)
+    verdict: list[bool] = []
+    decided = threading.Event()
+
+    def on_connect(_c: mqtt.Client, _u: object, _f: object, reason: object, _p: object) -> None:
+        verdict.append(not getattr(reason, "is_failure", True))
+        decided.set()
+
+    def on_closed(*_args: object) -> None:
+        verdict.append(False)
+        decided.set()
+
+    client.on_connect = on_connect
+    client.on_disconnect = on_closed
+    client.on_connect_fail = on_closed
+    if context is not None:
+        client.tls_set_context(context)
+    try:
+        client.connect("127.0.0.1", port, keepalive=10)
+    except (ssl.SSLError, OSError):
+        return False  # refused during the TLS handshake
+    client.loop_start()
+    try:
+        assert decided.wait(ACK_S), "the broker neither admitted nor refused the client"
+        return verdict[0]
+    finally:
+        client.disconnect()
         client.loop_stop()
-        if not client.is_connected():
-            raise ConnectionError("refused")
-    plain = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-    with pytest.raises((ssl.SSLError, OSError, ConnectionError)):
-        plain.connect("127.0.0.1", tls_broker.port, keepalive=5)
-        plain.loop(timeout=2)
-        plain.loop(timeout=2)
-        if not plain.is_connected():
-            raise ConnectionError("refused")
+
+
+def test_anonymous_client_is_refused(tls_broker: TlsBroker) -> None:
+    # No client certificate (TLS 1.3 may report it only on the first read, as a closed connection).
+    assert not _admitted(tls_broker.port, ssl.create_default_context(cafile=str(tls_broker.certs / "ca.crt")))
+    assert not _admitted(tls_broker.port, None)  # plain MQTT on the TLS listener
+    with_cert = ssl.create_default_context(cafile=str(tls_broker.certs / "ca.crt"))
+    with_cert.load_cert_chain(tls_broker.certs / "door-1.crt", tls_broker.certs / "door-1.key")
+    assert _admitted(tls_broker.port, with_cert)  # the probe itself can say yes
 
 
 def test_server_can_do_everything_it_needs(tls_broker: TlsBroker) -> None:
@@ -180,16 +222,16 @@ def test_server_can_do_everything_it_needs(tls_broker: TlsBroker) -> None:
     recorder = Recorder()
     _subscribe(server, "#", recorder)
     needed = [topics.bundle_announce, topics.bundle_chunk(1), topics.gallery_delta,
-              topics.command("door-1", "unlock"), "homeassistant/lock/door-1/door/config"]
+              topics.command("door-1", "unlock"), topics.events_confirm("door-1"),
+              "homeassistant/lock/door-1/door/config"]
     for topic in needed:
-        server.publish(topic, b"{}", qos=1).wait_for_publish(5)
+        server.publish(topic, b"{}", qos=1).wait_for_publish(ACK_S)
     door1 = tls_broker.client("door-1")
     for topic in (topics.events("door-1"), topics.bundle_ack("door-1"), topics.bundle_chunk_request,
                   topics.available("door-1")):
-        door1.publish(topic, b"{}", qos=1).wait_for_publish(5)
+        door1.publish(topic, b"{}", qos=1).wait_for_publish(ACK_S)
         needed.append(topic)
-    time.sleep(SETTLE_S)
-    assert set(needed) <= recorder.topics()
+    assert wait_until(lambda: set(needed) <= recorder.topics()), set(needed) - recorder.topics()
     for c in (server, door1):
         c.disconnect()
         c.loop_stop()

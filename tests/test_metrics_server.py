@@ -19,6 +19,7 @@ from server.app import create_app
 from server.bundles.signing import generate_key
 from tests.conftest import Broker
 from tests.metrics_kit import value
+from tests.mqtt_kit import CONNECT_S
 from tests.server_support import (
     SimDevice,
     event_payload,
@@ -58,7 +59,7 @@ def client(tmp_path: Path, mosquitto: Broker, built_models: Path) -> Iterator[Te
     generate_key(config.signing_key_path)  # gallery deltas are published, so deletions wait for acks
     with TestClient(create_app(config)) as test_client:
         state = state_of(test_client)
-        assert state.source is not None and state.source.wait_connected(10)
+        assert state.source is not None and state.source.wait_connected(CONNECT_S)
         yield test_client
 
 

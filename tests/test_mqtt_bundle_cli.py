@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from server.bundles.cli import cli, keys
 from tests.bundle_kit import PERSONS, Device
 from tests.conftest import Broker
-from tests.mqtt_kit import make_gallery, make_models_dir
+from tests.mqtt_kit import CONNECT_S, make_gallery, make_models_dir
 
 
 def test_keys_build_publish_status(mosquitto: Broker, tmp_path: Path) -> None:
@@ -46,7 +46,7 @@ def test_keys_build_publish_status(mosquitto: Broker, tmp_path: Path) -> None:
               "--site", "site"]
     device = Device(mosquitto.host, mosquitto.port, "door-1", tmp_path / "d1", public)
     try:
-        assert device.client.wait_connected(10)
+        assert device.client.wait_connected(CONNECT_S)
         published = runner.invoke(cli, ["publish", info["path"], *broker, "--serve", "60",
                                         "--until-installed", "1"])
         assert published.exit_code == 0, published.output

@@ -1,21 +1,43 @@
-"""Events are never lost: a 30 s broker outage while the device keeps deciding, against real mosquitto."""
+"""Events are never lost, against a real broker and the real audit subscriber with its receipts.
+
+- A broker outage while the door keeps deciding: every event reaches the audit log exactly once, the
+  outbox empties on the server's receipts. On a broker without persistence (amqtt) the server's
+  session is gone after the restart, so events the door replays before the server has subscribed
+  again are lost at the broker; the receipts make the door send them again.
+- A broker restarted without persistence while the server is away: what the broker had queued for the
+  server is gone, and the door still delivers it once the server is back.
+
+The phases follow progress, not the clock: the outage lasts until the door made OUTAGE_EVENTS decisions.
+"""
 
 from __future__ import annotations
 
 import threading
-import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
-from device.mqtt.client import ClientSettings, MqttClient
+import pytest
+from sqlalchemy import select
+
+from device.mqtt.client import ClientSettings, Message, MqttClient
 from device.mqtt.outbox import MqttEventSink, Outbox
-from device.protocol.schemas import EventPayload
+from device.protocol.schemas import EventConfirm
 from device.protocol.topics import Topics
 from device.types import Decision, DecisionKind, LivenessResult
-from tests.conftest import Broker
-from tests.mqtt_kit import Collector, wait_until
+from server.audit.subscriber import AuditSubscriber
+from server.audit.transport import ManualAckSource
+from server.broker import LocalBroker
+from server.config import MqttConfig
+from server.db.engine import Database
+from server.db.models import EventRow
+from tests.mqtt_kit import CONNECT_S, wait_until
 
 RATE_HZ = 10.0  # decisions per second from the producer
-BEFORE_S, OUTAGE_S, AFTER_S = 2.0, 30.0, 2.0
+# Decisions before the outage (stored), during it (kept in the outbox only), and after it.
+BEFORE_EVENTS, OUTAGE_EVENTS, AFTER_EVENTS = 20, 150, 20
+TOPICS = Topics("facegate", "site")
+DEVICE = "door-1"
 
 
 class DecisionProducer(threading.Thread):
@@ -27,64 +49,130 @@ class DecisionProducer(threading.Thread):
         self.count = 0
         self.stop = threading.Event()
 
+    def emit(self) -> None:
+        """One decision now."""
+        decision = Decision(DecisionKind.GRANTED, f"p{self.count}", "Ada", 0.8, 0.2,
+                            LivenessResult.skipped(), {"detect": 1.0})
+        self.sink.emit(decision)
+        self.count += 1
+
     def run(self) -> None:
         while not self.stop.wait(1.0 / RATE_HZ):
-            decision = Decision(DecisionKind.GRANTED, f"p{self.count}", "Ada", 0.8, 0.2,
-                                LivenessResult.skipped(), {"detect": 1.0})
-            self.sink.emit(decision)
-            self.count += 1
+            self.emit()
 
 
-def _dedupe(collector: Collector, topic: str) -> tuple[list[EventPayload], int]:
-    seen: set[str] = set()
-    unique: list[EventPayload] = []
-    duplicates = 0
-    for message in collector.on_topic(topic):
-        event = EventPayload.parse(message.payload)
-        if str(event.event_id) in seen:
-            duplicates += 1
-            continue
-        seen.add(str(event.event_id))
-        unique.append(event)
-    return unique, duplicates
+class AuditServer:
+    """The server's audit side as ``AppState.start_mqtt`` wires it: a persistent session, receipts."""
+
+    def __init__(self, db: Database, broker: LocalBroker) -> None:
+        self.subscriber = AuditSubscriber(db, TOPICS, on_events_stored=self._receipts).start()
+        config = MqttConfig(host=broker.host, port=broker.port, prefix=TOPICS.prefix, site=TOPICS.site,
+                            client_id="audit-persistent")
+        self.source = ManualAckSource(config, self.subscriber.filters, self.subscriber.handle).start()
+        assert self.source.wait_connected(CONNECT_S)
+
+    def _receipts(self, stored: dict[str, list[int]]) -> None:
+        for device, seqs in stored.items():
+            for receipt in EventConfirm.of(device, seqs):
+                self.source.publish(TOPICS.events_confirm(device), receipt.to_bytes())
+
+    def close(self) -> None:
+        self.source.close()
+        self.subscriber.close()
 
 
-def test_broker_outage_loses_no_event(mosquitto: Broker, tmp_path: Path) -> None:
-    topics = Topics("facegate", "site")
-    topic = topics.events("door-1")
-    server = Collector(mosquitto.host, mosquitto.port, [topics.all_events], client_id="audit-server",
-                       persistent=True)
-    client = MqttClient(ClientSettings(mosquitto.host, mosquitto.port, "door-1")).start()
-    assert client.wait_connected(10)
-    outbox = Outbox(tmp_path / "outbox.sqlite3")
-    sink = MqttEventSink(client, outbox, topics, "door-1")
-    producer = DecisionProducer(sink)
+class Door:
+    """A door's event path: client, outbox, sink with receipts (as ``DeviceMqtt`` wires it)."""
+
+    def __init__(self, broker: LocalBroker, tmp_path: Path) -> None:
+        self.client = MqttClient(ClientSettings(broker.host, broker.port, f"door-{uuid.uuid4().hex[:6]}"))
+        self.outbox = Outbox(tmp_path / "outbox.sqlite3")
+        self.sink = MqttEventSink(self.client, self.outbox, TOPICS, DEVICE, confirm=True)
+        self.client.subscribe(TOPICS.events_confirm(DEVICE), self._on_receipt)
+        self.client.start()
+        assert self.client.wait_connected(CONNECT_S)
+
+    def _on_receipt(self, message: Message) -> None:
+        self.sink.publisher.on_receipt(EventConfirm.parse(message.payload).seqs)
+
+    def close(self) -> None:
+        self.sink.close()
+        self.client.close()
+        self.outbox.close()
+
+
+@pytest.fixture()
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = Database(f"sqlite:///{tmp_path / 'audit.db'}")
+    database.create_schema()
+    yield database
+    database.close()
+
+
+def stored(db: Database) -> list[tuple[int, str | None]]:
+    """(seq, person id) of every stored event, in seq order."""
+    with db.session() as session:
+        rows = [(int(r.payload["seq"]), r.person_id) for r in session.scalars(select(EventRow))]
+    return sorted(rows)
+
+
+def test_broker_outage_loses_no_event(mosquitto: LocalBroker, tmp_path: Path, db: Database) -> None:
+    server = AuditServer(db, mosquitto)
+    door = Door(mosquitto, tmp_path)
+    producer = DecisionProducer(door.sink)
     try:
         producer.start()
-        time.sleep(BEFORE_S)
+        assert wait_until(lambda: len(stored(db)) >= BEFORE_EVENTS, progress=lambda: producer.count)
         mosquitto.stop()
         at_stop = producer.count
-        time.sleep(OUTAGE_S)
+        assert wait_until(lambda: producer.count >= at_stop + OUTAGE_EVENTS, progress=lambda: producer.count)
         during = producer.count - at_stop
-        assert outbox.depth >= during - 1  # everything decided while the broker was away is on disk
+        assert door.outbox.depth >= during - 1  # everything decided while the broker was away is on disk
         mosquitto.start()
-        time.sleep(AFTER_S)
+        assert door.client.wait_connected(CONNECT_S)
+        after = producer.count
+        assert wait_until(lambda: producer.count >= after + AFTER_EVENTS, progress=lambda: producer.count)
         producer.stop.set()
         producer.join()
         emitted = producer.count
-        assert wait_until(lambda: len(_dedupe(server, topic)[0]) >= emitted, timeout=90)
-        assert wait_until(lambda: outbox.depth == 0, timeout=30)
+        assert wait_until(lambda: len(stored(db)) >= emitted, progress=lambda: len(stored(db)))
+        assert wait_until(lambda: door.outbox.depth == 0, progress=lambda: door.outbox.depth)
     finally:
         producer.stop.set()
-        sink.close()
-        client.close()
+        door.close()
         server.close()
-        outbox.close()
-    unique, duplicates = _dedupe(server, topic)
-    print(f"emitted {emitted} events ({during} during the {OUTAGE_S:.0f} s outage); received "
-          f"{len(unique)} unique, {duplicates} duplicates dropped")
-    assert len(unique) == emitted
-    assert [e.person_id for e in unique] == [f"p{i}" for i in range(emitted)]  # every event once, in order
-    seqs = [e.seq for e in unique]
-    assert seqs == sorted(seqs) and len(set(seqs)) == emitted
+    rows = stored(db)
+    print(f"{mosquitto.kind}: emitted {emitted} events ({during} during the outage); stored {len(rows)}, "
+          f"{server.subscriber.stats.duplicates} duplicates absorbed, {door.sink.publisher.resent} sent "
+          "again for want of a receipt")
+    assert rows == [(i + 1, f"p{i}") for i in range(emitted)]  # every event once; seq = outbox order
     assert during > 0  # the door kept deciding while the broker was down
+
+
+def test_a_broker_restart_without_persistence_while_the_server_is_away_loses_nothing(
+        tmp_path: Path, db: Database, forgetful_broker: LocalBroker) -> None:
+    broker = forgetful_broker
+    door = Door(broker, tmp_path)
+    producer = DecisionProducer(door.sink)
+    try:
+        server = AuditServer(db, broker)
+        for _ in range(5):
+            producer.emit()
+        assert wait_until(lambda: door.outbox.depth == 0, progress=lambda: door.outbox.depth)
+        server.close()  # the server goes away; its persistent session keeps collecting at the broker
+        for _ in range(10):
+            producer.emit()
+        # The broker took them (PUBACK) for the absent server, but the door still holds them.
+        assert wait_until(lambda: door.sink.publisher.outbox.depth == 10 and door.client.connected)
+        broker.stop()  # ... and forgets them: no persistence
+        broker.start()
+        assert door.client.wait_connected(CONNECT_S)
+        server = AuditServer(db, broker)
+        # No new decision: only the door's own retry (no receipt for a while) can bring them back.
+        assert wait_until(lambda: len(stored(db)) == 15, progress=lambda: door.sink.publisher.resent)
+        assert wait_until(lambda: door.outbox.depth == 0, progress=lambda: door.outbox.depth)
+        server.close()
+    finally:
+        door.close()
+    assert stored(db) == [(i + 1, f"p{i}") for i in range(15)]
+    assert door.sink.publisher.resent >= 10

@@ -11,10 +11,12 @@ import pytest
 from device.mqtt.outbox import Outbox
 from device.protocol.chunks import decode_chunk, make_chunk
 from device.protocol.schemas import (
+    MAX_CONFIRM_RANGES,
     BundleAnnounce,
     BundleManifest,
     ChunkHeader,
     CommandRequest,
+    EventConfirm,
     EventPayload,
     GalleryDelta,
     PayloadError,
@@ -133,3 +135,19 @@ def test_outbox_full_evicts_oldest_loudly(tmp_path: Path, caplog: pytest.LogCapt
         assert box.dropped == 3
         assert [r.event_id for r in box.pending(limit=1)] == ["e3"]
     assert sum("evicting the oldest event" in r.message for r in caplog.records) == 3
+
+
+def test_event_receipts_are_compact_ranges_and_delete_what_they_cover(tmp_path: Path) -> None:
+    (receipt,) = EventConfirm.of("door-1", [7, 3, 4, 5, 9, 4])
+    assert receipt.seqs == [(3, 5), (7, 7), (9, 9)]
+    assert EventConfirm.parse(receipt.to_bytes()) == receipt
+    with pytest.raises(PayloadError):
+        EventConfirm.parse(b'{"schema_version": 1, "device": "d", "seqs": [[5, 3]], '
+                           b'"ts": "2026-01-01T00:00:00Z"}')
+    many = EventConfirm.of("door-1", list(range(0, 2 * 2 * MAX_CONFIRM_RANGES, 2)))  # no two adjacent
+    assert [len(r.seqs) for r in many] == [MAX_CONFIRM_RANGES, MAX_CONFIRM_RANGES]
+    with Outbox(tmp_path / "o.sqlite3") as box:
+        seqs = [box.append(f"e{i}", "t", lambda s: b"{}") for i in range(10)]
+        assert box.delete_ranges([(seqs[0], seqs[2]), (seqs[5], seqs[5])]) == 4
+        assert [r.seq for r in box.pending()] == seqs[3:5] + seqs[6:]
+        assert [r.seq for r in box.rows([seqs[1], seqs[4], seqs[9]])] == [seqs[4], seqs[9]]

@@ -22,7 +22,7 @@ from device.protocol.schemas import CommandRequest, CommandResponse, StatusPaylo
 from device.protocol.topics import HA_STATUS_TOPIC, Topics
 from device.types import DecisionKind
 from tests.conftest import Broker
-from tests.mqtt_kit import Collector, wait_until
+from tests.mqtt_kit import ACK_S, CONNECT_S, Collector, wait_until
 
 SITE, DEVICE = "hq", "door-7"
 
@@ -73,7 +73,7 @@ def device_config(broker: Broker, data_dir: Path) -> DeviceConfig:
 def device(mosquitto: Broker, tmp_path: Path) -> Iterator[tuple[DeviceMqtt, DoorAgent]]:
     agent = DoorAgent()
     mqtt = DeviceMqtt(device_config(mosquitto, tmp_path / "dev"), agent).start()
-    assert mqtt.client.wait_connected(10)
+    assert mqtt.client.wait_connected(CONNECT_S)
     yield mqtt, agent
     mqtt.close()
     agent.door.close()
@@ -92,7 +92,8 @@ def test_home_assistant_discovery(device: tuple[DeviceMqtt, DoorAgent], mosquitt
     ha = Collector(mosquitto.host, mosquitto.port, ["homeassistant/+/+/+/config", topics.all_available,
                                                     topics.all_status], client_id="homeassistant")
     try:
-        assert ha.wait(lambda ms: len([m for m in ms if m.topic.endswith("/config")]) >= 8)
+        # Distinct topics: a config may arrive twice (retained on subscribe, and live from the connect).
+        assert ha.wait(lambda ms: len({m.topic for m in ms if m.topic.endswith("/config")}) >= 8)
         configs = {m.topic: json.loads(m.payload) for m in ha.messages if m.topic.endswith("/config")}
         components = sorted(topic.split("/")[1] for topic in configs)
         assert components == ["event", "lock"] + ["sensor"] * 6
@@ -104,12 +105,9 @@ def test_home_assistant_discovery(device: tuple[DeviceMqtt, DoorAgent], mosquitt
             assert config["availability"] == [availability]
             assert config["unique_id"] and config["device"]["identifiers"]
             assert topic.split("/")[2] == DEVICE  # node id = device id (the broker ACL allows only that)
-        # retained: a Home Assistant that subscribes later gets every config (the first subscriber may have
-        # been there before the device published them, and then saw them live)
         late = Collector(mosquitto.host, mosquitto.port, ["homeassistant/+/+/+/config"], client_id="ha-late")
-        try:
-            assert late.wait(lambda ms: len(ms) >= len(configs))
-            assert all(m.retain for m in late.messages)
+        try:  # retained: a Home Assistant that starts later gets every config from the broker
+            assert late.wait(lambda ms: len({m.topic for m in ms if m.retain}) >= 8)
         finally:
             late.close()
         names = {c["name"] for c in configs.values()}
@@ -125,8 +123,8 @@ def test_home_assistant_discovery(device: tuple[DeviceMqtt, DoorAgent], mosquitt
         assert (status.fps, status.door, status.versions.model) == (12.5, "locked", "embedder-int8@1")
 
         before = len(ha.messages)
-        ha.client.publish(HA_STATUS_TOPIC, b"online", qos=1).wait_for_publish(5)
-        assert ha.wait(lambda ms: len([m for m in ms[before:] if m.topic.endswith("/config")]) >= 8)
+        ha.client.publish(HA_STATUS_TOPIC, b"online", qos=1).wait_for_publish(ACK_S)
+        assert ha.wait(lambda ms: len({m.topic for m in ms[before:] if m.topic.endswith("/config")}) >= 8)
     finally:
         ha.close()
 
@@ -135,7 +133,7 @@ def _command(server: Collector, name: str, payload: bytes) -> CommandResponse:
     topics = Topics("facegate", SITE)
     response_topic = topics.command_response(DEVICE, name)
     before = len(server.on_topic(response_topic))
-    server.client.publish(topics.command(DEVICE, name), payload, qos=1).wait_for_publish(5)
+    server.client.publish(topics.command(DEVICE, name), payload, qos=1).wait_for_publish(ACK_S)
     assert server.wait(lambda ms: len([m for m in ms if m.topic == response_topic]) > before)
     return CommandResponse.parse(server.on_topic(response_topic)[-1].payload)
 
@@ -161,6 +159,8 @@ def test_commands_answer_with_correlation_id(device: tuple[DeviceMqtt, DoorAgent
         reply = _command(server, "sync", CommandRequest(correlation_id="c-4", ts=utcnow()).to_bytes())
         assert not reply.ok and "disabled" in reply.detail
 
+        if server.client.protocol_version != 5:
+            return  # a 3.1.1 broker (the embedded amqtt): the correlation_id in the JSON is the whole story
         # MQTT v5 request/response: the answer also goes to the requester's response topic.
         got: list[Message] = []
         server.client.subscribe("replies/me", got.append)
@@ -182,9 +182,9 @@ DEVICE_SCRIPT = textwrap.dedent("""
     config = DeviceConfig.model_validate({"device": {"id": "door-9", "site": "hq", "data_dir": sys.argv[3]},
         "mqtt": {"enabled": True, "host": sys.argv[1], "port": int(sys.argv[2]), "homeassistant": False}})
     mqtt = DeviceMqtt(config).start()
-    mqtt.client.wait_connected(10)
+    mqtt.client.wait_connected()  # however long a busy machine takes; the test waits for this line
     print("ready", flush=True)
-    time.sleep(120)
+    time.sleep(600)
 """)
 
 
@@ -198,7 +198,8 @@ def test_last_will_marks_a_killed_device_offline(mosquitto: Broker, tmp_path: Pa
         assert watcher.wait(lambda ms: [m.payload for m in ms][-1:] == [b"online"])
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        assert watcher.wait(lambda ms: [m.payload for m in ms][-1:] == [b"offline"], timeout=60)
+        # The broker fires the will 1.5 keep-alives after the last packet: up to 45 s plus a busy machine.
+        assert watcher.wait(lambda ms: [m.payload for m in ms][-1:] == [b"offline"], timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -19,8 +19,8 @@ def _examples() -> list[tuple[str, str]]:
 
 def test_readme_documents_every_payload() -> None:
     shown = {name for name, _ in _examples()}
-    expected = {"EventPayload", "StatusPayload", "CommandRequest", "CommandResponse", "BundleAnnounce",
-                "ChunkRequest", "BundleAck", "GalleryDelta"}
+    expected = {"EventPayload", "EventConfirm", "StatusPayload", "CommandRequest", "CommandResponse",
+                "BundleAnnounce", "ChunkRequest", "BundleAck", "GalleryDelta"}
     assert expected <= shown, f"README lacks examples for {sorted(expected - shown)}"
 
 

@@ -22,6 +22,7 @@ from server.config import MqttConfig
 from server.db.engine import Database
 from server.db.models import BundleAckRow, Device, EventRow
 from tests.conftest import Broker
+from tests.mqtt_kit import CONNECT_S
 from tests.server_support import PREFIX, SITE, SimDevice, delta_ack, event_payload, status_payload, wait_until
 
 LOAD_DEVICES = 20
@@ -41,7 +42,7 @@ class Audit:
         config = MqttConfig(host=broker.host, port=broker.port, prefix=PREFIX, site=SITE,
                             client_id=f"audit-{uuid.uuid4().hex[:8]}")
         self.source = ManualAckSource(config, self.subscriber.filters, self.subscriber.handle).start()
-        assert self.source.wait_connected(10), "audit subscriber did not connect"
+        assert self.source.wait_connected(CONNECT_S), "audit subscriber did not connect"
 
     def count(self) -> int:
         with self.db.session() as session:
@@ -138,7 +139,7 @@ def test_events_published_while_the_server_is_down_arrive_after_restart(tmp_path
                         client_id="audit-persistent")
     sub = AuditSubscriber(db, topics).start()
     source = ManualAckSource(config, sub.filters, sub.handle).start()
-    assert source.wait_connected(10)
+    assert source.wait_connected(CONNECT_S)
     source.close()
     sub.close()
     door = SimDevice(mosquitto.host, mosquitto.port, "door-4")

@@ -43,6 +43,8 @@ class Door(SimDevice):
         self.client.subscribe(self.topics.gallery_delta, qos=1)
 
     def _on_delta(self, _client: Any, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        if msg.topic != self.topics.gallery_delta:
+            return
         delta = GalleryDelta.parse(bytes(msg.payload))
         with self._got:
             self.deltas.append(delta)

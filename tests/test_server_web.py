@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -19,7 +18,7 @@ from device.config import QualityConfig
 from device.vision.image import decode_image
 from server.app import create_app
 from tests.browser_kit import WAIT_S, open_chromium, shot
-from tests.conftest import Broker
+from tests.conftest import Broker, free_port
 from tests.server_support import (
     ADMIN_PASSWORD,
     SimDevice,
@@ -44,9 +43,7 @@ class LiveServer:
     def __init__(self, tmp: Path, broker: Broker) -> None:
         from tests.server_support import make_config
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
+        self.port = free_port()
         config = make_config(tmp, mqtt={"enabled": True, "host": broker.host, "port": broker.port,
                                         "client_id": "web-test-server"})
         self.app = create_app(config)
@@ -68,12 +65,12 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    running = Broker(tmp_path_factory.mktemp("web-broker"))
+    running = Broker(data_dir=tmp_path_factory.mktemp("web-broker"))
     running.start()
     try:
         yield running
     finally:
-        running.stop()
+        running.close()
 
 
 @pytest.fixture(scope="module")

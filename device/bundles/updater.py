@@ -4,6 +4,16 @@ paho's network thread only enqueues; one worker thread owns the download, the in
 so a 25 MB install never stalls keepalives or PUBACKs. Acks are retained on ``…/<device>/bundle/ack``:
 ``downloading`` with a percentage, ``verifying``, ``installed``, ``rejected``/``rolled_back`` with
 a reason, plus the outcome of the latest gallery delta.
+
+Nothing here assumes the broker kept anything (a broker restarted without persistence keeps no
+retained message and no queued chunk):
+
+- every connect re-publishes the ack: it is the door's hello, and the server answers a door that is
+  behind by offering the announcement and the delta again (:mod:`server.bundles.offers`);
+- a download interrupted by a restart resumes from its signed announcement on disk, without waiting
+  for the announcement to be offered again;
+- missing chunks are asked for when chunks stop arriving, at once after a reconnect, and again with a
+  doubling interval while nobody answers (``request_idle_s`` up to :data:`REQUEST_BACKOFF_MAX_S`).
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from device.bundles.download import Download
+from device.bundles.download import ANNOUNCE_FILE, Download
 from device.bundles.errors import BundleRejected, IncompleteDownload, RejectCode
 from device.bundles.store import ActiveBundle, BundleStore
 from device.config import BundleConfig
@@ -46,6 +56,8 @@ TICK_S = 0.25
 PROGRESS_STEP = 10.0
 # Failures caused by the transfer (not the bundle itself) are retried when the server publishes again.
 TRANSFER_CODES = frozenset({RejectCode.TAMPERED, RejectCode.TRUNCATED})
+# Cap of the doubling interval between chunk requests nobody answers (no server running, a lost request).
+REQUEST_BACKOFF_MAX_S = 60.0
 
 LoadHook = Callable[[ActiveBundle], None]
 # Makes an accepted delta live in the running door (removals in place first). Returns None when every change
@@ -74,6 +86,7 @@ class BundleUpdater:
         self._failed: dict[bytes, tuple[RejectCode, str]] = {}  # signed manifest -> failure
         self._last_progress = 0.0
         self._last_request = 0.0
+        self._request_wait = self.config.request_idle_s  # doubles while requests go unanswered
         self._outstanding: set[tuple[int, int]] = set()
         self._acked_percent = -PROGRESS_STEP
         self._changed = threading.Condition()
@@ -148,6 +161,10 @@ class BundleUpdater:
     # ------------------------------------------------------------------ worker thread
 
     def _run(self) -> None:
+        try:
+            self._resume()
+        except Exception:
+            logger.exception("resuming a partial bundle download failed")
         while not self._stop.is_set():
             try:
                 kind, message = self._queue.get(timeout=TICK_S)
@@ -167,11 +184,44 @@ class BundleUpdater:
             self._on_delta(message.payload)
         elif kind == "sync":
             self._failed = {k: v for k, v in self._failed.items() if v[0] not in TRANSFER_CODES}
-            self._last_request = 0.0
+            self._request_soon()
             self._publish_ack(self.last_ack)
-        elif kind == "ack":
+        elif kind == "ack":  # (re)connected: say hello, and ask at once for what a download misses
+            self._request_soon()
             self._publish_ack(self.last_ack)
         self._maybe_request()
+
+    def _request_soon(self) -> None:
+        """Ask for missing chunks at the next check, not after the idle interval."""
+        self._last_progress = 0.0
+        self._last_request = 0.0
+        self._request_wait = self.config.request_idle_s
+
+    def _resume(self) -> None:
+        """Go on with a download a restart interrupted, from the signed announcement it saved."""
+        root = self.store.downloads_dir()
+        if not root.is_dir():
+            return
+        running = self.store.running_sequence
+        folders = sorted((p for p in root.iterdir() if p.name.isdigit()), key=lambda p: int(p.name),
+                         reverse=True)
+        for folder in folders:
+            try:
+                announce = BundleAnnounce.parse((folder / ANNOUNCE_FILE).read_bytes())
+            except (OSError, PayloadError):
+                continue
+            if announce.manifest.sequence <= running or announce.manifest.sequence != int(folder.name):
+                continue
+            try:
+                self.store.check_announce(announce)
+            except BundleRejected as exc:
+                logger.warning("partial download %s dropped: %s", folder.name, exc)
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            logger.info("bundle %d: resuming the download saved before the restart",
+                        announce.manifest.sequence)
+            self._start_download(announce)
+            return
 
     def _ack(self, sequence: int, state: BundleState, percent: float = 0.0, reason: str | None = None,
              delta: tuple[int, DeltaState, str | None] | None = None) -> None:
@@ -261,6 +311,7 @@ class BundleUpdater:
             return
         if new:
             self._last_progress = time.monotonic()
+            self._request_wait = self.config.request_idle_s
             self._outstanding.discard((header.file_index, header.index))
             self._progress()
             if dl.complete:
@@ -271,13 +322,15 @@ class BundleUpdater:
         if dl is None or dl.complete or not self.client.connected:
             return
         now = time.monotonic()
-        idle = now - max(self._last_progress, self._last_request) >= self.config.request_idle_s
+        idle = now - max(self._last_progress, self._last_request) >= self._request_wait
         batch_done = self._last_request > 0.0 and not self._outstanding
         if not (idle or batch_done):
             return
         refs = dl.missing(self.config.request_batch)
         if not refs:
             return
+        if idle and self._last_request > self._last_progress:  # the last request went unanswered
+            self._request_wait = min(REQUEST_BACKOFF_MAX_S, self._request_wait * 2)
         request = ChunkRequest(device=self.device_id, sequence=dl.sequence, correlation_id=uuid.uuid4().hex,
                                chunks=refs)
         self._outstanding = {(r.file_index, r.index) for r in refs}

@@ -1,7 +1,11 @@
 """The only module that imports paho: a narrow MQTT client (publish, subscribe -> unsubscribe, close).
 
 - MQTT v5 when the broker offers it; a broker that refuses v5 ("unsupported protocol version",
-  e.g. amqtt) gets a 3.1.1 reconnect, once, automatically (``protocol="auto"``).
+  e.g. amqtt) gets a 3.1.1 reconnect, once, automatically (``protocol="auto"``). So does a broker that
+  drops a v5 CONNECT without any CONNACK (some 3.1.1-only brokers do when the CONNECT carries a will).
+  The process remembers such brokers, so its later clients speak 3.1.1 to them from the start.
+  Nothing depends on v5: its extras (session expiry, response topic, correlation data) are only used
+  when the broker speaks it.
 - Reconnects forever with exponential backoff; subscriptions are restored on every connect.
 - Every callback runs on paho's network thread inside a try/except that logs the topic (never the
   payload), so a bad message or a buggy handler can never kill the network loop.
@@ -40,6 +44,21 @@ CLOSE_TIMEOUT_S = 2.0
 
 Protocol = Literal["auto", "5", "3.1.1"]
 MessageCallback = Callable[["Message"], None]
+
+
+# Brokers (host, port) that refused MQTT v5 in this process: later "auto" clients start with 3.1.1.
+_V311_BROKERS: set[tuple[str, int]] = set()
+_V311_LOCK = threading.Lock()
+
+
+def _known_311(host: str, port: int) -> bool:
+    with _V311_LOCK:
+        return (host, port) in _V311_BROKERS
+
+
+def _remember_311(host: str, port: int) -> None:
+    with _V311_LOCK:
+        _V311_BROKERS.add((host, port))
 
 
 class MqttError(Exception):
@@ -152,8 +171,11 @@ class MqttClient:
         self._publish_listeners: dict[int, Callable[[int, bool], None]] = {}
         self._connected = threading.Event()
         self._closed = False
+        self._connack_seen = False  # a CONNACK (of any verdict) answered the current connection attempt
         self.generation = 0
-        self.protocol_version = 5 if settings.protocol in ("auto", "5") else 4
+        v5 = settings.protocol == "5" or (settings.protocol == "auto" and not _known_311(settings.host,
+                                                                                            settings.port))
+        self.protocol_version = 5 if v5 else 4
         self._client = self._make_client()
         self._started = False
 
@@ -240,7 +262,8 @@ class MqttClient:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def _fall_back_to_311(self, old: paho.Client) -> None:
+    def _fall_back_to_311(self, old: paho.Client, why: str) -> None:
+        _remember_311(self.settings.host, self.settings.port)
         old.loop_stop()
         with self._lock:
             if self._closed or old is not self._client:
@@ -248,7 +271,11 @@ class MqttClient:
             self.protocol_version = 4
             self._client = self._make_client()
             self._connect_async(self._client)
-        logger.info("broker %s:%d refused MQTT v5; using 3.1.1", self.settings.host, self.settings.port)
+        logger.info("broker %s:%d %s; using MQTT 3.1.1", self.settings.host, self.settings.port, why)
+
+    def _start_fallback(self, client: paho.Client, why: str) -> None:
+        threading.Thread(target=self._fall_back_to_311, args=(client, why), daemon=True,
+                         name="mqtt-fallback").start()
 
     # ------------------------------------------------------------------ listeners
 
@@ -328,11 +355,11 @@ class MqttClient:
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode,
                     properties: Any) -> None:
         try:
+            self._connack_seen = True
             if reason_code.is_failure:
                 if (self.settings.protocol == "auto" and self.protocol_version == 5
                         and reason_code.value in UNSUPPORTED_PROTOCOL_CODES):
-                    threading.Thread(target=self._fall_back_to_311, args=(client,), daemon=True,
-                                     name="mqtt-fallback").start()
+                    self._start_fallback(client, "refused MQTT v5")
                 else:
                     logger.warning("broker %s:%d refused the connection: %s", self.settings.host,
                                    self.settings.port, reason_code)
@@ -356,6 +383,10 @@ class MqttClient:
         try:
             was = self._connected.is_set()
             self._connected.clear()
+            answered, self._connack_seen = self._connack_seen, False
+            if (not answered and not self._closed and self.settings.protocol == "auto"
+                    and self.protocol_version == 5):
+                self._start_fallback(client, "closed an MQTT v5 connection without a CONNACK")
             if was and not self._closed:
                 logger.warning("lost the broker %s:%d (%s); reconnecting", self.settings.host,
                                self.settings.port, reason_code)

@@ -3,9 +3,19 @@
 Life of an event:
 1. ``MqttEventSink.emit`` writes it to the outbox (committed, ``synchronous=FULL``) and returns.
 2. The publisher thread sends pending rows in sequence order with QoS 1, a bounded window in flight.
-3. A row is deleted only when its PUBACK arrives (paho ``on_publish`` with the same mid).
-4. After every reconnect the publisher starts again from the oldest row, so anything unacknowledged is
-   replayed in order. Replays may duplicate an event; subscribers de-duplicate on ``event_id``.
+3. The broker's PUBACK says the broker has it. With ``confirm`` (``[mqtt] confirm_events``, the
+   default) that is not enough, because a broker restarted without persistence forgets what it held
+   for a subscriber that was away: the row stays until the server's receipt
+   (:class:`~device.protocol.schemas.EventConfirm` on ``…/<device>/events/confirm``, sent by the audit
+   subscriber after its commit) covers it. Without ``confirm`` the row is deleted on the PUBACK.
+4. After every reconnect the publisher starts again from the oldest row the broker has not
+   acknowledged, so anything unacknowledged is replayed in order.
+5. A row the broker acknowledged but the server never confirmed was lost on the way (a broker restart
+   between the two). It is sent again when a receipt covers a row published after it (the server
+   stores in the order the broker delivers, so the older one will not come), and, when no receipt
+   arrives at all, the oldest window is sent again after ``CONFIRM_WAIT_S``, doubling up to
+   ``CONFIRM_WAIT_MAX_S`` while nothing is confirmed (a server that is away is not flooded).
+Replays may duplicate an event; the server stores each ``event_id`` once and confirms duplicates too.
 
 Size policy (never silent): when the outbox holds ``max_events`` rows, the oldest row is evicted to make
 room; each eviction is logged at WARNING with its event id and sequence, counted in ``dropped`` (kept in
@@ -15,13 +25,14 @@ numbers are monotonic, so a subscriber also sees the gap.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -31,6 +42,7 @@ from device.protocol.schemas import decision_to_event
 from device.protocol.snapshots import SNAPSHOT_KINDS
 from device.protocol.topics import Topics
 from device.types import Decision
+from device.waiting import WaitTimeout, wait_progress
 
 if TYPE_CHECKING:
     from device.mqtt.snapshots import SnapshotPublisher
@@ -45,6 +57,10 @@ INFLIGHT_WINDOW = 64
 PUMP_IDLE_S = 0.5
 # A message unacknowledged for this long while connected is resent (brokers should never need it).
 INFLIGHT_TIMEOUT_S = 60.0
+# With receipts: the oldest unconfirmed events are sent again after this long without any receipt,
+# the wait doubling up to the cap while none comes (the server is away); any receipt resets it.
+CONFIRM_WAIT_S = 10.0
+CONFIRM_WAIT_MAX_S = 300.0
 
 
 class OutboxError(Exception):
@@ -132,6 +148,36 @@ class Outbox:
                 (after, limit)).fetchall()
         return [OutboxRow(int(s), str(e), str(t), bytes(p)) for s, e, t, p in rows]
 
+    def delete_ranges(self, ranges: Iterable[tuple[int, int]]) -> int:
+        """Remove the rows in inclusive [first, last] seq ranges (a server receipt); return how many."""
+        keys = [(int(a), int(b)) for a, b in ranges]
+        if not keys:
+            return 0
+        with self._lock:
+            db = self._conn()
+            try:
+                before = db.total_changes
+                db.executemany("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", keys)
+                removed = db.total_changes - before
+            except sqlite3.Error as exc:
+                raise OutboxError(f"cannot remove confirmed rows in {self.path}: {exc}") from exc
+            self._count -= removed
+            return removed
+
+    def rows(self, seqs: Iterable[int]) -> list[OutboxRow]:
+        """The rows among ``seqs`` still in the outbox, oldest first."""
+        keys = sorted({int(s) for s in seqs})
+        out: list[OutboxRow] = []
+        with self._lock:
+            db = self._conn()
+            for i in range(0, len(keys), 500):
+                chunk = keys[i:i + 500]
+                marks = ",".join("?" * len(chunk))
+                out += [OutboxRow(int(s), str(e), str(t), bytes(p)) for s, e, t, p in db.execute(
+                    f"SELECT seq, event_id, topic, payload FROM outbox WHERE seq IN ({marks}) "  # noqa: S608
+                    "ORDER BY seq", chunk).fetchall()]
+        return out
+
     def delete(self, seqs: Iterable[int]) -> int:
         """Remove acknowledged rows; return how many existed."""
         keys = [(int(s),) for s in seqs]
@@ -150,7 +196,7 @@ class Outbox:
 
     @property
     def depth(self) -> int:
-        """Rows waiting for a PUBACK."""
+        """Rows not yet delivered (waiting for the PUBACK, or with receipts for the server's receipt)."""
         return self._count
 
     @property
@@ -176,15 +222,20 @@ class Outbox:
 
 
 class OutboxPublisher:
-    """Thread that drains the outbox over MQTT: in order, deleting on PUBACK, replaying after reconnects."""
+    """Thread that drains the outbox over MQTT: in order, replaying after reconnects, deleting a row on
+    its PUBACK or, with ``confirm``, on the server's receipt (see the module docstring)."""
 
-    def __init__(self, client: MqttClient, outbox: Outbox, window: int = INFLIGHT_WINDOW) -> None:
+    def __init__(self, client: MqttClient, outbox: Outbox, window: int = INFLIGHT_WINDOW,
+                 confirm: bool = False) -> None:
         self.client = client
         self.outbox = outbox
         self.window = window
+        self.confirm = confirm
+        self.resent = 0  # events sent again because the server never confirmed them
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._acks: queue.SimpleQueue[tuple[int, bool, int]] = queue.SimpleQueue()
+        self._receipts: queue.SimpleQueue[list[tuple[int, int]]] = queue.SimpleQueue()
         self._remove_listeners = [
             client.on_published(self._on_ack),
             client.on_connected(self._wake.set),
@@ -196,93 +247,166 @@ class OutboxPublisher:
         """Something was appended: publish soon."""
         self._wake.set()
 
+    def on_receipt(self, ranges: list[tuple[int, int]]) -> None:
+        """The server stored the events in these inclusive seq ranges (any thread; only enqueues)."""
+        self._receipts.put(list(ranges))
+        self._wake.set()
+
     def _on_ack(self, mid: int, ok: bool) -> None:
         # Network thread, under paho's lock: only enqueue.
         self._acks.put((mid, ok, self.client.generation))
         self._wake.set()
 
     def _run(self) -> None:
-        generation = -1
-        cursor = 0
-        inflight: dict[int, tuple[int, float]] = {}  # mid -> (seq, sent at)
-        early: dict[int, bool] = {}  # acks that arrived before publish() returned the mid
+        state = _PumpState()
         while not self._stop.is_set():
             self._wake.wait(PUMP_IDLE_S)
             self._wake.clear()
             try:
-                if not self.client.connected:
-                    continue
-                if self.client.generation != generation:
-                    generation = self.client.generation
-                    cursor, inflight, early = 0, {}, {}
+                connected = self.client.connected
+                if connected and self.client.generation != state.generation:
+                    state.reconnected(self.client.generation)
                     logger.debug("outbox: (re)connected, replaying %d events", self.outbox.depth)
-                cursor = self._drain_acks(generation, inflight, early, cursor)
-                cursor = self._check_stuck(inflight, cursor)
-                cursor = self._send(generation, inflight, early, cursor)
+                # PUBACKs before receipts: paho delivers a message's PUBACK before the server's receipt
+                self._drain_acks(state)
+                self._take_receipts(state)
+                if not connected:
+                    continue
+                self._check_stuck(state)
+                self._check_unconfirmed(state)
+                self._send(state)
             except Exception:
                 logger.exception("outbox publisher step failed; retrying")
                 time.sleep(PUMP_IDLE_S)
 
-    def _drain_acks(self, generation: int, inflight: dict[int, tuple[int, float]], early: dict[int, bool],
-                    cursor: int) -> int:
+    def _drain_acks(self, state: _PumpState) -> None:
         done: list[int] = []
         while True:
             try:
                 mid, ok, gen = self._acks.get_nowait()
             except queue.Empty:
                 break
-            if gen != generation:
+            if gen != state.generation:
                 continue
-            entry = inflight.pop(mid, None)
+            entry = state.inflight.pop(mid, None)
             if entry is None:
-                early[mid] = ok
-                if len(early) > 4 * self.window:
-                    early.pop(next(iter(early)))
+                state.early[mid] = ok
+                if len(state.early) > 4 * self.window:
+                    state.early.pop(next(iter(state.early)))
                 continue
             if ok:
                 done.append(entry[0])
+                state.at_broker[entry[0]] = entry[1]
             else:
-                cursor = min(cursor, entry[0] - 1)
-        self.outbox.delete(done)
-        return cursor
+                state.cursor = min(state.cursor, entry[0] - 1)
+        if not self.confirm:
+            self.outbox.delete(done)
+            for seq in done:
+                state.at_broker.pop(seq, None)
 
-    def _check_stuck(self, inflight: dict[int, tuple[int, float]], cursor: int) -> int:
-        if inflight and len(inflight) >= self.window:
-            oldest = min(sent for _, sent in inflight.values())
-            if time.monotonic() - oldest > INFLIGHT_TIMEOUT_S:
-                logger.warning("outbox: %d events unacknowledged for %.0fs; resending", len(inflight),
-                               INFLIGHT_TIMEOUT_S)
-                inflight.clear()
-                return 0
-        return cursor
-
-    def _send(self, generation: int, inflight: dict[int, tuple[int, float]], early: dict[int, bool],
-              cursor: int) -> int:
-        room = self.window - len(inflight)
-        if room <= 0:
-            return cursor
-        for row in self.outbox.pending(after=cursor, limit=room):
-            if self.client.generation != generation:
+    def _take_receipts(self, state: _PumpState) -> None:
+        """Delete what the server confirmed; anything published before it and still unconfirmed is lost."""
+        latest = -1.0
+        while True:
+            try:
+                ranges = self._receipts.get_nowait()
+            except queue.Empty:
                 break
-            handle = self.client.publish(row.topic, row.payload, qos=1)
-            if not handle.sent:
-                break  # disconnected meanwhile; the next connection replays from the start
-            cursor = row.seq
-            ok = early.pop(handle.mid, None)
-            if ok is None:
-                inflight[handle.mid] = (row.seq, time.monotonic())
-            elif ok:
-                self.outbox.delete([row.seq])
-        return cursor
+            self.outbox.delete_ranges(ranges)
+            covered = _coverage(ranges)
+            for seq in [s for s in state.at_broker if covered(s)]:
+                latest = max(latest, state.at_broker.pop(seq))
+            state.resend = {s for s in state.resend if not covered(s)}
+            state.receipt_at = time.monotonic()
+            state.confirm_wait = CONFIRM_WAIT_S
+        if latest >= 0:
+            lost = {seq for seq, sent in state.at_broker.items() if sent < latest}
+            if lost:
+                logger.info("outbox: %d events the broker took were never confirmed by the server "
+                            "(a broker restart?); sending them again", len(lost))
+                state.resend |= lost
 
-    def wait_drained(self, timeout: float) -> bool:
-        """Block until the outbox is empty or ``timeout``; True when empty."""
-        deadline = time.monotonic() + timeout
-        while self.outbox.depth > 0:
-            if time.monotonic() > deadline:
-                return False
+    def _check_unconfirmed(self, state: _PumpState) -> None:
+        """No receipt for a while: send the oldest unconfirmed window again, waiting longer each time."""
+        if not state.at_broker or state.resend:
+            return
+        now = time.monotonic()
+        if now - state.receipt_at < state.confirm_wait:
+            return
+        oldest = sorted(state.at_broker)[:self.window]
+        logger.info("outbox: no receipt from the server for %.0f s; sending the oldest %d unconfirmed "
+                    "events again", now - state.receipt_at, len(oldest))
+        state.resend |= set(oldest)
+        state.receipt_at = now
+        state.confirm_wait = min(CONFIRM_WAIT_MAX_S, state.confirm_wait * 2)
+
+    def _check_stuck(self, state: _PumpState) -> None:
+        if state.inflight and len(state.inflight) >= self.window:
+            oldest = min(sent for _, sent in state.inflight.values())
+            if time.monotonic() - oldest > INFLIGHT_TIMEOUT_S:
+                logger.warning("outbox: %d events unacknowledged for %.0fs; resending", len(state.inflight),
+                               INFLIGHT_TIMEOUT_S)
+                state.inflight.clear()
+                state.cursor = 0
+
+    def _publish(self, state: _PumpState, row: OutboxRow) -> bool:
+        handle = self.client.publish(row.topic, row.payload, qos=1)
+        if not handle.sent:
+            return False  # disconnected meanwhile; the next connection replays from the start
+        now = time.monotonic()
+        ok = state.early.pop(handle.mid, None)
+        if ok is None:
+            state.inflight[handle.mid] = (row.seq, now)
+        elif ok:
+            state.at_broker[row.seq] = now
+            if not self.confirm:
+                self.outbox.delete([row.seq])
+                state.at_broker.pop(row.seq, None)
+        return True
+
+    def _send(self, state: _PumpState) -> None:
+        room = self.window - len(state.inflight)
+        if room <= 0:
+            return
+        if state.resend:
+            again = self.outbox.rows(sorted(state.resend)[:room])
+            present = {row.seq for row in again}
+            for seq in sorted(state.resend)[:room]:
+                if seq not in present:  # confirmed or evicted meanwhile
+                    state.resend.discard(seq)
+                    state.at_broker.pop(seq, None)
+            for row in again:
+                if self.client.generation != state.generation or not self._publish(state, row):
+                    return
+                state.resend.discard(row.seq)
+                self.resent += 1
+                room -= 1
+        while room > 0:
+            rows = self.outbox.pending(after=state.cursor, limit=self.window)
+            if not rows:
+                return
+            for row in rows:
+                if row.seq in state.at_broker:  # the broker has it; only a receipt is missing
+                    state.cursor = row.seq
+                    continue
+                if room <= 0:
+                    return
+                if self.client.generation != state.generation or not self._publish(state, row):
+                    return
+                state.cursor = row.seq
+                room -= 1
+
+    def wait_drained(self, stall_s: float) -> bool:
+        """Block until the outbox is empty; False once its depth did not move for ``stall_s`` seconds."""
+
+        def empty() -> bool:
             self._wake.set()
-            time.sleep(0.05)
+            return self.outbox.depth == 0
+
+        try:
+            wait_progress(empty, "the outbox to drain", stall_s=stall_s, progress=lambda: self.outbox.depth)
+        except WaitTimeout:
+            return False
         return True
 
     def close(self) -> None:
@@ -295,6 +419,42 @@ class OutboxPublisher:
             self._thread.join(timeout=5)
 
 
+@dataclass
+class _PumpState:
+    """The publisher thread's bookkeeping (owned by that thread only)."""
+
+    generation: int = -1
+    cursor: int = 0  # highest seq published (or skipped) on this connection
+    inflight: dict[int, tuple[int, float]] = field(default_factory=dict)  # mid -> (seq, sent at)
+    early: dict[int, bool] = field(default_factory=dict)  # acks that arrived before publish() returned
+    at_broker: dict[int, float] = field(default_factory=dict)  # seq -> sent at: PUBACKed, unconfirmed
+    resend: set[int] = field(default_factory=set)  # unconfirmed seqs to publish again
+    receipt_at: float = field(default_factory=time.monotonic)
+    confirm_wait: float = CONFIRM_WAIT_S
+
+    def reconnected(self, generation: int) -> None:
+        """A new connection: replay from the oldest row the broker has not acknowledged."""
+        self.generation = generation
+        self.cursor, self.inflight, self.early = 0, {}, {}
+
+
+def _coverage(ranges: list[tuple[int, int]]) -> Callable[[int], bool]:
+    """A membership test for inclusive [first, last] ranges (merged, then bisected: receipts may be long)."""
+    merged: list[list[int]] = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], last)
+        else:
+            merged.append([first, last])
+    firsts = [first for first, _ in merged]
+
+    def covered(seq: int) -> bool:
+        i = bisect.bisect_right(firsts, seq) - 1
+        return i >= 0 and seq <= merged[i][1]
+
+    return covered
+
+
 class MqttEventSink:
     """The agent's EventSink over MQTT: ``emit(decision)`` stores the event durably, then publishes it.
 
@@ -304,14 +464,14 @@ class MqttEventSink:
     """
 
     def __init__(self, client: MqttClient, outbox: Outbox, topics: Topics, device_id: str,
-                 snapshots: SnapshotPublisher | None = None) -> None:
+                 snapshots: SnapshotPublisher | None = None, confirm: bool = False) -> None:
         self.client = client
         self.outbox = outbox
         self.topic = topics.events(device_id)
         self.device_id = device_id
         self.snapshots = snapshots
         self.failures = 0
-        self.publisher = OutboxPublisher(client, outbox)
+        self.publisher = OutboxPublisher(client, outbox, confirm=confirm)
         self._closed = False
 
     @property

@@ -3,6 +3,8 @@
 - ``…/<device>/available``: ``online`` (retained) on every connect; the broker publishes the will
   ``offline`` (retained) when the device vanishes; ``close()`` publishes ``offline`` itself.
 - ``…/<device>/status``: retained :class:`StatusPayload` every ``mqtt.status_interval_s`` and on connect.
+- ``…/<device>/events/confirm``: the server's receipts for stored events (``[mqtt] confirm_events``);
+  the outbox keeps each event until one covers it.
 - ``…/<device>/cmd/<name>/set``: ``unlock`` (``seconds`` or HA's ``action``), ``reload``, ``sync``; each
   answered with a :class:`CommandResponse` carrying the request's correlation id on
   ``…/cmd/<name>/response`` (and on the v5 response topic when the request named one). A command that
@@ -36,6 +38,7 @@ from device.mqtt.snapshots import SnapshotPublisher
 from device.protocol.schemas import (
     CommandRequest,
     CommandResponse,
+    EventConfirm,
     PayloadError,
     StatusPayload,
     VersionsPayload,
@@ -130,7 +133,8 @@ class DeviceMqtt:
         # Opt-in, best-effort JPEGs of unknown/spoof events on …/snapshot (device.protocol.snapshots).
         self.snapshots = (SnapshotPublisher(self.client, self.topics, self.device_id)
                           if config.mqtt.snapshots else None)
-        self.sink = MqttEventSink(self.client, self.outbox, self.topics, self.device_id, self.snapshots)
+        self.sink = MqttEventSink(self.client, self.outbox, self.topics, self.device_id, self.snapshots,
+                                  confirm=config.mqtt.confirm_events)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mqtt-cmd")
         self._stop = threading.Event()
         self._status_thread = threading.Thread(target=self._status_loop, name="mqtt-status", daemon=True)
@@ -149,6 +153,9 @@ class DeviceMqtt:
         ]
         if self.config.mqtt.homeassistant:
             self._undo.append(self.client.subscribe(HA_STATUS_TOPIC, self._on_ha_status))
+        if self.config.mqtt.confirm_events:
+            self._undo.append(self.client.subscribe(self.topics.events_confirm(self.device_id),
+                                                    self._on_receipt))
         self.client.start()
         self._status_thread.start()
         return self
@@ -198,6 +205,18 @@ class DeviceMqtt:
         if message.payload.strip().lower() == b"online":
             logger.info("Home Assistant came online: re-publishing discovery")
             self.publish_discovery()
+
+    def _on_receipt(self, message: Message) -> None:
+        """The server stored some of our events: the outbox may let them go."""
+        try:
+            receipt = EventConfirm.parse(message.payload)
+        except PayloadError as exc:
+            logger.warning("ignoring a malformed event receipt: %s", exc)
+            return
+        if receipt.device != self.device_id:
+            logger.warning("ignoring an event receipt addressed to %s", receipt.device)
+            return
+        self.sink.publisher.on_receipt(receipt.seqs)
 
     def status_payload(self) -> StatusPayload:
         """The current status."""

@@ -138,6 +138,44 @@ class EventPayload(Payload):
 OPTIONAL_EVENT_FIELDS = ("reason", "requested_by", "correlation_id", "seconds")
 
 
+# Inclusive seq ranges one confirmation may carry (a batch of the audit writer fits in far fewer).
+MAX_CONFIRM_RANGES = 1024
+
+
+class EventConfirm(Payload):
+    """The server's receipt on ``…/<device>/events/confirm`` (QoS 1): these events are stored.
+
+    A door keeps an event in its outbox until a receipt covers it, not only until the broker's PUBACK,
+    so a broker that restarts without persistence cannot lose it (see :mod:`device.mqtt.outbox`).
+    """
+
+    device: DeviceId
+    seqs: list[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]] = Field(
+        default_factory=list, max_length=MAX_CONFIRM_RANGES,
+        description="Stored event seqs as inclusive [first, last] ranges.")
+    ts: AwareDatetime
+
+    @field_validator("seqs")
+    @classmethod
+    def _ordered(cls, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        if any(first > last for first, last in ranges):
+            raise ValueError("each range must be [first, last] with first <= last")
+        return ranges
+
+    @classmethod
+    def of(cls, device: str, seqs: list[int]) -> list[EventConfirm]:
+        """Receipts for ``seqs`` (any order, duplicates allowed), as few as the range limit allows."""
+        ranges: list[tuple[int, int]] = []
+        for seq in sorted(set(seqs)):
+            if ranges and seq == ranges[-1][1] + 1:
+                ranges[-1] = (ranges[-1][0], seq)
+            else:
+                ranges.append((seq, seq))
+        now = utcnow()
+        return [cls(device=device, seqs=ranges[i:i + MAX_CONFIRM_RANGES], ts=now)
+                for i in range(0, len(ranges), MAX_CONFIRM_RANGES)]
+
+
 def _finite(value: float) -> float:
     if math.isnan(value):
         return 0.0

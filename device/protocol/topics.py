@@ -54,6 +54,10 @@ class Topics:
         """Access decisions, QoS 1."""
         return f"{self.device(device_id)}/events"
 
+    def events_confirm(self, device_id: str) -> str:
+        """Server -> device: receipts for stored events (``EventConfirm``)."""
+        return f"{self.events(device_id)}/confirm"
+
     def snapshot(self, device_id: str) -> str:
         """Opt-in JPEG snapshots of unknown/spoof events."""
         return f"{self.device(device_id)}/snapshot"

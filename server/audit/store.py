@@ -109,6 +109,18 @@ class BatchResult:
     kinds: dict[str, int] = field(default_factory=dict)  # inserted events per decision kind
     delta_devices: set[str] = field(default_factory=set)
     bundle_devices: set[str] = field(default_factory=set)  # devices whose running bundle changed
+    stored_seqs: dict[str, list[int]] = field(default_factory=dict)  # device -> event seqs now on record
+
+    def merge(self, other: BatchResult) -> None:
+        """Add another result (one message stored on its own) to this one."""
+        self.inserted += other.inserted
+        self.duplicates += other.duplicates
+        for kind, count in other.kinds.items():
+            self.kinds[kind] = self.kinds.get(kind, 0) + count
+        self.delta_devices |= other.delta_devices
+        self.bundle_devices |= other.bundle_devices
+        for device, seqs in other.stored_seqs.items():
+            self.stored_seqs.setdefault(device, []).extend(seqs)
 
 
 def _event_row(parsed: Parsed) -> dict[str, Any]:
@@ -195,6 +207,9 @@ def apply_batch(session: Session, messages: list[Parsed]) -> BatchResult:
     if rows:
         result.kinds, result.duplicates = insert_events(session, rows)
         result.inserted = sum(result.kinds.values())
+    for msg in messages:  # inserted now or already on record: either way the door may let it go
+        if msg.kind is MessageKind.EVENT and isinstance(msg.body, EventPayload):
+            result.stored_seqs.setdefault(msg.device_id, []).append(msg.body.seq)
     for msg in messages:
         device = _device(session, devices, msg.device_id)
         body = msg.body

@@ -3,6 +3,9 @@
 paho's network thread only enqueues. One writer thread owns the database work: it drains the queue
 in batches, writes each batch in one transaction and acknowledges the messages to the broker only
 after the commit (at-least-once delivery; the unique event id turns it into exactly-once storage).
+After the commit it also hands the stored event seqs to ``on_events_stored``, which sends each door
+its receipt (``…/<device>/events/confirm``): the door keeps an event until then, so a broker that
+restarts without persistence cannot lose it.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ class AuditSubscriber:
                  on_delta_acks: Callable[[Session, set[str]], int] | None = None,
                  after_commit: Callable[[], None] | None = None, batch_max: int = BATCH_MAX,
                  linger_s: float = LINGER_S,
-                 on_running_bundles: Callable[[set[str]], None] | None = None) -> None:
+                 on_running_bundles: Callable[[set[str]], None] | None = None,
+                 on_events_stored: Callable[[dict[str, list[int]]], None] | None = None) -> None:
         if batch_max < 1 or linger_s < 0:
             raise ValueError("batch_max must be >= 1 and linger_s >= 0")
         self.batch_max = batch_max
@@ -69,6 +73,7 @@ class AuditSubscriber:
         self._on_delta_acks = on_delta_acks
         self._after_commit = after_commit
         self._on_running_bundles = on_running_bundles
+        self._on_events_stored = on_events_stored
         self._queue: queue.Queue[Delivery] = queue.Queue(maxsize=QUEUE_MAX)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -170,12 +175,7 @@ class AuditSubscriber:
                 logger.error("message from %s could not be stored (%s); dropped", msg.device_id,
                              type(exc).__name__)
                 continue
-            total.inserted += one.inserted
-            total.duplicates += one.duplicates
-            for kind, count in one.kinds.items():
-                total.kinds[kind] = total.kinds.get(kind, 0) + count
-            total.delta_devices |= one.delta_devices
-            total.bundle_devices |= one.bundle_devices
+            total.merge(one)
         return total
 
     def _process(self, batch: list[Delivery]) -> None:
@@ -210,6 +210,11 @@ class AuditSubscriber:
                 self._after_commit()
             except Exception:
                 logger.exception("audit after-commit hook failed")
+        if result.stored_seqs and self._on_events_stored is not None:
+            try:
+                self._on_events_stored(result.stored_seqs)
+            except Exception:
+                logger.exception("sending event receipts failed (the doors send the events again)")
         if result.bundle_devices and self._on_running_bundles is not None:
             try:
                 self._on_running_bundles(result.bundle_devices)

@@ -93,6 +93,15 @@ class ManualAckSource:
         """True while connected and subscribed."""
         return self._connected.is_set()
 
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> bool:
+        """Publish (e.g. a door's event receipt); False when it could not even be queued."""
+        try:
+            info = self._client.publish(topic, payload, qos=qos)
+        except (ValueError, TypeError) as exc:
+            logger.warning("publish to %s refused: %s", topic, exc)
+            return False
+        return info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN)
+
     def close(self) -> None:
         """Disconnect and stop the network thread (idempotent). Unacked messages are redelivered later."""
         with self._lock:

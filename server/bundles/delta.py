@@ -30,7 +30,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device.mqtt.client import MqttClient
-from device.protocol.schemas import DeltaPerson, GalleryDelta, canonical_json, utcnow
+from device.protocol.schemas import BundleAck, DeltaPerson, GalleryDelta, canonical_json, utcnow
 from device.protocol.topics import Topics
 from models.runtime.manifest import atomic_write_bytes
 from server.bundles.signing import sign
@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "delta_state.json"
 NO_MODEL = "0" * 64
-# How long a publish waits for the broker's PUBACK before the call returns anyway (paho keeps it queued).
+# How long a publish waits for the broker's PUBACK before the call returns anyway (paho keeps it queued,
+# and the OfferKeeper offers the delta again on reconnect and on every hello from a door that lacks it).
 PUBLISH_WAIT_S = 5.0
 ADDED_AT = "added_at"  # per person in ``adds``: ISO time (UTC) of the person's latest add
 
@@ -161,7 +162,10 @@ class DeltaLedger:
 
 
 class MqttGallerySync:
-    """Publishes signed cumulative gallery deltas (implements ``server.enrollment.sync.GallerySync``)."""
+    """Publishes signed cumulative gallery deltas (implements ``server.enrollment.sync.GallerySync``) and
+    is an :class:`server.bundles.offers.Offer`: the latest delta is offered again to doors that lack it."""
+
+    name = "gallery delta"
 
     def __init__(self, client: MqttClient, topics: Topics, root: Path, key: Ed25519PrivateKey) -> None:
         self.client = client
@@ -170,12 +174,12 @@ class MqttGallerySync:
         self.ledger = DeltaLedger(root)
         self._lock = threading.Lock()
 
-    def _publish(self) -> int:
+    def _publish(self, wait: bool = True) -> int:
         delta = self.ledger.delta(self.key)
         handle = self.client.publish(self.topics.gallery_delta, delta.to_bytes(), qos=1, retain=True)
         if not handle.queued:
             raise SyncError(f"gallery delta {delta.seq} could not be queued for the broker")
-        if self.client.connected:
+        if wait and self.client.connected:  # pacing only: paho keeps it queued, and it is offered again
             handle.wait_for_publish(PUBLISH_WAIT_S)
         logger.info("gallery delta %d published (+%d persons, %d tombstones)", delta.seq, len(delta.add),
                     len(delta.remove))
@@ -205,7 +209,15 @@ class MqttGallerySync:
     def republish(self) -> int | None:
         """Publish the current ledger again (e.g. after the broker lost its retained messages)."""
         with self._lock:
-            return self._publish() if self.ledger.seq else None
+            return self._publish(wait=False) if self.ledger.seq else None
+
+    def offer(self) -> bool:
+        """Offer the latest delta again (``server.bundles.offers``); False when there is none yet."""
+        return self.republish() is not None
+
+    def behind(self, ack: BundleAck) -> bool:
+        """True when the door that sent ``ack`` processed an older delta than the latest."""
+        return ack.delta_sequence < self.ledger.seq
 
     def close(self) -> None:
         """Nothing to release: the MQTT client belongs to the caller."""

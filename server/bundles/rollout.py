@@ -48,6 +48,7 @@ class RolloutTracker:
         self.client = client
         self.topics = topics
         self._devices: dict[str, DeviceRollout] = {}
+        self.updates = 0  # messages taken in so far: what a wait watches for progress
         self._changed = threading.Condition()
         self._undo: list[Callable[[], None]] = []
 
@@ -74,6 +75,7 @@ class RolloutTracker:
         with self._changed:
             current = self._devices.get(device, DeviceRollout(device))
             self._devices[device] = replace(current, **changes)
+            self.updates += 1
             self._changed.notify_all()
 
     def _on_ack(self, message: Message) -> None:

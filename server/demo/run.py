@@ -46,7 +46,16 @@ from server.demo.cast import (
 )
 from server.demo.report import Summary, event_line
 from server.demo.scene import Director, EventLog, SceneCamera, Stage, Step
-from server.demo.stack import Api, DemoError, DoorRunner, ServerRunner, ship_bundle, wait_until
+from server.demo.stack import (
+    HTTP_POLL_S,
+    START_STALL_S,
+    Api,
+    DemoError,
+    DoorRunner,
+    ServerRunner,
+    ship_bundle,
+    wait_until,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +68,10 @@ TRACK_TIMEOUT_S = 1.0
 UNLOCK_S = 2.0
 PREFIX, SITE, DEVICE_ID = "facegate", "demo", "door-demo"
 ADMIN = "admin"
-# How long DELETE waits for the door's acknowledgement before answering 'pending'.
+# How long DELETE waits for the door's acknowledgement before answering 'pending' (then the demo polls).
 DELETE_WAIT_S = 60.0
+# A pending deletion fails the scene only when the door's delta state did not move for this long.
+DELETE_STALL_S = 120.0
 CAMERA_WAIT_S = 15.0  # how long a real camera may take to deliver its first frame
 
 
@@ -249,7 +260,7 @@ class Demo:
         topics = Topics(PREFIX, SITE)
         events = EventLog(client, topics, lambda e: console.print(event_line(e))).start()
         self.stack.callback(events.close)
-        if not client.wait_connected(30):
+        if not client.wait_connected(START_STALL_S):
             raise DemoError("the demo's MQTT subscriber could not connect")
         with phase(console, "door") as detail:
             door_config = device_config(opts, broker, models_dir, public_key_b64(key), passive,
@@ -327,7 +338,8 @@ class Demo:
         assert self.api is not None  # noqa: S101 - start() ran
         api = self.api
         try:
-            wait_until(lambda: api.event_count(DEVICE_ID) >= heard, "the audit log to store every event")
+            wait_until(lambda: api.event_count(DEVICE_ID) >= heard, "the audit log to store every event",
+                       progress=lambda: api.event_count(DEVICE_ID), poll_s=HTTP_POLL_S)
         except DemoError:
             self.summary.error = (f"the server's audit log holds {api.event_count(DEVICE_ID)} of the {heard} "
                                   "events the door published")
@@ -339,11 +351,25 @@ class Demo:
         assert self.door is not None and self.api is not None  # noqa: S101 - start() ran
         api = self.api
         wait_until(lambda: any(d["device_id"] == DEVICE_ID for d in api.devices()),
-                   f"the server to know {DEVICE_ID}")
+                   f"the server to know {DEVICE_ID}", poll_s=HTTP_POLL_S)
         started = time.monotonic()
         body = api.delete(person_id, DELETE_WAIT_S)
-        if body["status"] != "confirmed":
-            raise DemoError(f"deletion still {body['status']} after {DELETE_WAIT_S:.0f} s: {body['devices']}")
+        if body["status"] != "confirmed":  # a busy door: keep waiting while it works through the delta
+            updater = self.door.updater
+            latest = [body]
+
+            def confirmed() -> bool:
+                latest[0] = api.deletion(body["id"])
+                return bool(latest[0]["status"] == "confirmed")
+
+            try:
+                wait_until(confirmed, f"{DEVICE_ID} to confirm the deletion", DELETE_STALL_S,
+                           lambda: (updater.last_ack.delta_sequence, updater.last_ack.delta_state),
+                           HTTP_POLL_S)
+            except DemoError as exc:
+                state = latest[0]
+                raise DemoError(f"deletion still {state['status']}: {exc}: {state['devices']}") from exc
+            body = latest[0]
         door = next((d for d in body["devices"] if d["device_id"] == DEVICE_ID), None)
         if door is None or door["state"] != "confirmed":
             raise DemoError(f"the deletion did not wait for {DEVICE_ID}: {body['devices']}")

@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 BLANK_SIDE_PX = 320
 # Each photo is shown for this many frames, as a camera sees a person for a moment (>= confirm_n).
 REPEAT = 3
-SCENE_TIMEOUT_S = 120.0
+# A scene's waits fail only when the camera, the door or the subscriber made no progress for this long.
+SCENE_STALL_S = 120.0
 
 
 class SceneCamera(ReplaySource):
@@ -202,6 +203,9 @@ class Director:
         # Blank frames that end every face track: the track timeout at the replay rate, plus two.
         self.gap_frames = math.ceil(track_timeout_s * fps) + 2
 
+    def _frames(self) -> int:
+        return self.camera.frames
+
     def _decisions(self) -> int:
         return sum(self.agent.status().decisions.values())
 
@@ -216,13 +220,16 @@ class Director:
         started = time.monotonic()
         try:
             done = self.camera.play(paths)
-            wait_until(done.is_set, f"the camera to show the '{step.name}' scene", SCENE_TIMEOUT_S)
+            wait_until(done.is_set, f"the camera to show the '{step.name}' scene", SCENE_STALL_S,
+                       self._frames)
             ended = self.camera.frames + self.gap_frames
-            wait_until(lambda: self.camera.frames >= ended, "the face tracks to end", SCENE_TIMEOUT_S)
-            wait_until(self._drained, "the door to process every frame", SCENE_TIMEOUT_S)
+            wait_until(lambda: self.camera.frames >= ended, "the face tracks to end", SCENE_STALL_S,
+                       self._frames)
+            wait_until(self._drained, "the door to process every frame", SCENE_STALL_S,
+                       lambda: self.agent.status().frames_processed)
             decided = self._decisions() - decided_before
             wait_until(lambda: self.events.count >= heard_before + decided,
-                       f"{decided} event(s) to arrive over MQTT", SCENE_TIMEOUT_S)
+                       f"{decided} event(s) to arrive over MQTT", SCENE_STALL_S, lambda: self.events.count)
         except DemoError as exc:
             step.error = str(exc)
         finally:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +25,11 @@ from device.mqtt.client import MqttClient
 from device.mqtt.runtime import bundle_loader, make_delta_live, open_store
 from device.mqtt.service import DeviceMqtt
 from device.protocol.topics import Topics
+from device.waiting import WaitTimeout, wait_progress
 from models.runtime.manifest import load_manifest
 from server.app import app_state, create_app
 from server.bundles.builder import BuiltBundle, build_bundle
 from server.bundles.gallery_export import export_gallery
-from server.bundles.publisher import BundleServer
 from server.bundles.rollout import RolloutTracker, installed
 from server.bundles.signing import load_private_key
 from server.config import ServerConfig
@@ -38,24 +37,26 @@ from server.state import AppState
 
 logger = logging.getLogger(__name__)
 
-# Generous bounds against hangs (a slow CI machine); none of them is a performance claim.
-START_TIMEOUT_S = 60.0
-HTTP_TIMEOUT_S = 120.0
-INSTALL_TIMEOUT_S = 120.0
-POLL_S = 0.01
+# Waits fail only when nothing moved for this long (a hang), never because a busy machine is slow.
+START_STALL_S = 120.0  # a server, subscriber or camera that shows no sign of starting
+HTTP_TIMEOUT_S = 300.0  # one HTTP request (enrolment embeds photos; DELETE waits for the doors itself)
+INSTALL_STALL_S = 120.0  # the door's bundle acks (progress every 10 %, then verifying, installed)
+POLL_S = 0.02  # in-process counters are cheap to look at
+HTTP_POLL_S = 0.25  # a wait that asks the HTTP API
 
 
 class DemoError(Exception):
     """A demo stage failed; the message says which and why."""
 
 
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = START_TIMEOUT_S) -> None:
-    """Poll ``predicate`` until it holds; raise DemoError naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(POLL_S)
+def wait_until(predicate: Callable[[], bool], what: str, stall_s: float = START_STALL_S,
+               progress: Callable[[], Hashable] | None = None, poll_s: float = POLL_S) -> None:
+    """Wait until ``predicate`` holds; raise DemoError naming ``what`` once ``progress`` (a counter the
+    wait can watch) has not moved for ``stall_s`` seconds, or after ``stall_s`` without one."""
+    try:
+        wait_progress(predicate, what, stall_s=stall_s, progress=progress, poll_s=poll_s)
+    except WaitTimeout as exc:
+        raise DemoError(str(exc)) from exc
 
 
 class ServerRunner:
@@ -88,7 +89,7 @@ class ServerRunner:
         if not self._server.started:
             raise DemoError("the server stopped during start-up (see the log)")
         source = self.state.source
-        if source is None or not source.wait_connected(START_TIMEOUT_S):
+        if source is None or not source.wait_connected(START_STALL_S):
             raise DemoError("the server's audit subscriber did not connect to the broker")
         return self
 
@@ -138,6 +139,13 @@ class Api:
         """DELETE /api/persons/{id}: purge now, answer once every door confirmed (or after ``wait_s``)."""
         response = self._http.delete(f"/api/persons/{person_id}", params={"wait_s": wait_s})
         self._check(response, f"delete person {person_id}")
+        body: dict[str, Any] = response.json()
+        return body
+
+    def deletion(self, deletion_id: str) -> dict[str, Any]:
+        """GET /api/deletions/{id}: a deletion request and each door's confirmation."""
+        response = self._http.get(f"/api/deletions/{deletion_id}")
+        self._check(response, f"read deletion {deletion_id}")
         body: dict[str, Any] = response.json()
         return body
 
@@ -196,11 +204,21 @@ def ship_bundle(state: AppState, models_dir: Path, work: Path, client: MqttClien
     finally:
         shutil.rmtree(gallery_dir, ignore_errors=True)  # embeddings: the bundle holds its own copy
     seq = built.manifest.sequence
-    # The server keeps answering chunk requests until the door acknowledges the install.
-    with BundleServer(client, topics, config.bundles_root) as server, \
-            RolloutTracker(client, topics) as tracker:
-        server.publish(built, wait=True)
-        if not tracker.wait(lambda devices: device_id in installed(devices, seq), INSTALL_TIMEOUT_S):
+    bundles = state.bundles
+    if bundles is None:
+        raise DemoError("the server does not serve bundles (MQTT or its signing key is missing)")
+    # The server's own bundle server publishes, answers chunk requests and offers the announcement again.
+    with RolloutTracker(client, topics) as tracker:
+
+        def door() -> tuple[object, ...]:
             row = tracker.snapshot().get(device_id)
-            raise DemoError(f"{device_id} did not install bundle {seq}: {row.as_dict() if row else 'no ack'}")
+            ack = row.ack if row is not None else None
+            return (ack.sequence, ack.state, ack.percent, ack.running_sequence) if ack else ("no ack",)
+
+        try:
+            bundles.publish(built, wait=True)
+            wait_progress(lambda: device_id in installed(tracker.snapshot(), seq),
+                          f"{device_id} to install bundle {seq}", stall_s=INSTALL_STALL_S, progress=door)
+        except WaitTimeout as exc:
+            raise DemoError(f"{device_id} did not install bundle {seq}: {exc}") from exc
     return built

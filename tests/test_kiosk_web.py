@@ -25,10 +25,17 @@ import numpy as np
 import pytest
 
 from device.agent.runner import gallery_dir
-from device.config import DeviceConfig, load_device_config
+from device.agent.status import LIVENESS_OFF_KEY
+from device.config import DeviceConfig, QualityConfig, load_device_config
 from device.decide.tracks import iou
 from device.enroll import enroll
 from device.gallery import Gallery
+from device.kiosk.config import KioskConfig
+from device.kiosk.preview import Preview
+from device.kiosk.screen import KioskScreen
+from device.kiosk.server import KioskServer
+from device.liveness.challenge import ChallengeAction, ChallengeState, ChallengeStatus
+from device.types import DecisionKind
 from device.vision.embedder import EMBEDDING_DIM
 from device.vision.image import decode_image
 from device.vision.pipeline import FacePipeline
@@ -43,6 +50,7 @@ from tests.agent_support import (
 )
 from tests.browser_kit import WAIT_S, open_chromium, set_viewport, shot
 from tests.conftest import Broker, free_port, wait_port
+from tests.kiosk_kit import Clock, Reporter, Status, decision, face_frame
 
 pytestmark = pytest.mark.browser
 pytest.importorskip("selenium.webdriver")
@@ -273,3 +281,58 @@ def test_the_offline_badge_follows_the_broker(driver: WebDriver, tmp_path: Path,
     _wait(driver).until(lambda d: _state(d) == "unavailable")  # the agent is gone: the page says so
     assert "Out of service" in driver.find_element(By.ID, "message").text
     _shots(driver, "unavailable")
+
+
+def test_every_state_fits_the_pi_display_and_1080p(driver: WebDriver) -> None:
+    """The page itself, on the real server and screen model, fed state by state (a hand-driven clock and
+    status): every state, with every badge, fits 800x480 and 1920x1080 without scrolling."""
+    clock, status, reporter = Clock(), Status(), Reporter()
+    online = [True]
+    config = KioskConfig(enabled=True, port=0)
+    model = KioskScreen(config, QualityConfig(), status, reporter, lambda: online[0], clock)
+    preview = Preview(config, model.tone)
+    server = KioskServer(config, model, preview).start()
+    photo = astronaut_frames(1)[0]
+
+    def face(**kwargs: Any) -> None:
+        frame, views = face_frame(rgb=photo, ts=clock.now, **kwargs)
+        model.observe(frame, views)
+        preview.observe(frame, views)
+
+    def expect(state: str, text: str) -> None:
+        _wait(driver).until(lambda d: _state(d) == state)
+        assert text in driver.find_element(By.ID, "message").text
+        _shots(driver, f"fed-{state}")
+
+    try:
+        driver.get(f"http://127.0.0.1:{server.port}/kiosk")
+        expect("idle", "Look at the camera")
+        face(box=(150, 150, 190, 190))
+        expect("hint", "Too far")
+        clock.now += 2.0
+        face(box=(120, 60, 300, 260))
+        expect("checking", "One moment")
+        reporter.pending = (ChallengeStatus(1, ChallengeAction.BLINK, ChallengeState.ISSUED, clock.now,
+                                            clock.now + 5.0),)
+        face(box=(120, 60, 300, 260))
+        expect("challenge", "Blink your eyes")
+        reporter.pending = ()
+        face(box=(120, 60, 300, 260))
+        for kind, reason, state, text in (
+                (DecisionKind.SPOOF, "", "spoof", "Not accepted"),
+                (DecisionKind.DENIED, "outside_schedule", "denied", "outside your access hours"),
+                (DecisionKind.MANUAL_UNLOCK, "", "opened", "Door opened by the operator")):
+            status.door = "unlocked" if kind is DecisionKind.MANUAL_UNLOCK else "locked"
+            model.emit(decision(kind, "Ada Lovelace", reason))
+            expect(state, text)
+            assert "Ada" not in driver.find_element(By.TAG_NAME, "body").text
+        clock.now += 60.0
+        face(box=(120, 60, 300, 260))
+        status.door, online[0] = "fault", False
+        status.warnings = {LIVENESS_OFF_KEY: "liveness off"}
+        _wait(driver).until(lambda d: d.find_element(By.ID, "offline-badge").is_displayed())
+        assert driver.find_element(By.ID, "liveness-badge").is_displayed()
+        assert driver.find_element(By.ID, "door-text").text == "Door fault"
+        _shots(driver, "fed-badges")
+    finally:
+        server.close()

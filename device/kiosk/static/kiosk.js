@@ -91,6 +91,8 @@
     preview.hidden = true; // the preview is off or the agent restarts: try again shortly
     window.setTimeout(reloadPreview, PREVIEW_RETRY_MS);
   });
+  // The stream starts after the page loaded: an endless image must not hold the page's load event.
+  window.addEventListener("load", reloadPreview);
   poll();
   tick();
 })();

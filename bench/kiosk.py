@@ -54,6 +54,7 @@ class Arm:
     frames: int
     preview_frames: int = 0
     states: int = 0
+    preview_fps: float = 0.0  # frames the screen received per second while the preview streamed
 
     @property
     def cpu_ms_per_frame(self) -> float:
@@ -61,7 +62,7 @@ class Arm:
         return 1000.0 * self.cpu_s / max(self.frames, 1)
 
 
-def _client(port: int, cores: list[int], stop: Any, counts: Any) -> None:
+def _client(port: int, cores: list[int], stop: Any, counts: Any, span: Any) -> None:
     """The screen: stream the preview and poll the state until ``stop`` (its own process)."""
     if cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(cores))
@@ -80,6 +81,10 @@ def _client(port: int, cores: list[int], stop: Any, counts: Any) -> None:
                 reader.readline()
                 reader.read(length)
                 counts[0] += 1
+                now = time.monotonic()
+                if counts[0] == 1:
+                    span[0] = now
+                span[1] = now
 
     thread = threading.Thread(target=stream, daemon=True)
     thread.start()
@@ -123,12 +128,12 @@ def _run_arm(models_dir: Path, plan: list[Sequence], liveness: dict[str, Any], k
         if kiosk and server is None:
             raise ValueError("the kiosk could not start")
         ctx = mp.get_context("spawn")
-        stop, counts = ctx.Event(), ctx.Array("i", 2)
+        stop, counts, span = ctx.Event(), ctx.Array("i", 2), ctx.Array("d", 2)
         client = None
         if server is not None:
             others = sorted(set(os.sched_getaffinity(0)) - {core}) if hasattr(os, "sched_getaffinity") else []
             all_cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-            client = ctx.Process(target=_client, args=(server.port, others or all_cores, stop, counts),
+            client = ctx.Process(target=_client, args=(server.port, others or all_cores, stop, counts, span),
                                  daemon=True)
             client.start()
             deadline = time.monotonic() + CLIENT_START_TIMEOUT_S
@@ -147,7 +152,8 @@ def _run_arm(models_dir: Path, plan: list[Sequence], liveness: dict[str, Any], k
             agent.stop()
             if server is not None:
                 server.close()
-    return Arm(cpu, wall, frames, counts[0], counts[1])
+    streamed = span[1] - span[0]
+    return Arm(cpu, wall, frames, counts[0], counts[1], counts[0] / streamed if streamed > 0 else 0.0)
 
 
 def encode_ms(runs: int = ENCODE_RUNS) -> float:
@@ -186,7 +192,7 @@ def run_kiosk_bench(models_dir: Path, sequences: int = DEFAULT_SEQUENCES,
     ratios = [k.cpu_s / b.cpu_s for b, k in pairs]
     base_ms = statistics.median(b.cpu_ms_per_frame for b, _ in pairs)
     kiosk_ms = statistics.median(k.cpu_ms_per_frame for _, k in pairs)
-    preview_fps = statistics.median(k.preview_frames / k.wall_s for _, k in pairs)
+    preview_fps = statistics.median(k.preview_fps for _, k in pairs)
     return {
         "ratio": round(statistics.median(ratios), 3),
         "baseline_cpu_ms_per_frame": round(base_ms, 2),

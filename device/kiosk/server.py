@@ -174,7 +174,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(head.encode("ascii") + data + b"\r\n")
             self.wfile.flush()
             kiosk.frames_sent += 1
-            next_due = time.monotonic() + interval  # paced: never above preview_fps per stream
+            # Paced on a fixed grid: at most preview_fps per stream on average, without losing a frame
+            # interval to phase jitter; a stream that fell behind (no new frame) restarts from now.
+            now = time.monotonic()
+            next_due = now if next_due < now - interval else next_due + interval
 
 
 def _read_static() -> tuple[bytes, dict[str, bytes]]:

@@ -8,6 +8,8 @@ track fusion and the decision engine: analyze (detect, align, embed) -> liveness
 (``device.decide.fusion``: the mean of the track's best frames when ``decision.fuse_frames`` > 1) ->
 gallery search -> decide (recognition, then the ``[access]`` policy) -> door -> sink. Only when a sink
 asks for snapshots does an unknown/spoof decision carry a JPEG of the face region (``Decision.snapshot``).
+Observers (the metrics, the kiosk screen) see each processed frame: its latencies, and its faces with
+their tracks, boxes, chips and liveness (``add_frame_observer``), on the processing thread.
 Both stop on one ``threading.Event``; ``stop()`` joins them with a timeout (shutdown well under 2 s).
 
 Fail-secure: an exception while processing a frame (pipeline, liveness, gallery) locks the door; a grant

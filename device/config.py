@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from device.decide.operating_point import DEFAULT_DELTA, DEFAULT_TAU, lowest_tau_floor
+from device.kiosk.config import KioskConfig
 from facegate.configio import load_config
 
 ENV_PREFIX = "FACEGATE_DEVICE"
@@ -503,6 +504,7 @@ class DeviceConfig(Strict):
     loop: LoopConfig = LoopConfig()
     metrics: MetricsConfig = MetricsConfig()
     access: AccessConfig = AccessConfig()
+    kiosk: KioskConfig = KioskConfig()
 
 
 def config_warnings(config: DeviceConfig) -> list[str]:
@@ -515,6 +517,9 @@ def config_warnings(config: DeviceConfig) -> list[str]:
         floor = lowest_tau_floor()
         out.append(f"decision.tau {config.decision.tau:g} is below the calibrated floor {floor:g} "
                    "(acknowledged)")
+    if config.kiosk.enabled and not config.kiosk.loopback:
+        out.append(f"kiosk.host {config.kiosk.host} is not loopback: other machines can watch the door "
+                   "camera's preview")
     return out
 
 

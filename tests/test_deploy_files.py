@@ -70,6 +70,19 @@ def test_pi_install_script_parses_and_covers_the_steps() -> None:
         assert needle in text, needle
 
 
+def test_pi_kiosk_autostart_opens_the_loopback_screen_in_kiosk_mode() -> None:
+    browser = REPO / "deploy" / "pi" / "facegate-kiosk-browser"
+    subprocess.run(["bash", "-n", str(browser)], check=True)
+    text = browser.read_text()
+    assert "--kiosk" in text and "http://127.0.0.1:8088/kiosk" in text
+    desktop = configparser.ConfigParser(interpolation=None)
+    desktop.read_string((REPO / "deploy" / "pi" / "facegate-kiosk.desktop").read_text())
+    entry = desktop["Desktop Entry"]
+    assert entry["Type"] == "Application" and entry["Exec"] == "/opt/facegate/bin/facegate-kiosk-browser"
+    install = (REPO / "deploy" / "pi" / "install.sh").read_text()
+    assert "/etc/xdg/autostart/facegate-kiosk.desktop" in install and "facegate-kiosk-browser" in install
+
+
 def test_compose_environment_is_a_valid_server_config() -> None:
     """Every FACEGATE_SERVER__* variable compose sets names a real config field, and the result loads."""
     from server.config import load_server_config

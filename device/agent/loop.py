@@ -8,6 +8,8 @@ track fusion and the decision engine: analyze (detect, align, embed) -> liveness
 (``device.decide.fusion``: the mean of the track's best frames when ``decision.fuse_frames`` > 1) ->
 gallery search -> decide (recognition, then the ``[access]`` policy) -> door -> sink. Only when a sink
 asks for snapshots does an unknown/spoof decision carry a JPEG of the face region (``Decision.snapshot``).
+Observers (the metrics, the kiosk screen) see each processed frame: its latencies, and its faces with
+their tracks, boxes, chips and liveness (``add_frame_observer``), on the processing thread.
 Both stop on one ``threading.Event``; ``stop()`` joins them with a timeout (shutdown well under 2 s).
 
 Fail-secure: an exception while processing a frame (pipeline, liveness, gallery) locks the door; a grant
@@ -104,6 +106,19 @@ class Models:
 
 Loader = Callable[[], Models]
 LatencyObserver = Callable[[Mapping[str, float]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class FaceView:
+    """One face of a processed frame as a frame observer sees it (biometric: never log or send it)."""
+
+    track_id: int
+    detection: Detection
+    chip: Chip
+    liveness: LivenessResult
+
+
+FrameObserver = Callable[[Frame, Sequence[FaceView]], None]
 # The latency key an observer gets once per processed frame: the whole frame's processing time.
 FRAME_STAGE = "frame"
 
@@ -148,6 +163,7 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._closed = False
         self._latency_observers: list[LatencyObserver] = []
+        self._frame_observers: list[FrameObserver] = []
         self._fusion = TrackFusion(config.decision.fuse_frames)  # owned by the processing thread
 
     # ------------------------------------------------------------------ lifecycle
@@ -222,6 +238,13 @@ class Agent:
         ``{"frame": ms}`` once per frame (faceless frames included). Observers must be quick; an observer
         that raises is logged and never stops the door."""
         self._latency_observers.append(observer)
+
+    def add_frame_observer(self, observer: FrameObserver) -> None:
+        """Call ``observer`` on the processing thread with every processed frame and its faces (track,
+        box, chip, liveness), after the frame's decisions went to the sinks (the kiosk's preview and
+        hints). It must be quick and must not keep the images beyond the local screen; one that raises is
+        logged and never stops the door."""
+        self._frame_observers.append(observer)
 
     def _observe_latencies(self, latencies: Mapping[str, float]) -> None:
         for observer in self._latency_observers:
@@ -491,12 +514,18 @@ class Agent:
 
     def _process(self, frame: Frame, tracker: Tracker, engine: DecisionEngine) -> None:
         started = time.perf_counter()
-        self._process_faces(frame, tracker, engine)
+        views = self._process_faces(frame, tracker, engine)
+        for observer in self._frame_observers:
+            try:
+                observer(frame, views)
+            except Exception:
+                logger.exception("frame observer failed")
         if self._latency_observers:
             self._observe_latencies({FRAME_STAGE: (time.perf_counter() - started) * 1000.0})
 
-    def _process_faces(self, frame: Frame, tracker: Tracker, engine: DecisionEngine) -> None:
+    def _process_faces(self, frame: Frame, tracker: Tracker, engine: DecisionEngine) -> list[FaceView]:
         models = self._models
+        views: list[FaceView] = []
         faces = models.pipeline.analyze(frame.rgb)
         self._counters.frames_processed += 1
         self._fps.tick()
@@ -515,6 +544,8 @@ class Agent:
             latencies["search"] = (t2 - t1) * 1000.0
             if self._latency_observers:
                 self._observe_latencies(latencies)
+            if self._frame_observers:
+                views.append(FaceView(track_id, face.detection, face.chip, live))
             obs = FaceObservation(track_id, match, live, frame.timestamp, frame.source_id, latencies)
             decision = engine.observe(obs, models.pipeline.model_version)
             if decision is not None:
@@ -522,6 +553,7 @@ class Agent:
                 snapshot = (self._snapshot(frame, face.detection)
                             if decision.kind in SNAPSHOT_KINDS and self.sink.wants_snapshots else None)
                 self._act(replace(decision, gallery_version=models.gallery.version, snapshot=snapshot))
+        return views
 
     def _snapshot(self, frame: Frame, detection: Detection) -> bytes | None:
         """JPEG of the face region for an opted-in sink, or None (a failed snapshot never costs the event)."""

@@ -28,6 +28,7 @@ class AuditAction(enum.StrEnum):
     TOKEN_CREATED = "token_created"  # noqa: S105 - an action name
     LOGIN_FAILED = "login_failed"
     KEY_ROTATED = "key_rotated"
+    FACE_VIEWED = "face_viewed"  # an admin saw a stored face on the enrollment station
 
 
 def record(

@@ -21,6 +21,7 @@ from device.agent.runner import build_agent
 from device.bundles.updater import BundleUpdater
 from device.camera import FrameSource
 from device.config import DeviceConfig, GalleryConfig
+from device.kiosk.server import KioskServer, start_kiosk
 from device.mqtt.client import MqttClient
 from device.mqtt.runtime import bundle_loader, make_delta_live, open_store
 from device.mqtt.service import DeviceMqtt
@@ -170,20 +171,24 @@ class DoorRunner:
                                      config.bundle, on_installed=self._reload,
                                      on_gallery_changed=make_delta_live(self.agent))
         self.mqtt.attach_updater(self.updater)
+        self.kiosk: KioskServer | None = None
 
     def _reload(self, _bundle: object) -> None:
         self.agent.reload()
 
     def start(self) -> DoorRunner:
-        """Connect, listen for bundles and deltas, and start the camera and processing threads."""
+        """Connect, listen for bundles and deltas, serve the door screen, start the camera and processing."""
         self.mqtt.start()
         self.updater.start()
+        self.kiosk = start_kiosk(self.agent, online=lambda: self.mqtt.client.connected)
         self.agent.start()
         return self
 
     def close(self) -> None:
-        """Stop the agent (door locked), the updater and the MQTT side; idempotent."""
+        """Stop the agent (door locked), its screen, the updater and the MQTT side; idempotent."""
         self.agent.stop()
+        if self.kiosk is not None:
+            self.kiosk.close()
         self.updater.close()
         self.mqtt.close()
 

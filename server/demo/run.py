@@ -293,7 +293,11 @@ class Demo:
                 ids[person.name] = body["person"]["id"]
                 detail.append(f"{person.name} {body['accepted']}/{len(person.photos)} photos")
         with phase(console, "bundle") as detail:
-            built = ship_bundle(self.server.state, models_dir, opts.work, client, topics, DEVICE_ID)
+            try:
+                built = ship_bundle(self.server.state, models_dir, opts.work, client, topics, DEVICE_ID)
+            except DemoError as exc:
+                raise DemoError(f"{exc} ({self.door.describe()}; demo subscriber "
+                                f"{'connected' if client.connected else 'NOT connected'})") from exc
             gallery = self.door.agent.gallery
             m = built.manifest
             detail.append(f"#{m.sequence} signed, {len(m.files)} files, {m.total_size / 1e6:.0f} MB over "

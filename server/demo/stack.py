@@ -173,6 +173,14 @@ class DoorRunner:
         self.mqtt.attach_updater(self.updater)
         self.kiosk: KioskServer | None = None
 
+    def describe(self) -> str:
+        """Where the door stands, for an error message: connection, protocol, last bundle ack."""
+        client, ack = self.mqtt.client, self.updater.last_ack
+        link = f"connected over MQTT {'5' if client.protocol_version == 5 else '3.1.1'}" if client.connected \
+            else f"NOT connected (trying MQTT {'5' if client.protocol_version == 5 else '3.1.1'})"
+        return (f"{self.config.device.id} {link}, last ack: bundle {ack.sequence} {ack.state} "
+                f"{ack.percent:.0f} %, running {ack.running_sequence}")
+
     def _reload(self, _bundle: object) -> None:
         self.agent.reload()
 

@@ -143,3 +143,15 @@ def test_pi_install_pins_versions_with_a_constraints_file() -> None:
     for requirement in wanted:
         name = re.split(r"[<>=!;\[ ]", requirement)[0].lower().replace("_", "-")
         assert name in pinned, f"the device extra's {name} has no pin"
+
+
+def test_hostile_acl_door_blocks_match_make_certs() -> None:
+    """Every door block in facegate.acl is exactly what `make-certs.sh acl hq NAME` prints (no drift)."""
+    acl = (REPO / "deploy" / "mosquitto" / "facegate.acl").read_text()
+    doors = re.findall(r"^user (door-\S+)$", acl, flags=re.MULTILINE)
+    assert doors
+    for door in doors:
+        block = subprocess.run([str(REPO / "deploy" / "mosquitto" / "make-certs.sh"), "acl", "hq", door],
+                               capture_output=True, text=True, check=True).stdout
+        assert block in acl, door
+    assert not re.search(r"^pattern .*facegate/\+/", acl, flags=re.MULTILINE), "the site must be bound"

@@ -10,7 +10,7 @@ from device.protocol.schemas import EventConfirm
 from device.protocol.topics import Topics
 from server.audit.subscriber import AuditSubscriber
 from server.audit.transport import ManualAckSource
-from server.auth.ratelimit import TokenBucket
+from server.auth.ratelimit import FailureAggregator, TokenBucket
 from server.auth.service import bootstrap_admin
 from server.config import ServerConfig
 from server.crypto import ChipCipher, load_chip_cipher
@@ -78,6 +78,8 @@ class AppState:
     topics: Topics
     limiter: TokenBucket
     login_limiter: TokenBucket
+    login_global: TokenBucket
+    failed_logins: FailureAggregator
     audit: AuditSubscriber | None = None
     source: ManualAckSource | None = None
     bundles: BundleServer | None = None  # answers chunk requests and offers the published bundle
@@ -112,6 +114,9 @@ class AppState:
             limiter=TokenBucket(config.rate_limit.per_minute, config.rate_limit.burst),
             login_limiter=TokenBucket(config.auth.login_per_minute,
                                       max(1, int(config.auth.login_per_minute))),
+            login_global=TokenBucket(config.auth.login_global_per_minute,
+                                     max(1, int(config.auth.login_global_per_minute))),
+            failed_logins=FailureAggregator(config.auth.failed_login_audit_s),
         )
 
     def start_mqtt(self) -> None:

@@ -180,6 +180,51 @@ def rotate_chip_key_cmd(config_path: Path | None, new_key_file: Path | None, yes
                                                  "[crypto] chip_key_file before starting the server)"))
 
 
+@cli.command("remove-old-chip-key")
+@CONFIG_OPTION
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def remove_old_chip_key_cmd(config_path: Path | None, yes: bool) -> None:
+    """Delete the old key files a confirmed rotation kept (audit-logged rotation, no row left under them)."""
+    from server.db.engine import Database
+    from server.keyrotation import KeyRotationError, remove_retired_key, retired_key_files
+
+    config = _load(config_path)
+    files = retired_key_files(config)
+    if not files:
+        click.echo("no retired chip key files", err=True)
+        return
+    if not yes:
+        click.confirm(f"delete {len(files)} retired chip key file(s)? Backups made with them stay readable "
+                      "only with them", abort=True)
+    with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
+        for path in files:
+            try:
+                removed = remove_retired_key(config, db, path)
+            except KeyRotationError as exc:
+                raise click.ClickException(str(exc)) from exc
+            click.echo(f"removed retired chip key {removed} ({path})")
+
+
+@cli.command("bind-rows")
+@CONFIG_OPTION
+def bind_rows_cmd(config_path: Path | None) -> None:
+    """Bind chips sealed before the person binding to their person (idempotent; also runs at start)."""
+    import json
+
+    from server.crypto import load_chip_cipher
+    from server.db.engine import Database
+    from server.rowbinding import bind_chip_rows
+
+    config = _load(config_path)
+    with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
+        db.create_schema()
+        report = bind_chip_rows(db, load_chip_cipher(config))
+    click.echo(json.dumps({"bound": report.bound, "already": report.already,
+                           "refused": list(report.refused)}))
+    if report.refused:
+        sys.exit(1)
+
+
 @cli.command("gen-key")
 def gen_key() -> None:
     """Print a new base64 chip-encryption key (for FACEGATE_SERVER__CRYPTO__CHIP_KEY or a key file)."""

@@ -20,6 +20,7 @@ from server.enrollment.engine import RecognitionEngine
 from server.enrollment.index import TemplateIndex
 from server.enrollment.service import EnrollmentService
 from server.enrollment.sync import GallerySync, NullSync
+from server.rowbinding import bind_chip_rows
 from server.training.model_folder import active_models_dir
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class AppState:
         db = Database(config.database_url, config.database.echo, config.database.busy_timeout_ms)
         db.create_schema()
         cipher = load_chip_cipher(config)
+        bind_chip_rows(db, cipher)  # idempotent: chips sealed before the person binding get it now
         owns_engine = engine is None
         # The registry's promoted embedder (its composed models folder) wins over [models] dir.
         engine = engine or RecognitionEngine.from_config(config, active_models_dir(config, db))

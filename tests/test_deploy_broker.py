@@ -238,7 +238,7 @@ def test_server_can_do_everything_it_needs(tls_broker: TlsBroker) -> None:
     for topic in needed:
         server.publish(topic, b"{}", qos=1).wait_for_publish(ACK_S)
     door1 = tls_broker.client("door-1")
-    for topic in (topics.events("door-1"), topics.bundle_ack("door-1"), topics.bundle_chunk_request,
+    for topic in (topics.events("door-1"), topics.bundle_ack("door-1"), topics.bundle_request("door-1"),
                   topics.available("door-1")):
         door1.publish(topic, b"{}", qos=1).wait_for_publish(ACK_S)
         needed.append(topic)
@@ -290,7 +290,7 @@ def test_hostile_home_assistant_reads_only_status_available_events(tls_broker: T
     hidden = {topics.gallery_delta, topics.bundle_announce, topics.bundle_chunk(1),
               topics.bundle_chunk_reply("door-1"), topics.snapshot("door-1"),
               topics.command("door-1", "unlock"), topics.events_confirm("door-1"),
-              Topics("facegate", "other").status("door-1")}
+              topics.bundle_chunk_reply("homeassistant"), Topics("facegate", "other").status("door-1")}
     for topic in sorted(hidden) + sorted(allowed):
         server.publish(topic, b"{}", qos=1).wait_for_publish(ACK_S)
     _fence(server, topics.status("door-1"), recorder)
@@ -331,10 +331,11 @@ def test_hostile_door_is_bound_to_its_site(tls_broker: TlsBroker) -> None:
         server.publish(topic, b"{}", qos=1).wait_for_publish(ACK_S)
     _fence(server, hq.bundle_announce, door_seen)
     assert not {other.bundle_announce, other.gallery_delta, other.bundle_chunk(1)} & door_seen.topics()
-    for topic in (other.events("door-1"), other.bundle_chunk_request):
+    for topic in (other.events("door-1"), other.bundle_request("door-1"), hq.bundle_request("door-2")):
         door1.publish(topic, b"{}", qos=1).wait_for_publish(ACK_S)
     _fence(door1, hq.events("door-1"), server_seen)
-    assert not {other.events("door-1"), other.bundle_chunk_request} & server_seen.topics()
+    assert not {other.events("door-1"), other.bundle_request("door-1"),
+                hq.bundle_request("door-2")} & server_seen.topics()
     for c in (server, door1):
         c.disconnect()
         c.loop_stop()

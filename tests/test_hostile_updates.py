@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -269,3 +270,77 @@ def _acked(collector: Collector, predicate: Callable[[BundleAck], bool]) -> Call
         return False
 
     return check
+
+
+FLOOD_REFS = 512  # chunks a flooding request names (above the server's per-request cap)
+FLOOD_MAX_REQUESTS = 5000  # a bound on the flooder's loop
+FLOOD_PAUSE_S = 0.002  # between flood requests: hundreds per second, far above the rate limit
+
+
+def test_flood_door_cannot_delay_another_doors_install(mosquitto: Broker, server: Server, tmp_path: Path,
+                                                       key: tuple[Ed25519PrivateKey, str]) -> None:
+    """A door that floods chunk requests (oversized, too frequent, and forged in another door's name)
+    cannot starve another door: between one of door-2's requests being queued and being answered, the
+    flooder gets at most two requests' worth of chunks (the one being answered plus one round-robin
+    turn), each request is capped, the rate limit drops most of the flood, and door-2 installs."""
+    from device.mqtt.client import ClientSettings, MqttClient
+    from device.protocol.schemas import ChunkRef, ChunkRequest
+    from server.bundles import publisher
+
+    private, public = key
+    bundle = build(tmp_path, private, 1, persons={**PERSONS, **{f"crowd-{i}": 1 for i in range(CROWD)}},
+                   chunk_size=4096)
+    total = bundle.manifest.total_chunks
+    refs = [ChunkRef(file_index=f, index=i) for f in range(len(bundle.manifest.files))
+            for i in range(bundle.manifest.chunk_count(f))][:FLOOD_REFS]
+    assert total > publisher.MAX_CHUNKS_PER_REQUEST and len(refs) > publisher.MAX_CHUNKS_PER_REQUEST
+    flooder = MqttClient(ClientSettings(mosquitto.host, mosquitto.port, "door-f")).start()
+    assert flooder.wait_connected(CONNECT_S)
+    stop = threading.Event()
+    sent = {"own": 0, "forged": 0}
+
+    def flood() -> None:
+        n = 0
+        while not stop.is_set() and n < FLOOD_MAX_REQUESTS:
+            forged = n % 4 == 3
+            request = ChunkRequest(device="door-2" if forged else "door-f", sequence=1,
+                                   correlation_id=f"flood{n}", chunks=refs)
+            flooder.publish(TOPICS.bundle_request("door-f"), request.to_bytes(), qos=0)
+            sent["forged" if forged else "own"] += 1
+            n += 1
+            stop.wait(FLOOD_PAUSE_S)
+
+    server.bundles.publish(bundle, chunks=False)  # every chunk must be asked for
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    device = Device(mosquitto.host, mosquitto.port, "door-2", tmp_path / "d2", public)
+    try:
+        device.wait(installed(1))
+        serving(device.store)
+    finally:
+        stop.set()
+        thread.join(CONNECT_S)
+        device.close()
+        flooder.close()
+    log = list(server.bundles.served_log)
+    assert any(d == "door-f" and e == "served" for e, d, _ in log), "the flood was never answered at all"
+    assert all(n <= publisher.MAX_CHUNKS_PER_REQUEST for e, _, n in log if e == "served")
+    worst = 0
+    waiting = False
+    flood_chunks = 0
+    for event, device_id, chunks in log:
+        if device_id == "door-2" and event == "queued" and not waiting:
+            waiting, flood_chunks = True, 0
+        elif device_id == "door-2" and event == "served":
+            worst, waiting = max(worst, flood_chunks), False
+        elif device_id == "door-f" and event == "served" and waiting:
+            flood_chunks += chunks
+    bound = 2 * publisher.MAX_CHUNKS_PER_REQUEST
+    print(f"flood: {sent} requests sent, {server.bundles.dropped_requests} dropped; worst flood chunks "
+          f"ahead of a door-2 request: {worst} (bound {bound}); door-2 needed {total} chunks")
+    assert worst <= bound
+    forged_served = [d for e, d, _ in log if e == "queued" and d == "door-2"]
+    served_flood = sum(1 for e, d, _ in log if e == "served" and d == "door-f")
+    assert server.bundles.dropped_requests >= sent["forged"]  # every forged request dropped, and more
+    assert served_flood < sent["own"], "the rate limit dropped none of the flood"
+    assert forged_served  # door-2's own requests were queued and served

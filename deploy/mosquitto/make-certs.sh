@@ -56,7 +56,8 @@ case ${1:-} in
     if [ $# -ne 3 ]; then echo "usage: $0 acl SITE NAME" >&2; exit 2; fi
     printf 'user %s\n' "$3"
     for rule in "read facegate/$2/bundles/announce" "read facegate/$2/bundles/+/chunk" \
-                "read facegate/$2/bundles/delta" "write facegate/$2/bundles/request"; do
+                "read facegate/$2/bundles/delta" "write facegate/$2/$3/bundle/request" \
+                "read facegate/$2/$3/bundle/chunk"; do
       printf 'topic %s\n' "$rule"
     done
     exit 0 ;;

@@ -350,7 +350,7 @@ class BundleUpdater:
         self._outstanding = {(r.file_index, r.index) for r in refs}
         self._last_request = now
         logger.debug("bundle %d: asking for %d chunks (%s)", dl.sequence, len(refs), request.correlation_id)
-        self.client.publish(self.topics.bundle_chunk_request, request.to_bytes(), qos=1)
+        self.client.publish(self.topics.bundle_request(self.device_id), request.to_bytes(), qos=1)
 
     def _install(self) -> None:
         dl = self._download

@@ -158,11 +158,12 @@ class AuthConfig(Strict):
     )
     min_password_length: int = Field(10, ge=8, le=256, description="Shortest password accepted.")
     login_per_minute: float = Field(
-        10.0, gt=0, le=10_000, description="Login attempts per client address per minute (any user name)."
+        10.0, gt=0, le=10_000,
+        description="Failed login attempts per client address per minute (any user name).",
     )
     login_global_per_minute: float = Field(
         120.0, gt=0, le=100_000,
-        description="Login attempts per minute from all addresses together (bounds the argon2 work).",
+        description="Failed login attempts per minute from all addresses together (bounds argon2 work).",
     )
     failed_login_audit_s: float = Field(
         60.0, ge=1, le=86_400,

@@ -22,9 +22,13 @@ PUBLIC_ROUTES = frozenset({("POST", "/api/auth/login"), ("GET", "/healthz"), ("G
 def login_or_raise(state: AppState, session: SessionDep, body: LoginRequest, client: str) -> TokenResponse:
     """Check the login rate limit and the password; issue a token or raise 401/429."""
     # Per address whatever the user name (cycling names buys nothing), and globally (bounds argon2 work).
-    wait = state.login_limiter.take(f"login:{client}")
+    # Failures spend the budget; a successful login gets its tokens back.
+    address = f"login:{client}"
+    wait = state.login_limiter.take(address)
     if wait <= 0:
         wait = state.login_global.take("login")
+        if wait > 0:
+            state.login_limiter.refund(address)
     if wait > 0:
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
                             f"too many login attempts; retry in {wait:.0f}s",
@@ -41,6 +45,8 @@ def login_or_raise(state: AppState, session: SessionDep, body: LoginRequest, cli
             session.commit()
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, str(exc),
                             headers={"WWW-Authenticate": "Bearer"}) from exc
+    state.login_limiter.refund(address)
+    state.login_global.refund("login")
     token, row = issue_token(session, user, state.config.auth.token_ttl_s)
     session.commit()
     return TokenResponse(access_token=token, expires_at=row.expires_at, role=user.role,

@@ -42,6 +42,13 @@ class TokenBucket:
                 return 0.0
             return (1.0 - bucket.tokens) / self.rate
 
+    def refund(self, key: str) -> None:
+        """Give back the token a :meth:`take` consumed (e.g. a login that succeeded)."""
+        with self._lock:
+            bucket = self._buckets.get(key)
+            if bucket is not None:
+                bucket.tokens = min(self.burst, bucket.tokens + 1.0)
+
     def _evict(self, now: float) -> None:
         full_after = self.burst / self.rate
         stale = [k for k, b in self._buckets.items() if now - b.updated >= full_after]

@@ -76,7 +76,7 @@ def test_download_resumes_after_device_and_broker_restarts(mosquitto: Broker, se
     assert total > 20
     chunks = list(iter_chunks(bundle))
     first_part = chunks[: total * 2 // 5]
-    requests = Collector(mosquitto.host, mosquitto.port, [TOPICS.bundle_chunk_request], client_id="spy")
+    requests = Collector(mosquitto.host, mosquitto.port, [TOPICS.all_bundle_requests], client_id="spy")
     # Before it dies the device must not ask for the rest itself (however slowly the chunks arrive).
     patient = BundleConfig(request_idle_s=600)
     device = Device(mosquitto.host, mosquitto.port, "door-1", tmp_path / "d1", key[1], config=patient)

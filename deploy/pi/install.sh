@@ -20,8 +20,10 @@ id facegate >/dev/null 2>&1 || useradd --system --home /var/lib/facegate --shell
 usermod -aG gpio,video facegate
 
 python3 -m venv --system-site-packages "$prefix/venv"
-"$prefix/venv/bin/pip" install --upgrade pip
-"$prefix/venv/bin/pip" install "${src}[device]"
+# Pinned versions only (deploy/pi/constraints.txt): an install never pulls an untested release.
+constraints="$(cd "$(dirname "$0")" && pwd)/constraints.txt"
+"$prefix/venv/bin/pip" install --require-virtualenv -c "$constraints" "pip"
+"$prefix/venv/bin/pip" install --require-virtualenv -c "$constraints" "${src}[device]"
 
 install -d -o facegate -g facegate -m 0750 /var/lib/facegate
 install -d -m 0755 /etc/facegate

@@ -16,6 +16,7 @@ from server.api.deps import AdminDep, SessionDep, StateDep
 from server.audit.log import AuditAction, record
 from server.crypto import CryptoError
 from server.db.models import Chip, Person
+from server.rowbinding import chip_associated
 
 router = APIRouter(prefix="/api", tags=["persons"])
 
@@ -27,7 +28,7 @@ def _image(state: StateDep, session: SessionDep, who: AdminDep, person: Person, 
            view: Literal["thumbnail", "chip"]) -> Response:
     """Decrypt one chip (PNG inside), audit the view, answer uncacheable."""
     try:
-        png = state.cipher.decrypt(chip.ciphertext, chip.id)
+        png = state.cipher.decrypt(chip.ciphertext, chip_associated(chip.id, person.id))
     except CryptoError as exc:
         raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR,
                             f"this face cannot be decrypted with the configured chip key: {exc}") from exc

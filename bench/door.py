@@ -210,12 +210,14 @@ def celeba_people(shared: Path, count: int, judge: Any) -> list[tuple[str, npt.N
     people: list[tuple[str, npt.NDArray[np.float32], Image]] = []
     for identity, paths in sorted(by_id.items()):
         images = [decode_image(p.read_bytes()) for p in sorted(paths)[:6]]
-        vectors = [judge.embed(img) for img in images]
-        if vectors[0] is None:
+        enrolled = judge.embed(images[0])
+        if enrolled is None:
             continue
-        for img, vec in zip(images[1:], vectors[1:], strict=True):
-            if vec is not None and float(vec @ vectors[0]) >= judge.tau + judge.delta and judge.live(img):
-                people.append((identity, vectors[0], img))
+        for img in images[1:]:
+            # judged as the door holds it (the walk's last frame), not as the raw photo
+            vec = judge.embed(walk_frame(img, 1.0))
+            if vec is not None and float(vec @ enrolled) >= judge.tau + judge.delta and judge.live(img):
+                people.append((identity, enrolled, img))
                 break
         if len(people) == count:
             break
@@ -237,14 +239,20 @@ class Judge:
         return faces[0].embedding.vector if len(faces) == 1 else None
 
     def live(self, rgb: Image) -> bool:
-        """Whether the passive check calls the photo, walked in at full size, live."""
-        frame = walk_frame(rgb, 1.0)
-        faces = self.pipeline.analyze(frame)
-        if len(faces) != 1:
-            return False
-        result = self.liveness.assess(frame, faces[0].detection, -1, 0.0)
-        self.liveness.end_track(-1)
-        return bool(result.verdict is LivenessVerdict.LIVE)
+        """Whether the passive check calls the photo live on every walk-in frame that shows the face (an
+        uncertain frame starts the challenge, which a photo cannot perform); the last one must show it."""
+        for i in range(WALK_FRAMES + 1):
+            frame = walk_frame(rgb, WALK_START_SCALE + (1.0 - WALK_START_SCALE) * i / WALK_FRAMES)
+            faces = self.pipeline.analyze(frame)
+            if len(faces) != 1:
+                if i == WALK_FRAMES:
+                    return False
+                continue  # too small to detect yet: the door sees nothing to assess either
+            result = self.liveness.assess(frame, faces[0].detection, -1, 0.0)
+            self.liveness.end_track(-1)
+            if result.verdict is not LivenessVerdict.LIVE:
+                return False
+        return True
 
 
 def run_door_bench(models_dir: Path, shared: Path | None, sequences: int = DEFAULT_SEQUENCES,

@@ -68,6 +68,8 @@ def _serve(console: Console, demo: Demo, opts: Options, live: bool) -> None:
     console.print(f"\n[bold]web station[/] {demo.server.url}/  user [bold]{ADMIN}[/]  password "
                   f"[bold]{opts.password}[/]")
     console.print(f"events on MQTT topic {PREFIX}/{SITE}/+/events; data in {opts.work}")
+    if demo.door is not None and demo.door.kiosk is not None:
+        console.print(f"door screen (open it in a browser on this machine) {demo.door.kiosk.url}")
     if live:
         console.print(f"{DEVICE_ID} watches camera {opts.camera}: enroll yourself at the web station "
                       "(webcam or upload), then look at the camera; events print here")
@@ -90,9 +92,12 @@ def _serve(console: Console, demo: Demo, opts: Options, live: bool) -> None:
 @click.option("--camera", default=None, metavar="SOURCE",
               help="Watch a real camera (OpenCV index such as 0, or a URL) instead of the replay; no "
                    "scripted scenes, events print until Ctrl-C.")
+@click.option("--screenshots", type=click.Path(path_type=Path, file_okay=False),
+              default=Path("artifacts/screenshots/demo"), show_default=True,
+              help="Where the door screen's screenshots go (one per state it showed; headless Chromium).")
 @click.pass_context
 def cli(ctx: click.Context, json_summary: Path | None, keep_running: bool, keep_data: Path | None,
-        camera: str | None) -> None:
+        camera: str | None, screenshots: Path) -> None:
     """Run broker, server, enrollment, a signed bundle and a door end to end, and play scripted scenes.
 
     Scenes: an enrolled person is granted, a stranger is unknown, a printed photo is spoof (when the
@@ -103,7 +108,7 @@ def cli(ctx: click.Context, json_summary: Path | None, keep_running: bool, keep_
     work = _work_dir(keep_data)
     log_handler = _log_to_file(ctx, work)
     password = os.environ.get(PASSWORD_ENV) or secrets.token_urlsafe(12)
-    opts = Options(work, password, camera)
+    opts = Options(work, password, camera, screenshots)
     summary = Summary(image_set="", notes=[], broker="", live=camera is not None)
     demo = Demo(console, opts, summary)
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -121,6 +126,7 @@ def cli(ctx: click.Context, json_summary: Path | None, keep_running: bool, keep_
         except Exception as exc:  # any failure ends the demo with its reason in the summary, not a traceback
             logger.exception("demo failed")
             summary.error = f"{type(exc).__name__}: {exc}"
+        demo.watch_end()
         summary.print(console)
         if json_summary is not None:
             summary.write_json(json_summary)

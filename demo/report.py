@@ -48,6 +48,7 @@ class Summary:
     error: str = ""
     live: bool = False  # a real camera: no scripted scenes to judge
     liveness: str = ""  # what the door ran: "passive (MiniFASNet)" or "liveness off (why)"
+    kiosk: dict[str, Any] | None = None  # the door screen: url, states_seen, screenshots
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -73,7 +74,7 @@ class Summary:
         return {"passed": self.passed, "image_set": self.image_set, "notes": self.notes,
                 "broker": self.broker, "steps": steps,
                 "skipped": [{"name": n, "reason": r} for n, r in self.skipped], "error": self.error,
-                "live": self.live, "liveness": self.liveness,
+                "live": self.live, "liveness": self.liveness, "kiosk": self.kiosk,
                 "duration_s": round(time.monotonic() - self.started, 1)}
 
     def write_json(self, path: Path) -> None:
@@ -95,6 +96,12 @@ class Summary:
                           "liveness check")
         elif self.liveness:
             console.print(f"  liveness: {escape(self.liveness)}")
+        if self.kiosk is not None:
+            shots = self.kiosk["screenshots"]
+            where = f"{len(shots)} screenshots in {Path(shots[0]).parent}" if shots else escape(
+                self.kiosk.get("screenshots_skipped", "no screenshots"))
+            states = ", ".join(self.kiosk["states_seen"]) or "nothing"
+            console.print(f"  door screen {self.kiosk['url']}: showed {states}; {where}")
         if self.error:
             console.print(f"[red]demo failed:[/] {self.error}")
         verdict = "PASS" if self.passed else "FAIL"

@@ -34,6 +34,7 @@ from demo.cast import (
     packaged_candidates,
     shared_dir,
 )
+from demo.kiosk import KioskWatcher
 from demo.report import Summary, event_line
 from demo.scene import Director, EventLog, SceneCamera, Stage, Step
 from demo.stack import (
@@ -83,6 +84,7 @@ class Options:
     work: Path
     password: str
     camera: str | None = None
+    screenshots: Path = Path("artifacts/screenshots/demo")
 
 
 @contextlib.contextmanager
@@ -155,6 +157,7 @@ def device_config(opts: Options, broker: LocalBroker, models_dir: Path, public_k
                  "homeassistant": False, "status_interval_s": 5.0},
         "bundle": {"public_key": public_key},
         "loop": {"queue_size": 64},
+        "kiosk": {"enabled": True, "port": free_port()},  # the door screen, on loopback
     })
 
 
@@ -206,6 +209,13 @@ class Demo:
         self.door: DoorRunner | None = None
         self.stage = Stage(opts.work / "frames")
         self.camera: SceneCamera | None = None
+        self.watcher: KioskWatcher | None = None
+
+    def watch_end(self) -> None:
+        """Stop looking at the door screen; its states and screenshots go into the summary."""
+        if self.watcher is not None:
+            self.summary.kiosk = self.watcher.close().as_dict()
+            self.watcher = None
 
     def close(self) -> None:
         """Stop the door, the server and the broker (idempotent)."""
@@ -270,6 +280,9 @@ class Demo:
                 self.camera = SceneCamera(door_config.camera)
             self.door = DoorRunner(door_config, source=self.camera).start()
             self.stack.callback(self.door.close)
+            if self.door.kiosk is not None:  # a headless Chromium looks at the door screen throughout
+                self.watcher = KioskWatcher(self.door.kiosk.url, opts.screenshots).start()
+                self.stack.callback(self.watch_end)
             detail.append(f"{DEVICE_ID} on a {'real' if opts.camera is not None else 'replay'} camera, "
                           f"liveness: {escape(self.summary.liveness)}, no bundle yet")
         ids: dict[str, str] = {}
@@ -281,7 +294,11 @@ class Demo:
                 ids[person.name] = body["person"]["id"]
                 detail.append(f"{person.name} {body['accepted']}/{len(person.photos)} photos")
         with phase(console, "bundle") as detail:
-            built = ship_bundle(self.server.state, models_dir, opts.work, client, topics, DEVICE_ID)
+            try:
+                built = ship_bundle(self.server.state, models_dir, opts.work, client, topics, DEVICE_ID)
+            except DemoError as exc:
+                raise DemoError(f"{exc} ({self.door.describe()}; demo subscriber "
+                                f"{'connected' if client.connected else 'NOT connected'})") from exc
             gallery = self.door.agent.gallery
             m = built.manifest
             detail.append(f"#{m.sequence} signed, {len(m.files)} files, {m.total_size / 1e6:.0f} MB over "

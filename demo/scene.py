@@ -17,6 +17,7 @@ import queue
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,13 +108,16 @@ class Heard:
 
 
 class EventLog:
-    """Subscribes to every door's events and keeps them in arrival order; ``on_event`` prints each one."""
+    """Subscribes to every door's events and keeps them in arrival order, each ``event_id`` once (a door
+    may send an event again: QoS 1, or no receipt yet); ``on_event`` prints each one."""
 
     def __init__(self, client: MqttClient, topics: Topics, on_event: Callable[[EventPayload], None]) -> None:
         self.client = client
         self.topics = topics
         self.on_event = on_event
         self._heard: list[Heard] = []
+        self._ids: set[uuid.UUID] = set()
+        self.duplicates = 0
         self._lock = threading.Lock()
         self._unsubscribe: Callable[[], None] | None = None
 
@@ -129,12 +133,16 @@ class EventLog:
             logger.warning("ignoring a malformed event on %s: %s", message.topic, exc)
             return
         with self._lock:
+            if event.event_id in self._ids:
+                self.duplicates += 1
+                return
+            self._ids.add(event.event_id)
             self._heard.append(Heard(event, time.time()))
         self.on_event(event)
 
     @property
     def count(self) -> int:
-        """Events received so far."""
+        """Distinct events received so far."""
         with self._lock:
             return len(self._heard)
 

@@ -23,6 +23,7 @@ from device.agent.runner import build_agent
 from device.bundles.updater import BundleUpdater
 from device.camera import FrameSource
 from device.config import DeviceConfig, GalleryConfig
+from device.kiosk.server import KioskServer, start_kiosk
 from device.mqtt.runtime import bundle_loader, make_delta_live, open_store
 from device.mqtt.service import DeviceMqtt
 from device.waiting import WaitTimeout, wait_progress
@@ -170,20 +171,32 @@ class DoorRunner:
                                      config.bundle, on_installed=self._reload,
                                      on_gallery_changed=make_delta_live(self.agent))
         self.mqtt.attach_updater(self.updater)
+        self.kiosk: KioskServer | None = None
+
+    def describe(self) -> str:
+        """Where the door stands, for an error message: connection, protocol, last bundle ack."""
+        client, ack = self.mqtt.client, self.updater.last_ack
+        link = f"connected over MQTT {'5' if client.protocol_version == 5 else '3.1.1'}" if client.connected \
+            else f"NOT connected (trying MQTT {'5' if client.protocol_version == 5 else '3.1.1'})"
+        return (f"{self.config.device.id} {link}, last ack: bundle {ack.sequence} {ack.state} "
+                f"{ack.percent:.0f} %, running {ack.running_sequence}")
 
     def _reload(self, _bundle: object) -> None:
         self.agent.reload()
 
     def start(self) -> DoorRunner:
-        """Connect, listen for bundles and deltas, and start the camera and processing threads."""
+        """Connect, listen for bundles and deltas, serve the door screen, start the camera and processing."""
         self.mqtt.start()
         self.updater.start()
+        self.kiosk = start_kiosk(self.agent, online=lambda: self.mqtt.client.connected)
         self.agent.start()
         return self
 
     def close(self) -> None:
-        """Stop the agent (door locked), the updater and the MQTT side; idempotent."""
+        """Stop the agent (door locked), its screen, the updater and the MQTT side; idempotent."""
         self.agent.stop()
+        if self.kiosk is not None:
+            self.kiosk.close()
         self.updater.close()
         self.mqtt.close()
 

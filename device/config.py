@@ -17,6 +17,7 @@ from pydantic import Field, field_validator, model_validator
 from core.config import DetectorConfig as DetectorConfig
 from core.config import ModelsConfig, MqttConnection, Strict
 from device.decide.operating_point import DEFAULT_DELTA, DEFAULT_TAU, lowest_tau_floor
+from device.kiosk.config import KioskConfig
 from facegate.configio import load_config
 
 ENV_PREFIX = "FACEGATE_DEVICE"
@@ -545,6 +546,7 @@ class DeviceConfig(Strict):
     loop: LoopConfig = LoopConfig()
     metrics: MetricsConfig = MetricsConfig()
     access: AccessConfig = AccessConfig()
+    kiosk: KioskConfig = KioskConfig()
 
 
 def config_warnings(config: DeviceConfig) -> list[str]:
@@ -557,6 +559,9 @@ def config_warnings(config: DeviceConfig) -> list[str]:
         floor = lowest_tau_floor()
         out.append(f"decision.tau {config.decision.tau:g} is below the calibrated floor {floor:g} "
                    "(acknowledged)")
+    if config.kiosk.enabled and not config.kiosk.loopback:
+        out.append(f"kiosk.host {config.kiosk.host} is not loopback: other machines can watch the door "
+                   "camera's preview")
     return out
 
 

@@ -40,7 +40,7 @@ GROUPS: dict[str, GroupSpec] = {
     "bench": GroupSpec(
         "Benchmarks that print ratios against a baseline.",
         ("bench.cli:cli", "bench.gallery:gallery", "bench.rollout:rollout", "bench.liveness:liveness",
-         "bench.style:style", "bench.audit:audit", "bench.door:door",
+         "bench.style:style", "bench.audit:audit", "bench.door:door", "bench.kiosk:kiosk",
          "bench.frame:frame"),
         "server",
     ),

@@ -8,14 +8,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request, Response, status
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from facegate import __version__
-from server.api import auth, events, ops, persons, recognize
+from server.api import auth, events, faces, ops, persons, recognize, users
 from server.api.deps import PrincipalDep, require_admin
+from server.bodylimit import BodyLimitMiddleware
 from server.config import ServerConfig
 from server.enrollment.recognition import RecognitionEngine
 from server.enrollment.sync import GallerySync
@@ -34,6 +35,8 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "same-origin",  # "no-referrer" would make browsers send Origin: null
 }
+# Sent when secure_cookies is on (the server is behind HTTPS): one year, subdomains included.
+HSTS = "max-age=31536000; includeSubDomains"
 # The web station loads only its own scripts and styles; camera frames stay in blob: URLs.
 PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; "
             "style-src 'self'; script-src 'self'; frame-ancestors 'none'; form-action 'self'")
@@ -102,22 +105,22 @@ def create_app(config: ServerConfig, *, engine: RecognitionEngine | None = None,
     @app.middleware("http")
     async def limits_and_headers(request: Request,
                                  call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body):
-            return JSONResponse({"detail": f"request body above {max_body} bytes"},
-                                status_code=status.HTTP_413_CONTENT_TOO_LARGE)
         response = await call_next(request)
         for key, value in SECURITY_HEADERS.items():
             response.headers.setdefault(key, value)
+        if config.http.secure_cookies:  # served over HTTPS: browsers must never fall back to HTTP
+            response.headers.setdefault("Strict-Transport-Security", HSTS)
         if response.headers.get("content-type", "").startswith("text/html"):
             csp = DOCS_CSP if request.url.path == "/docs" else PAGE_CSP
             response.headers.setdefault("Content-Security-Policy", csp)
         return response
 
+    # Every request body, chunked included, counted as it arrives: 413 the moment it passes max_body.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body)
     # Outermost of our middleware: it also times and counts what the limits above refuse.
     app.state.metrics = ServerMetrics(state)
     app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)
-    for module in (auth, persons, recognize, events, ops):
+    for module in (auth, persons, faces, recognize, events, ops, users):
         app.include_router(module.router)
     app.include_router(_docs_router())
     _mount_style(app, state)

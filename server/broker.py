@@ -148,7 +148,9 @@ class LocalBroker:
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)  # noqa: S603
         self._proc = proc
         log.close()
-        if not wait_port(self.host, self.port, alive=lambda: proc.poll() is None):
+        # The process must still run once the port answers: one that failed to bind while another
+        # program holds the port would leave its clients talking to a stranger.
+        if not wait_port(self.host, self.port, alive=lambda: proc.poll() is None) or proc.poll() is not None:
             code = proc.poll()
             self.stop()
             why = (f"exited with code {code}" if code is not None

@@ -95,6 +95,55 @@ def create_token_cmd(config_path: Path | None, username: str, name: str, ttl_day
     click.echo(token)
 
 
+@cli.command("disable-user")
+@CONFIG_OPTION
+@click.option("--username", required=True, help="The user to disable (every token is revoked).")
+@click.option("--enable", is_flag=True, help="Enable the user again instead.")
+def disable_user_cmd(config_path: Path | None, username: str, enable: bool) -> None:
+    """Disable USERNAME and revoke all its tokens (or --enable it again)."""
+    from server.audit.log import AuditAction, record
+    from server.auth.service import AuthError, set_user_disabled
+    from server.db.session import Database
+
+    config = _load(config_path)
+    with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
+        db.create_schema()
+        try:
+            with db.transaction() as session:
+                _user, revoked = set_user_disabled(session, username, not enable)
+                action = AuditAction.USER_ENABLED if enable else AuditAction.USER_DISABLED
+                record(session, "cli", action, f"{action.value} {username!r} ({revoked} token(s) revoked)",
+                       subject=username)
+        except AuthError as exc:
+            raise click.ClickException(str(exc)) from exc
+    click.echo(f"{'enabled' if enable else 'disabled'} {username} ({revoked} token(s) revoked)", err=True)
+
+
+@cli.command("revoke-tokens")
+@CONFIG_OPTION
+@click.option("--username", required=True, help="Revoke every token of this user.")
+def revoke_tokens_cmd(config_path: Path | None, username: str) -> None:
+    """Revoke every token (web sessions and API tokens) of USERNAME; the user stays enabled."""
+    from sqlalchemy import select
+
+    from server.audit.log import AuditAction, record
+    from server.auth.service import revoke_user_tokens
+    from server.db.models import User
+    from server.db.session import Database
+
+    config = _load(config_path)
+    with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
+        db.create_schema()
+        with db.transaction() as session:
+            user = session.scalar(select(User).where(User.username == username))
+            if user is None:
+                raise click.ClickException(f"no user {username!r}")
+            revoked = revoke_user_tokens(session, user)
+            record(session, "cli", AuditAction.TOKENS_REVOKED, f"revoked {revoked} token(s) of {username!r}",
+                   subject=username)
+    click.echo(f"revoked {revoked} token(s) of {username}", err=True)
+
+
 @cli.command("rotate-chip-key")
 @CONFIG_OPTION
 @click.option("--new-key-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -129,6 +178,51 @@ def rotate_chip_key_cmd(config_path: Path | None, new_key_file: Path | None, yes
                                                  if report.retired_key_file else
                                                  " (put it in FACEGATE_SERVER__CRYPTO__CHIP_KEY or "
                                                  "[crypto] chip_key_file before starting the server)"))
+
+
+@cli.command("remove-old-chip-key")
+@CONFIG_OPTION
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def remove_old_chip_key_cmd(config_path: Path | None, yes: bool) -> None:
+    """Delete the old key files a confirmed rotation kept (audit-logged rotation, no row left under them)."""
+    from server.db.session import Database
+    from server.keyrotation import KeyRotationError, remove_retired_key, retired_key_files
+
+    config = _load(config_path)
+    files = retired_key_files(config)
+    if not files:
+        click.echo("no retired chip key files", err=True)
+        return
+    if not yes:
+        click.confirm(f"delete {len(files)} retired chip key file(s)? Backups made with them stay readable "
+                      "only with them", abort=True)
+    with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
+        for path in files:
+            try:
+                removed = remove_retired_key(config, db, path)
+            except KeyRotationError as exc:
+                raise click.ClickException(str(exc)) from exc
+            click.echo(f"removed retired chip key {removed} ({path})")
+
+
+@cli.command("bind-rows")
+@CONFIG_OPTION
+def bind_rows_cmd(config_path: Path | None) -> None:
+    """Bind chips sealed before the person binding to their person (idempotent; also runs at start)."""
+    import json
+
+    from server.crypto import load_chip_cipher
+    from server.db.session import Database
+    from server.rowbinding import bind_chip_rows
+
+    config = _load(config_path)
+    with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
+        db.create_schema()
+        report = bind_chip_rows(db, load_chip_cipher(config))
+    click.echo(json.dumps({"bound": report.bound, "already": report.already,
+                           "refused": list(report.refused)}))
+    if report.refused:
+        sys.exit(1)
 
 
 @cli.command("gen-key")

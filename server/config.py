@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from core.config import ModelsConfig, MqttConnection, Strict
 from device.config import DetectorConfig, QualityConfig
@@ -24,14 +25,34 @@ DB_FILE_NAME = "facegate.db"
 ID_PATTERN = r"^[A-Za-z0-9_.-]+$"
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` names only the loopback interface."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class HttpConfig(Strict):
     """Where the API and the web station listen."""
 
     host: str = Field("127.0.0.1", min_length=1, description="Bind address (0.0.0.0 for every interface).")
     port: int = Field(8080, ge=1, le=65535, description="TCP port.")
     secure_cookies: bool = Field(
-        False, description="Mark the session cookie Secure (set when served over HTTPS)."
+        True, description="Mark the session cookie Secure and send HSTS (default: on unless bound to "
+                          "loopback; set false only for plain HTTP on a trusted network).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secure_unless_loopback(cls, data: object) -> object:
+        """secure_cookies not given: off only when the server listens on loopback alone."""
+        if isinstance(data, dict) and "secure_cookies" not in data:
+            host = str(data.get("host", "127.0.0.1"))
+            data = {**data, "secure_cookies": not _is_loopback(host)}
+        return data
 
 
 class DatabaseConfig(Strict):
@@ -119,7 +140,18 @@ class AuthConfig(Strict):
         None, description="Set FACEGATE_SERVER__AUTH__BOOTSTRAP_PASSWORD; ignored once users exist."
     )
     min_password_length: int = Field(10, ge=8, le=256, description="Shortest password accepted.")
-    login_per_minute: float = Field(10.0, gt=0, le=10_000, description="Login attempts per user per minute.")
+    login_per_minute: float = Field(
+        10.0, gt=0, le=10_000,
+        description="Failed login attempts per client address per minute (any user name).",
+    )
+    login_global_per_minute: float = Field(
+        120.0, gt=0, le=100_000,
+        description="Failed login attempts per minute from all addresses together (bounds argon2 work).",
+    )
+    failed_login_audit_s: float = Field(
+        60.0, ge=1, le=86_400,
+        description="Failed logins from one address are summed into one audit row per this many seconds.",
+    )
 
 
 class RateLimitConfig(Strict):

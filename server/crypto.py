@@ -3,8 +3,8 @@ a key file.
 
 The key never enters the database. Each ciphertext carries a format byte, an 8-byte key id
 (a truncated sha256 of the key, so a rotated key is detected instead of failing obscurely),
-a random 96-bit nonce, and is bound to its row as associated data (the chip id; for templates see
-``server.enrollment.templates``) so rows cannot be swapped.
+a random 96-bit nonce, and is bound to its row and person as associated data (chips:
+``server.rowbinding``; templates: ``server.enrollment.templates``) so rows cannot be swapped or moved.
 """
 
 from __future__ import annotations

@@ -29,9 +29,10 @@ from core.files import atomic_write_bytes
 from server.audit.log import AuditAction, record
 from server.config import ServerConfig
 from server.crypto import KEY_FILE_MODE, ChipCipher, CryptoError, cipher_from_text, generate_key_text
-from server.db.models import Chip, Template
+from server.db.models import AuditEntry, Chip, Template
 from server.db.session import Database
 from server.enrollment.templates import template_associated
+from server.rowbinding import chip_associated
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def _new_key(path: Path) -> ChipCipher:
 def _associated(row: Chip | Template) -> tuple[str, str]:
     """(associated data, record kind) a row's ciphertext is bound to."""
     if isinstance(row, Chip):
-        return row.id, "chip"
+        return chip_associated(row.id, row.person_id), "chip"
     return template_associated(row.id, row.person_id, row.model_sha256), "template"
 
 
@@ -133,6 +134,61 @@ def _rotate_rows(db: Database, old: ChipCipher, new: ChipCipher,
     return counts["chips"], counts["templates"], counts["skipped"]
 
 
+def rows_not_under(db: Database, key_id_hex: str) -> int:
+    """How many chips and templates are sealed under any key but ``key_id_hex``."""
+    with db.session() as session:
+        chips = session.scalar(select(func.count()).select_from(Chip).where(Chip.key_id != key_id_hex)) or 0
+        templates = session.scalar(select(func.count()).select_from(Template)
+                                   .where(Template.key_id != key_id_hex)) or 0
+    return int(chips) + int(templates)
+
+
+def retired_key_files(config: ServerConfig) -> list[Path]:
+    """Old key files a rotation kept next to the key file (``<key file>.old-<key id>``)."""
+    key_file = config.chip_key_path
+    return sorted(key_file.parent.glob(f"{key_file.name}.old-*")) if key_file.parent.is_dir() else []
+
+
+def remove_retired_key(config: ServerConfig, db: Database, path: Path, actor: str = "cli") -> str:
+    """Delete one retired key file after a confirmed rotation; return its key id.
+
+    Confirmed means: the audit log records a finished rotation away from this key, the installed key
+    opens the rows, and no chip or template is left under the retired key.
+    """
+    retired = _read_key(path)
+    old_id = retired.key_id.hex()
+    current = load_current_cipher(config)
+    if current.key_id == retired.key_id:
+        raise KeyRotationError(f"{path} holds the installed key; it cannot be removed")
+    with db.session() as session:
+        rotations = session.scalars(select(AuditEntry)
+                                    .where(AuditEntry.action == AuditAction.KEY_ROTATED.value))
+        confirmed = any(row.data.get("old_key_id") == old_id for row in rotations)
+    if not confirmed:
+        raise KeyRotationError(f"no finished rotation away from key {old_id} in the audit log: kept {path}")
+    left = rows_not_under(db, current.key_id.hex())
+    if left:
+        raise KeyRotationError(f"{left} row(s) are not under the installed key: kept {path}")
+    _preflight(db, current, None)  # every row opens with the installed key
+    size = path.stat().st_size
+    with open(path, "r+b") as handle:  # overwrite before unlinking (best effort on journaling filesystems)
+        handle.write(b"\0" * size)
+        handle.flush()
+        os.fsync(handle.fileno())
+    path.unlink()
+    with db.transaction() as session:
+        record(session, actor, AuditAction.KEY_ROTATED, f"retired chip key {old_id} removed",
+               data={"removed_key_id": old_id})
+    return old_id
+
+
+def load_current_cipher(config: ServerConfig) -> ChipCipher:
+    """The installed chip key (environment or key file)."""
+    if config.crypto.chip_key is not None:
+        return cipher_from_text(config.crypto.chip_key.get_secret_value(), "the environment")
+    return _read_key(config.chip_key_path)
+
+
 def rows_to_rotate(db: Database) -> int:
     """How many chips and templates exist (the progress total)."""
     with db.session() as session:
@@ -163,6 +219,10 @@ def rotate_chip_key(config: ServerConfig, db: Database, *, new_key_file: Path | 
     if new.key_id == old.key_id:
         raise KeyRotationError(f"the new key in {staged} is the current key")
     chips, templates, skipped = _rotate_rows(db, old, new, progress)
+    left = rows_not_under(db, new.key_id.hex())
+    if left:  # the promised check: nothing may still need the old key before it is retired
+        raise KeyRotationError(f"{left} row(s) are not under the new key {new.key_id.hex()} (written while "
+                               "rotating? stop the server and rerun); the old key stays installed")
     retired: Path | None = None
     installed = staged
     if not from_env and new_key_file is None:

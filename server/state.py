@@ -10,7 +10,7 @@ from core.protocol.schemas import EventConfirm
 from core.protocol.topics import Topics
 from server.audit.subscriber import AuditSubscriber
 from server.audit.transport import ManualAckSource
-from server.auth.ratelimit import TokenBucket
+from server.auth.ratelimit import FailureAggregator, TokenBucket
 from server.auth.service import bootstrap_admin
 from server.config import ServerConfig
 from server.crypto import ChipCipher, load_chip_cipher
@@ -22,6 +22,7 @@ from server.enrollment.service import EnrollmentService
 from server.enrollment.sync import GallerySync, NullSync
 from server.registry.gate import PromotionHook
 from server.registry.model_folder import active_models_dir
+from server.rowbinding import bind_chip_rows
 
 if TYPE_CHECKING:
     from server.bundles.publisher import BundleServer
@@ -74,6 +75,8 @@ class AppState:
     topics: Topics
     limiter: TokenBucket
     login_limiter: TokenBucket
+    login_global: TokenBucket
+    failed_logins: FailureAggregator
     audit: AuditSubscriber | None = None
     source: ManualAckSource | None = None
     bundles: BundleServer | None = None  # answers chunk requests and offers the published bundle
@@ -89,6 +92,7 @@ class AppState:
         db = Database(config.database_url, config.database.echo, config.database.busy_timeout_ms)
         db.create_schema()
         cipher = load_chip_cipher(config)
+        bind_chip_rows(db, cipher)  # idempotent: chips sealed before the person binding get it now
         owns_engine = engine is None
         # The registry's promoted embedder (its composed models folder) wins over [models] dir.
         engine = engine or RecognitionEngine.from_config(config, active_models_dir(config, db))
@@ -110,6 +114,9 @@ class AppState:
             limiter=TokenBucket(config.rate_limit.per_minute, config.rate_limit.burst),
             login_limiter=TokenBucket(config.auth.login_per_minute,
                                       max(1, int(config.auth.login_per_minute))),
+            login_global=TokenBucket(config.auth.login_global_per_minute,
+                                     max(1, int(config.auth.login_global_per_minute))),
+            failed_logins=FailureAggregator(config.auth.failed_login_audit_s),
         )
 
     def start_mqtt(self) -> None:

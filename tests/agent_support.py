@@ -66,6 +66,8 @@ def astronaut_frames(count: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):

@@ -18,6 +18,7 @@ from core.types import DecisionKind
 from device.agent import MemorySink
 from device.agent.runner import build_agent, open_gallery, open_pipeline
 from device.config import DeviceConfig
+from device.decide.operating_point import operating_point
 from device.enroll import enroll
 from device.mqtt.service import DeviceMqtt
 from device.vision.snapshot import SNAPSHOT_MAX_SIDE
@@ -34,7 +35,7 @@ from tests.conftest import Broker
 from tests.mqtt_kit import CONNECT_S, STALL_S, Collector
 
 SITE, DEVICE = "hq", "door-snap"
-TAU = 0.92  # the int8 model's calibrated threshold (as in test_agent_e2e)
+POINT = operating_point(1)  # the calibrated open-set operating point for one enrolled person
 
 
 def _config(tmp_path: Path, models: Path, frames: Path, broker: Broker, snapshots: bool) -> DeviceConfig:
@@ -43,7 +44,8 @@ def _config(tmp_path: Path, models: Path, frames: Path, broker: Broker, snapshot
         "models": {"dir": str(models)},
         "camera": {"type": "replay", "path": str(frames), "fps": 10.0, "loop": False},
         "door": {"type": "simulated", "unlock_seconds": 5.0},
-        "decision": {"tau": TAU, "delta": 0.02, "confirm_k": 2, "confirm_n": 3, "cooldown_s": 600.0,
+        "decision": {"tau": POINT.tau, "delta": POINT.delta, "confirm_k": 2, "confirm_n": 3,
+                     "cooldown_s": 600.0,
                      "track_timeout_s": 1.0},
         "loop": {"queue_size": 512},
         # A SIEM subscribes here, no facegate server: nobody sends event receipts.

@@ -35,7 +35,8 @@ class TlsBroker:
         self.port = free_port()
         self.certs = tmp / "certs"
         subprocess.run([str(DEPLOY / "make-certs.sh"), str(self.certs), "127.0.0.1",
-                        "facegate-server", "door-1", "door-2"], check=True, capture_output=True)
+                        "facegate-server", "door-1", "door-2", "homeassistant"],
+                       check=True, capture_output=True)
         conf = (DEPLOY / "mosquitto.conf").read_text()
         conf = conf.replace("/etc/mosquitto/certs", str(self.certs))
         conf = conf.replace("/etc/mosquitto/facegate.acl", str(DEPLOY / "facegate.acl"))
@@ -44,12 +45,22 @@ class TlsBroker:
         assert f"listener {self.port}" in conf
         if os.geteuid() == 0:  # as root mosquitto drops to user 'mosquitto', who cannot read tmp_path
             conf += "\nuser root\n"
+        assert str(self.certs / "crl.pem") in conf, "the deploy config checks the CRL"
         (tmp / "mosquitto.conf").write_text(conf)
-        assert MOSQUITTO is not None
         self.log = open(tmp / "mosquitto.log", "wb")
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(tmp / "mosquitto.conf")], stderr=self.log)
+        self._start()
+
+    def _start(self) -> None:
+        assert MOSQUITTO is not None
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.tmp / "mosquitto.conf")], stderr=self.log)
         assert wait_port("127.0.0.1", self.port, alive=lambda: self.proc.poll() is None), \
-            f"mosquitto with the deploy config did not listen; see {tmp / 'mosquitto.log'}"
+            f"mosquitto with the deploy config did not listen; see {self.tmp / 'mosquitto.log'}"
+
+    def restart(self) -> None:
+        """Stop and start the broker (it reads the CRL at start)."""
+        self.proc.terminate()
+        self.proc.wait(5)
+        self._start()
 
     def client(self, cn: str | None) -> mqtt.Client:
         """A connected client presenting ``cn``'s certificate (None: no certificate)."""
@@ -227,11 +238,104 @@ def test_server_can_do_everything_it_needs(tls_broker: TlsBroker) -> None:
     for topic in needed:
         server.publish(topic, b"{}", qos=1).wait_for_publish(ACK_S)
     door1 = tls_broker.client("door-1")
-    for topic in (topics.events("door-1"), topics.bundle_ack("door-1"), topics.bundle_chunk_request,
+    for topic in (topics.events("door-1"), topics.bundle_ack("door-1"), topics.bundle_request("door-1"),
                   topics.available("door-1")):
         door1.publish(topic, b"{}", qos=1).wait_for_publish(ACK_S)
         needed.append(topic)
     assert wait_until(lambda: set(needed) <= recorder.topics()), set(needed) - recorder.topics()
+    for c in (server, door1):
+        c.disconnect()
+        c.loop_stop()
+
+
+def _context(broker: TlsBroker, cn: str) -> ssl.SSLContext:
+    """A TLS client context presenting ``cn``'s certificate."""
+    context = ssl.create_default_context(cafile=str(broker.certs / "ca.crt"))
+    context.load_cert_chain(broker.certs / f"{cn}.crt", broker.certs / f"{cn}.key")
+    return context
+
+
+def test_revoke_door_is_refused_by_the_broker(tls_broker: TlsBroker) -> None:
+    """make-certs.sh revoke NAME + the deploy config's crlfile: the revoked door cannot connect."""
+    assert _admitted(tls_broker.port, _context(tls_broker, "door-2"))
+    subprocess.run([str(DEPLOY / "make-certs.sh"), "revoke", "door-2", str(tls_broker.certs)],
+                   check=True, capture_output=True)
+    tls_broker.restart()
+    assert not _admitted(tls_broker.port, _context(tls_broker, "door-2")), "a revoked door was admitted"
+    assert _admitted(tls_broker.port, _context(tls_broker, "door-1")), "revocation refused another door"
+
+
+def test_revoke_certificates_last_at_most_a_year(tmp_path: Path) -> None:
+    """Door certificates are issued for at most 365 days, and a longer lifetime is refused."""
+    out = tmp_path / "certs"
+    subprocess.run([str(DEPLOY / "make-certs.sh"), str(out), "127.0.0.1", "door-1"],
+                   check=True, capture_output=True)
+    for name in ("door-1", "server"):
+        end = subprocess.run(["openssl", "x509", "-in", str(out / f"{name}.crt"), "-noout", "-checkend",
+                              str(366 * 86400)], capture_output=True, check=False)
+        assert end.returncode != 0, f"{name}.crt is valid for more than a year"
+    longer = subprocess.run([str(DEPLOY / "make-certs.sh"), str(out), "127.0.0.1", "door-9"],
+                            capture_output=True, check=False, env={**os.environ, "FACEGATE_CERT_DAYS": "825"})
+    assert longer.returncode != 0 and not (out / "door-9.crt").exists()
+
+
+def test_hostile_home_assistant_reads_only_status_available_events(tls_broker: TlsBroker) -> None:
+    """HA never sees the gallery deltas, bundles, snapshots or another client's commands."""
+    topics = Topics("facegate", "hq")
+    ha = tls_broker.client("homeassistant")
+    recorder = Recorder()
+    _subscribe(ha, "facegate/#", recorder)
+    server = tls_broker.client("facegate-server")
+    allowed = {topics.status("door-1"), topics.available("door-1"), topics.events("door-2")}
+    hidden = {topics.gallery_delta, topics.bundle_announce, topics.bundle_chunk(1),
+              topics.bundle_chunk_reply("door-1"), topics.snapshot("door-1"),
+              topics.command("door-1", "unlock"), topics.events_confirm("door-1"),
+              topics.bundle_chunk_reply("homeassistant"), Topics("facegate", "other").status("door-1")}
+    for topic in sorted(hidden) + sorted(allowed):
+        server.publish(topic, b"{}", qos=1).wait_for_publish(ACK_S)
+    _fence(server, topics.status("door-1"), recorder)
+    received = recorder.topics()
+    assert allowed <= received, allowed - received
+    assert not hidden & received, hidden & received
+    for c in (server, ha):
+        c.disconnect()
+        c.loop_stop()
+
+
+def test_hostile_home_assistant_commands_only_listed_doors(tls_broker: TlsBroker) -> None:
+    """HA may unlock door-1 (listed in the ACL) and no other door, at no other site."""
+    topics = Topics("facegate", "hq")
+    server = tls_broker.client("facegate-server")
+    recorder = Recorder()
+    _subscribe(server, "facegate/#", recorder)
+    ha = tls_broker.client("homeassistant")
+    refused = [topics.command("door-2", "unlock"), Topics("facegate", "other").command("door-1", "unlock")]
+    for topic in refused:
+        ha.publish(topic, b"{}", qos=1).wait_for_publish(ACK_S)
+    _fence(ha, topics.command("door-1", "unlock"), recorder)
+    assert not set(refused) & recorder.topics()
+    for c in (server, ha):
+        c.disconnect()
+        c.loop_stop()
+
+
+def test_hostile_door_is_bound_to_its_site(tls_broker: TlsBroker) -> None:
+    """A door reads no other site's bundles and publishes nothing under another site."""
+    hq, other = Topics("facegate", "hq"), Topics("facegate", "other")
+    server = tls_broker.client("facegate-server")
+    door1 = tls_broker.client("door-1")
+    door_seen, server_seen = Recorder(), Recorder()
+    _subscribe(door1, "facegate/#", door_seen)
+    _subscribe(server, "facegate/#", server_seen)
+    for topic in (other.bundle_announce, other.gallery_delta, other.bundle_chunk(1)):
+        server.publish(topic, b"{}", qos=1).wait_for_publish(ACK_S)
+    _fence(server, hq.bundle_announce, door_seen)
+    assert not {other.bundle_announce, other.gallery_delta, other.bundle_chunk(1)} & door_seen.topics()
+    for topic in (other.events("door-1"), other.bundle_request("door-1"), hq.bundle_request("door-2")):
+        door1.publish(topic, b"{}", qos=1).wait_for_publish(ACK_S)
+    _fence(door1, hq.events("door-1"), server_seen)
+    assert not {other.events("door-1"), other.bundle_request("door-1"),
+                hq.bundle_request("door-2")} & server_seen.topics()
     for c in (server, door1):
         c.disconnect()
         c.loop_stop()

@@ -27,6 +27,7 @@ from device.bundles.store import BundleStore
 from device.bundles.updater import BundleUpdater
 from device.cli import cli as device_cli
 from device.config import load_device_config
+from device.decide.operating_point import operating_point
 from device.metrics import STAGES, TOTAL_STAGE, DeviceMetrics
 from device.mqtt.outbox import Outbox
 from tests.agent_support import (
@@ -43,7 +44,7 @@ from tests.bundle_kit import TOPICS, build, copy_assembler
 from tests.metrics_kit import value
 from tests.mqtt_kit import keypair
 
-TAU = 0.92  # int8 embedder at FAR 1e-3 (as in test_agent_e2e)
+POINT = operating_point(1)  # the calibrated open-set operating point for one enrolled person
 PERSON = "astro"
 
 
@@ -67,7 +68,8 @@ def _door_config(tmp_path: Path, models: Path) -> Path:
         # A looping replay keeps frames flowing until the test stops the agent: no timing window.
         "camera": {"type": "replay", "path": str(tmp_path / "frames"), "fps": 10.0, "loop": True},
         "door": {"type": "simulated", "unlock_seconds": 5.0},
-        "decision": {"tau": TAU, "delta": 0.02, "confirm_k": 2, "confirm_n": 3, "cooldown_s": 600.0,
+        "decision": {"tau": POINT.tau, "delta": POINT.delta, "confirm_k": 2, "confirm_n": 3,
+                     "cooldown_s": 600.0,
                      "track_timeout_s": 1.0},
         "loop": {"queue_size": 512, "events_jsonl": str(tmp_path / "events.jsonl")},
         "metrics": {"enabled": True, "host": "127.0.0.1", "port": 0},

@@ -99,6 +99,8 @@ def test_sigkill_during_install_never_leaves_a_broken_bundle(tmp_path: Path) -> 
         outcomes.append((step if delay is None else f"t={delay:.3f}s", result, active.sequence))
     print(f"install takes {duration:.3f} s; kill point -> bundle after restart: "
           + ", ".join(f"{s}->{seq}" for s, _, seq in outcomes))
+    not_killed = [(s, r) for s, r, _ in outcomes[: len(KILL_STEPS)] if r != f"killed ({-signal.SIGKILL})"]
+    assert not not_killed, f"these named steps never ran, so nothing was killed there: {not_killed}"
     sequences = {seq for _, _, seq in outcomes}
     assert sequences == {1, 2}  # both sides of the atomic switch were hit
     assert dict((s, seq) for s, _, seq in outcomes[: len(KILL_STEPS)])["previous"] == 1

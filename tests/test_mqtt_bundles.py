@@ -18,11 +18,14 @@ from device.gallery import Gallery
 from models.runtime.manifest import load_manifest
 from server.bundles.builder import BuiltBundle, build_bundle, iter_chunks
 from server.bundles.delta import MqttGallerySync
+from server.bundles.offers import OfferKeeper
 from server.bundles.signing import sign
 from server.enrollment.sync import GalleryEntry
 from tests.bundle_kit import PERSONS, TOPICS, Device, Server, build, copy_assembler, resign, serving
 from tests.conftest import Broker
 from tests.mqtt_kit import CONNECT_S, Collector, keypair, make_gallery, unit_vectors, wait_until
+
+OFFER_EVERY_S = 1.0  # the periodic offer, short for the test (the product default is 5 minutes)
 
 
 @pytest.fixture()
@@ -73,7 +76,7 @@ def test_download_resumes_after_device_and_broker_restarts(mosquitto: Broker, se
     assert total > 20
     chunks = list(iter_chunks(bundle))
     first_part = chunks[: total * 2 // 5]
-    requests = Collector(mosquitto.host, mosquitto.port, [TOPICS.bundle_chunk_request], client_id="spy")
+    requests = Collector(mosquitto.host, mosquitto.port, [TOPICS.all_bundle_requests], client_id="spy")
     # Before it dies the device must not ask for the rest itself (however slowly the chunks arrive).
     patient = BundleConfig(request_idle_s=600)
     device = Device(mosquitto.host, mosquitto.port, "door-1", tmp_path / "d1", key[1], config=patient)
@@ -298,3 +301,61 @@ def test_bundle_with_built_models(request: pytest.FixtureRequest, tmp_path: Path
     store = BundleStore(tmp_path / "device", load_public_key(key[1]))
     store.install(bundle.announce, copy_assembler(bundle))
     assert serving(store).manifest.embedder_sha256 == embedders[0].sha256
+
+
+def test_a_broker_that_forgot_everything_gets_the_bundle_and_delta_offered_again(
+        forgetful_broker: Broker, tmp_path: Path, key: tuple[Ed25519PrivateKey, str]) -> None:
+    """No persistence, so a restart wipes the retained announcement and delta. The server offers them
+    again when it reconnects (a late subscriber finds them retained again), to a door whose hello shows
+    it lacks them (a brand-new door on a broker that dropped its retained messages installs and applies
+    them), and periodically."""
+    private, public = key
+    broker = forgetful_broker
+    server = Server(broker.host, broker.port, tmp_path / "bundles")
+    sync = MqttGallerySync(server.client, TOPICS, tmp_path / "ledger", private)
+    delta_offers = OfferKeeper(server.client, TOPICS, [sync]).start()
+    first = Device(broker.host, broker.port, "door-1", tmp_path / "d1", public)
+    late: Device | None = None
+    try:
+        bundle = build(tmp_path, private, 1)
+        server.bundles.publish(bundle)
+        first.wait(installed(1))
+        seq = sync.publish_add(bundle.manifest.embedder_sha256,
+                               [GalleryEntry("t-carol-1", "carol", "Carol", unit_vectors(1, 42)[0])])
+        assert seq is not None
+        first.wait(delta_acked(seq))
+
+        broker.stop()
+        broker.start()  # forgets the retained announcement and delta
+        assert server.client.wait_connected(CONNECT_S)
+        offers = {TOPICS.bundle_announce, TOPICS.gallery_delta}
+        watcher = Collector(broker.host, broker.port, sorted(offers), client_id="watcher")
+        try:  # offered again on reconnect (retained, or live if the watcher subscribed first) ...
+            assert watcher.wait(lambda ms: {m.topic for m in ms if m.payload} == offers)
+        finally:
+            watcher.close()
+        retained = Collector(broker.host, broker.port, sorted(offers), client_id="late-subscriber")
+        try:  # ... so retained once more for whoever subscribes later
+            assert retained.wait(lambda ms: {m.topic for m in ms if m.retain} == offers)
+            # ... and now the broker drops its retained messages (as some managed brokers do)
+            for topic in (TOPICS.bundle_announce, TOPICS.gallery_delta):
+                assert retained.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(CONNECT_S)
+        finally:
+            retained.close()
+
+        late = Device(broker.host, broker.port, "door-2", tmp_path / "d2", public)  # its ack says hello
+        late.wait(installed(1))
+        late.wait(delta_acked(seq))
+        assert _persons(late) == {"alice", "bob", "carol"}
+        assert server.wait(lambda s: {d for d, r in s.items() if r.ack and r.ack.running_sequence == 1}
+                           >= {"door-1", "door-2"})
+
+        with OfferKeeper(server.client, TOPICS, [server.bundles], interval_s=OFFER_EVERY_S) as periodic:
+            assert wait_until(lambda: periodic.offered["bundle announcement"] >= 3,
+                              progress=lambda: periodic.offered["bundle announcement"])
+    finally:
+        for device in (first, late):
+            if device is not None:
+                device.close()
+        delta_offers.close()
+        server.close()

@@ -102,7 +102,7 @@ def fleet(mosquitto: Broker, tmp_path: Path) -> Iterator[Fleet]:
         TOPICS.command(DEVICE, "unlock"), TOPICS.command(DEVICE, "reload"), TOPICS.command(DEVICE, "sync"),
         TOPICS.command(DEVICE, "x"), HA_STATUS_TOPIC, TOPICS.bundle_announce, TOPICS.bundle_chunk(1),
         TOPICS.bundle_chunk(2), TOPICS.bundle_chunk_reply(DEVICE), TOPICS.gallery_delta,
-        TOPICS.bundle_chunk_request, TOPICS.bundle_ack("door-2"), TOPICS.available("door-2"),
+        TOPICS.bundle_request(DEVICE), TOPICS.bundle_ack("door-2"), TOPICS.available("door-2"),
     ]
     yield Fleet(device, bundles, server, fuzzer, responses, build(tmp_path, private, 2, tag="m2"), topics)
     for closer in (fuzzer.close, responses.close, device.close, bundles.close, server.close,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import uuid
 from pathlib import Path
 
 import pytest
 
+from core.mqtt.client import ClientSettings, MqttClient, Will
 from core.protocol.chunks import decode_chunk, make_chunk
 from core.protocol.schemas import (
     MAX_CONFIRM_RANGES,
@@ -26,6 +29,7 @@ from core.protocol.schemas import (
 from core.protocol.topics import Topics
 from core.types import Decision, DecisionKind, LivenessCheck, LivenessResult, LivenessVerdict
 from device.mqtt.outbox import Outbox
+from tests.mqtt_kit import wait_until
 
 
 def _decision(**kw: object) -> Decision:
@@ -151,3 +155,37 @@ def test_event_receipts_are_compact_ranges_and_delete_what_they_cover(tmp_path: 
         assert box.delete_ranges([(seqs[0], seqs[2]), (seqs[5], seqs[5])]) == 4
         assert [r.seq for r in box.pending()] == seqs[3:5] + seqs[6:]
         assert [r.seq for r in box.rows([seqs[1], seqs[4], seqs[9]])] == [seqs[4], seqs[9]]
+
+
+def test_a_broker_that_drops_a_v5_connect_unanswered_gets_3_1_1() -> None:
+    """Some 3.1.1-only brokers close a v5 CONNECT (one with a will, say) without any CONNACK; the client
+    then speaks 3.1.1, and later clients of this process start with 3.1.1 for that broker."""
+    levels: list[int] = []
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                data = conn.recv(64)
+                if len(data) > 8:
+                    levels.append(data[8])  # fixed header (2), name length (2), "MQTT" (4), level
+
+    threading.Thread(target=serve, daemon=True).start()
+    settings = ClientSettings("127.0.0.1", port, "door-x")
+    client = MqttClient(settings, Will("facegate/site/door-x/available", b"offline")).start()
+    try:
+        assert wait_until(lambda: 4 in levels, progress=lambda: len(levels)), levels
+        assert levels[0] == 5 and client.protocol_version == 4
+    finally:
+        client.close()
+    later = MqttClient(settings)
+    assert later.protocol_version == 4
+    later.close()
+    listener.close()

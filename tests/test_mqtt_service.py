@@ -129,6 +129,57 @@ def test_home_assistant_discovery(device: tuple[DeviceMqtt, DoorAgent], mosquitt
         ha.close()
 
 
+# The Home Assistant MQTT discovery fields we rely on (HA 2025.10+ MQTT docs), per component: a config
+# may carry only these, so a renamed or deprecated field (object_id) fails here, not silently in HA.
+HA_COMMON = {"name", "unique_id", "default_entity_id", "device", "availability", "qos", "icon",
+             "entity_category", "state_topic", "value_template", "json_attributes_topic",
+             "json_attributes_template"}
+HA_FIELDS = {
+    "lock": HA_COMMON | {"command_topic", "command_template", "payload_lock", "payload_unlock",
+                         "state_locked", "state_unlocked", "state_jammed", "optimistic"},
+    "event": HA_COMMON | {"event_types"},
+    "sensor": HA_COMMON | {"unit_of_measurement", "state_class"},
+}
+HA_DEVICE_FIELDS = {"identifiers", "name", "manufacturer", "model", "sw_version", "suggested_area"}
+HA_AVAILABILITY_FIELDS = {"topic", "payload_available", "payload_not_available"}
+
+
+def test_end_to_end_home_assistant_discovery_fields(device: tuple[DeviceMqtt, DoorAgent],
+                                                    mosquitto: Broker) -> None:
+    """Every discovery config, as HA receives it, uses only the fields HA honours, with valid values."""
+    topics = Topics("facegate", SITE)
+    ha = Collector(mosquitto.host, mosquitto.port, ["homeassistant/+/+/+/config"], client_id="ha-fields")
+    try:
+        assert ha.wait(lambda ms: len({m.topic for m in ms}) >= 8)
+        configs = {m.topic: json.loads(m.payload) for m in ha.messages}
+    finally:
+        ha.close()
+    # HA may read only these (deploy/mosquitto/facegate.acl): an entity on another topic stays empty.
+    readable = {topics.status(DEVICE), topics.available(DEVICE), topics.events(DEVICE)}
+    entity_ids: set[str] = set()
+    for topic, config in configs.items():
+        component = topic.split("/")[1]
+        assert component in HA_FIELDS, topic
+        assert set(config) <= HA_FIELDS[component], (topic, set(config) - HA_FIELDS[component])
+        assert REQUIRED[component] <= set(config), topic
+        assert "object_id" not in config, "object_id is deprecated (HA 2025.10) and ignored from 2026.4"
+        domain, _, object_part = config["default_entity_id"].partition(".")
+        assert domain == component and object_part and set(object_part) <= set(
+            "abcdefghijklmnopqrstuvwxyz0123456789_"), config["default_entity_id"]
+        entity_ids.add(config["default_entity_id"])
+        assert set(config["device"]) <= HA_DEVICE_FIELDS
+        assert all(set(entry) <= HA_AVAILABILITY_FIELDS for entry in config["availability"])
+        assert config.get("entity_category", "diagnostic") in {"config", "diagnostic"}
+        assert config.get("state_class", "measurement") in {"measurement", "total", "total_increasing"}
+        assert config.get("qos", 0) in {0, 1, 2}
+        read = {config[k] for k in ("state_topic", "json_attributes_topic") if k in config}
+        read |= {entry["topic"] for entry in config["availability"]}
+        assert read <= readable, (topic, read - readable)
+        if "command_topic" in config:
+            assert config["command_topic"] == topics.command(DEVICE, "unlock")
+    assert len(entity_ids) == len(configs), "default_entity_id must be unique per entity"
+
+
 def _command(server: Collector, name: str, payload: bytes) -> CommandResponse:
     topics = Topics("facegate", SITE)
     response_topic = topics.command_response(DEVICE, name)

@@ -24,6 +24,7 @@ from server.app import create_app
 from server.crypto import ChipCipher, CryptoError
 from server.db.models import AuditEntry, Chip
 from server.enrollment.recognition import RecognitionEngine
+from server.rowbinding import chip_associated
 from tests.face_kit import Faces, pick_faces
 from tests.server_support import jpeg_bytes, login, make_config, no_face_image, png_bytes, state_of
 
@@ -95,14 +96,14 @@ def test_enroll_stores_encrypted_chips_and_templates_per_model(client: TestClien
         chips = session.scalars(select(Chip)).all()
         assert len(chips) == 2
         for chip, data in zip(sorted(chips, key=lambda c: c.created_at), images, strict=True):
-            plain = state.cipher.decrypt(chip.ciphertext, chip.id)
+            plain = state.cipher.decrypt(chip.ciphertext, chip_associated(chip.id, chip.person_id))
             assert plain.startswith(b"\x89PNG") and plain not in raw
             rgb = decode_image(plain)
             expected = pipeline.analyze(decode_image(data))[0].chip.rgb
             assert np.array_equal(rgb, expected)  # lossless: the chip can be re-embedded later
             assert expected.tobytes() not in raw and chip.ciphertext[30:94] in raw
             with pytest.raises(CryptoError):
-                ChipCipher(b"\x00" * 32).decrypt(chip.ciphertext, chip.id)
+                ChipCipher(b"\x00" * 32).decrypt(chip.ciphertext, chip_associated(chip.id, chip.person_id))
             with pytest.raises(CryptoError):
                 state.cipher.decrypt(chip.ciphertext, "another-chip-id")
         audit = session.scalars(select(AuditEntry).where(AuditEntry.action == "enrolled")).one()

@@ -4,9 +4,11 @@ interrupted rotation finishes when rerun."""
 
 from __future__ import annotations
 
+import json
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -19,11 +21,13 @@ from server import keyrotation
 from server.app import create_app
 from server.cli import cli as server_cli
 from server.config import ServerConfig
-from server.crypto import ChipCipher, CryptoError, load_chip_cipher
+from server.crypto import ChipCipher, CryptoError, generate_key_text, load_chip_cipher
 from server.db.models import AuditEntry, Chip, Template
 from server.db.session import Database
 from server.enrollment.recognition import RecognitionEngine
+from server.enrollment.reembed import open_chip
 from server.enrollment.templates import open_template
+from server.rowbinding import bind_chip_rows, chip_associated
 from tests.face_kit import Faces, pick_faces
 from tests.server_support import login, make_config
 
@@ -65,7 +69,7 @@ def _plaintexts(config: ServerConfig, cipher: ChipCipher) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     with Database(config.database_url) as db, db.session() as session:
         for chip in session.scalars(select(Chip)):
-            out[chip.id] = cipher.decrypt(chip.ciphertext, chip.id)
+            out[chip.id] = cipher.decrypt(chip.ciphertext, chip_associated(chip.id, chip.person_id))
         for template in session.scalars(select(Template)):
             out[template.id] = open_template(cipher, template).tobytes()
     return out
@@ -166,3 +170,102 @@ def test_an_env_key_needs_a_file_for_its_successor(enrolled: ServerConfig, tmp_p
     assert report.key_file == target and report.retired_key_file is None
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     assert _key_ids(config) == {report.new_key_id}
+
+
+def test_row_binding_a_chip_moved_to_another_person_does_not_open(enrolled: ServerConfig) -> None:
+    """A database writer who moves a chip (or a template) to another person gets rows that fail
+    authentication: re-embedding cannot build person B's template from face A."""
+    cipher = load_chip_cipher(enrolled)
+    with Database(enrolled.database_url) as db:
+        with db.transaction() as session:
+            chips = session.scalars(select(Chip).order_by(Chip.id)).all()
+            other = next(c.person_id for c in chips if c.person_id != chips[0].person_id)
+            moved_id, chips[0].person_id = chips[0].id, other
+            template = session.scalars(select(Template).where(Template.person_id != other)).first()
+            assert template is not None
+            template.person_id, template_id = other, template.id
+        with db.session() as session:
+            moved, row = session.get(Chip, moved_id), session.get(Template, template_id)
+            assert moved is not None and row is not None
+            with pytest.raises(CryptoError, match="failed authentication"):
+                open_chip(cipher, moved)
+            with pytest.raises(CryptoError, match="failed authentication"):
+                open_template(cipher, row)
+        report = bind_chip_rows(db, cipher)  # the migration does not "repair" a moved chip either
+    assert moved_id in report.refused and report.bound == 0
+
+
+def test_row_binding_migration_binds_legacy_chips_once(enrolled: ServerConfig, tmp_path: Path) -> None:
+    """Chips sealed the old way (chip id only) are re-sealed bound to their person, idempotently, at
+    start or via `facegate server bind-rows`; a legacy chip moved to another person is refused."""
+    cipher = load_chip_cipher(enrolled)
+    with Database(enrolled.database_url) as db:
+        with db.transaction() as session:  # back to the pre-binding format
+            chips = session.scalars(select(Chip).order_by(Chip.id)).all()
+            for chip in chips:
+                plain = cipher.decrypt(chip.ciphertext, chip_associated(chip.id, chip.person_id))
+                chip.ciphertext = cipher.encrypt(plain, chip.id)
+            other = next(c.person_id for c in chips if c.person_id != chips[0].person_id)
+            chips[0].person_id, moved_id = other, chips[0].id
+        with db.session() as session:
+            legacy = session.scalars(select(Chip).where(Chip.id != moved_id)).first()
+            assert legacy is not None
+            with pytest.raises(CryptoError):  # not readable until migrated
+                open_chip(cipher, legacy)
+    result = CliRunner().invoke(server_cli, ["bind-rows", "--config", str(_toml(enrolled, tmp_path))])
+    assert result.exit_code == 1, result.output  # one refused row: non-zero, the others bound
+    first = json.loads(result.output.strip().splitlines()[-1])
+    assert first == {"bound": len(chips) - 1, "already": 0, "refused": [moved_id]}
+    with Database(enrolled.database_url) as db:
+        again = bind_chip_rows(db, cipher)
+        assert (again.bound, again.already, again.refused) == (0, len(chips) - 1, (moved_id,))
+        with db.session() as session:
+            for chip in session.scalars(select(Chip).where(Chip.id != moved_id)):
+                assert open_chip(cipher, chip).size > 0
+
+
+def test_row_binding_rotation_checks_no_rows_left_then_removes_old_key(enrolled: ServerConfig,
+                                                                       tmp_path: Path) -> None:
+    """The rotation's final check refuses to retire the old key while a row is under it; after a
+    confirmed rotation `remove-old-chip-key` deletes the retired key file (and refuses before)."""
+    config = enrolled
+    toml = str(_toml(config, tmp_path))
+    early = CliRunner().invoke(server_cli, ["remove-old-chip-key", "--config", toml, "--yes"])
+    assert early.exit_code == 0 and "no retired" in early.output
+    old = load_chip_cipher(config)
+    with Database(config.database_url) as db:
+        real = keyrotation._rotate_rows
+
+        def leave_one(*args: Any, **kwargs: Any) -> tuple[int, int, int]:
+            counts = real(*args, **kwargs)
+            new = args[2]
+            with db.transaction() as session:  # a row sealed under the old key while rotating
+                chip = session.scalars(select(Chip)).first()
+                assert chip is not None
+                associated = chip_associated(chip.id, chip.person_id)
+                chip.ciphertext = old.encrypt(new.decrypt(chip.ciphertext, associated), associated)
+                chip.key_id = old.key_id.hex()
+            return counts
+
+        keyrotation._rotate_rows = leave_one
+        try:
+            with pytest.raises(keyrotation.KeyRotationError, match="not under the new key"):
+                keyrotation.rotate_chip_key(config, db)
+        finally:
+            keyrotation._rotate_rows = real
+        assert load_chip_cipher(config).key_id == old.key_id  # the old key stays installed
+        report = keyrotation.rotate_chip_key(config, db)  # rerun: finishes the job
+    assert report.retired_key_file is not None and report.retired_key_file.is_file()
+    removed = CliRunner().invoke(server_cli, ["remove-old-chip-key", "--config", toml, "--yes"])
+    assert removed.exit_code == 0, removed.output
+    assert old.key_id.hex() in removed.output and not report.retired_key_file.exists()
+    assert _plaintexts(config, load_chip_cipher(config))  # everything still opens
+
+
+def test_row_binding_unconfirmed_old_key_is_not_removed(enrolled: ServerConfig, tmp_path: Path) -> None:
+    """A stray `.old-*` key file with no audited rotation away from it is kept."""
+    stray = enrolled.chip_key_path.with_name(f"{enrolled.chip_key_path.name}.old-feedface")
+    stray.write_text(generate_key_text() + "\n", encoding="ascii")
+    result = CliRunner().invoke(server_cli, ["remove-old-chip-key", "--config",
+                                             str(_toml(enrolled, tmp_path)), "--yes"])
+    assert result.exit_code != 0 and "no finished rotation" in result.output and stray.is_file()

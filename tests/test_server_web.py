@@ -4,6 +4,7 @@ real SQLite and real mosquitto. Screenshots of every page go to artifacts/screen
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import shutil
 import tempfile
 import threading
@@ -11,15 +12,21 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import uvicorn
 
+from core.types import DecisionKind
 from device.config import QualityConfig
+from device.decide.operating_point import operating_point
 from models.face.image import decode_image
 from server.app import create_app
+from server.auth.service import Role, create_user
+from tests.browser_kit import WAIT_S, open_chromium, shot
 from tests.conftest import Broker, free_port
 from tests.server_support import (
     ADMIN_PASSWORD,
+    VIEWER_PASSWORD,
     SimDevice,
     event_payload,
     no_face_image,
@@ -28,28 +35,13 @@ from tests.server_support import (
 )
 
 pytestmark = pytest.mark.browser
+CONSISTENCY_TAU = operating_point(1).tau
 
-REPO = Path(__file__).resolve().parents[1]
-SCREENSHOTS = REPO / "artifacts" / "screenshots"
-CHROMIUM = ("chromium", "chromium-browser", "google-chrome")  # looked up on PATH, as mosquitto is
-WAIT_S = 60.0  # a safety net for slow CI machines, never a timing claim
-CHROME_ARGS = (
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-    "--window-size=1280,900",
-    # A synthetic camera so the getUserMedia capture path runs without hardware.
-    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-)
-
-webdriver = pytest.importorskip("selenium.webdriver")
+pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-
-
-def _chromium() -> str | None:
-    return next((found for name in CHROMIUM if (found := shutil.which(name))), None)
 
 
 class LiveServer:
@@ -60,7 +52,10 @@ class LiveServer:
 
         self.port = free_port()
         config = make_config(tmp, mqtt={"enabled": True, "host": broker.host, "port": broker.port,
-                                        "client_id": "web-test-server"})
+                                        "client_id": "web-test-server"},
+                             # Another person's photo added to someone scores ~0.85 with the int8 dlib
+                             # embedder: flag anything under the door's calibrated level.
+                             recognition={"consistency_tau": CONSISTENCY_TAU})
         self.app = create_app(config)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
                                                     log_level="warning", lifespan="on"))
@@ -99,16 +94,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, broker: Broker) -> Iterator[L
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
-    binary, chromedriver = _chromium(), shutil.which("chromedriver")
-    if binary is None or chromedriver is None:
-        pytest.skip("chromium and chromium-driver are not installed (apt install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    for arg in CHROME_ARGS:
-        options.add_argument(arg)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chrome-profile')}")
-    options.binary_location = binary
-    browser = webdriver.Chrome(service=webdriver.ChromeService(chromedriver), options=options)
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    browser = open_chromium(tmp_path_factory.mktemp("chrome-profile"))
     try:
         yield browser
     finally:
@@ -120,7 +106,7 @@ def _wait(driver: WebDriver) -> WebDriverWait[WebDriver]:
 
 
 def _shot(driver: WebDriver, name: str) -> None:
-    driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
+    shot(driver, name)
 
 
 def _login(driver: WebDriver, live: LiveServer, password: str = ADMIN_PASSWORD) -> None:
@@ -130,19 +116,28 @@ def _login(driver: WebDriver, live: LiveServer, password: str = ADMIN_PASSWORD) 
     driver.find_element(By.ID, "login-submit").click()
 
 
-def _face_file(shared_dir: Path, built_models: Path, folder: Path) -> Path:
-    """A CelebA photo that passes the enrollment gates, copied to ``folder``."""
+def _face_file(shared_dir: Path, built_models: Path, folder: Path, name: str = "grace.jpg",
+               skip_identities: int = 0) -> Path:
+    """A CelebA photo that passes the enrollment gates (of the first identity after ``skip_identities``
+    identities with such a photo), copied to ``folder / name``."""
     from device.config import DetectorConfig
     from device.vision.pipeline import FacePipeline
     from device.vision.quality import check_enrollment
 
     root = shared_dir / "data" / "celeba-faces"
     with open(root / "identities.csv", newline="", encoding="utf-8") as handle:
-        paths = [root / row["path"] for row in csv.DictReader(handle)]
+        rows = list(csv.DictReader(handle))
+    skipped: set[str] = set()
     with FacePipeline.from_models_dir(built_models, DetectorConfig()) as pipeline:
-        for path in paths[:200]:
+        for row in rows[:400]:
+            if row["identity"] in skipped:
+                continue
+            path = root / row["path"]
             if check_enrollment(decode_image(path.read_bytes()), pipeline, QualityConfig()).passed:
-                target = folder / "grace.jpg"
+                if len(skipped) < skip_identities:
+                    skipped.add(row["identity"])
+                    continue
+                target = folder / name
                 shutil.copyfile(path, target)
                 return target
     raise AssertionError("no CelebA photo passed the enrollment gates")
@@ -245,3 +240,122 @@ def test_event_from_a_simulated_device_appears_on_the_events_page(driver: WebDri
     driver.get(f"{live.url}/audit")
     assert "login_failed" in driver.find_element(By.ID, "audit-table").text  # from test_login
     _shot(driver, "10-audit")
+
+
+def _api(live: LiveServer, username: str = "admin", password: str = ADMIN_PASSWORD) -> httpx.Client:
+    client = httpx.Client(base_url=live.url, timeout=WAIT_S)
+    response = client.post("/api/auth/login", json={"username": username, "password": password})
+    assert response.status_code == 200, response.text
+    client.headers["Authorization"] = f"Bearer {response.json()['access_token']}"
+    return client
+
+
+def _face_views(api: httpx.Client) -> int:
+    return int(api.get("/api/audit", params={"action": "face_viewed", "limit": 1}).json()["total"])
+
+
+def _image_loaded(driver: WebDriver, selector: str) -> bool:
+    return bool(driver.execute_script(
+        "const i = document.querySelector(arguments[0]); return !!i && i.complete && i.naturalWidth > 0",
+        selector))
+
+
+def test_faces_on_the_person_list_and_page_for_admins_only(driver: WebDriver, live: LiveServer,
+                                                         shared_dir: Path, built_models: Path) -> None:
+    api = _api(live)
+    try:
+        grace = next(p for p in api.get("/api/persons").json()["items"] if p["name"] == "Grace Hopper")
+        # A photo of someone else added to Grace: enrolled, but flagged as far from her other face.
+        other = _face_file(shared_dir, built_models, Path(tempfile.mkdtemp(prefix="facegate-web-")),
+                           "other.jpg", skip_identities=1)
+        added = api.post(f"/api/persons/{grace['id']}/images",
+                         files={"images": ("other.jpg", other.read_bytes(), "image/jpeg")}).json()
+        assert added["accepted"] == 1
+        flagged = added["results"][0]["flagged"]
+        assert flagged and added["results"][0]["consistency"] < CONSISTENCY_TAU
+        views = _face_views(api)
+        driver.get(f"{live.url}/persons")
+        row = f"#persons-table tr[data-person-id='{grace['id']}']"
+        _wait(driver).until(lambda d: _image_loaded(d, f"{row} img.face"))
+        _shot(driver, "11-persons-faces")
+        driver.find_element(By.CSS_SELECTOR, f"{row} td.name a").click()
+        _wait(driver).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".face-card")) == 2)
+        for card in driver.find_elements(By.CSS_SELECTOR, ".face-card"):
+            chip_id = card.get_attribute("data-chip-id")
+            _wait(driver).until(lambda d, c=chip_id: _image_loaded(d, f".face-card[data-chip-id='{c}'] img"))
+        assert driver.find_element(By.ID, "person-name").text == "Grace Hopper"
+        templates = api.get(f"/api/persons/{grace['id']}/templates").json()
+        for template in templates:
+            row_el = driver.find_element(By.CSS_SELECTOR, f"tr[data-template-id='{template['id']}']")
+            sharp = row_el.find_element(By.CSS_SELECTOR, "td[data-figure='sharpness']").text
+            assert float(sharp) == pytest.approx(template["quality"]["sharpness"], rel=1e-2)
+            assert ("flagged" in row_el.text) == template["flagged"]
+        assert any(t["flagged"] for t in templates) == flagged
+        _shot(driver, "12-person-faces")
+        # 1 thumbnail + 2 chips seen by the browser, each audited
+        assert _face_views(api) == views + 3
+        first_chip = templates[0]["chip_id"]
+        image = api.get(f"/api/persons/{grace['id']}/chips/{first_chip}")
+        assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+        assert image.headers["cache-control"] == "no-store" and image.content[:8] == b"\x89PNG\r\n\x1a\n"
+        assert _face_views(api) == views + 4
+        assert api.get(f"/api/persons/{grace['id']}/chips/{'0' * 32}").status_code == 404
+        driver.get(f"{live.url}/audit")
+        assert "face_viewed" in driver.find_element(By.ID, "audit-table").text
+    finally:
+        api.close()
+    state = live.app.state.facegate  # a viewer: no faces, by API or page
+    with state.db.transaction() as session:
+        create_user(session, "viewer-faces", VIEWER_PASSWORD, Role.VIEWER)
+    viewer_api = _api(live, "viewer-faces", VIEWER_PASSWORD)
+    try:
+        assert viewer_api.get(f"/api/persons/{grace['id']}/thumbnail").status_code == 403
+        token = viewer_api.headers["Authorization"].removeprefix("Bearer ")
+        viewer_api.cookies.set("facegate_session", token)
+        page = viewer_api.get(f"/persons/{grace['id']}")
+        assert page.status_code == 403 and "Grace" not in page.text
+    finally:
+        viewer_api.close()
+
+
+def test_events_page_charts_decisions_per_hour_per_door(driver: WebDriver, live: LiveServer,
+                                                       broker: Broker) -> None:
+    now = dt.datetime.now(dt.UTC)
+    sent = {("front-door", "granted", 0): 3, ("front-door", "unknown", 2): 1, ("back-door", "spoof", 5): 2,
+            ("back-door", "granted", 5): 1}
+    doors = {name: SimDevice(broker.host, broker.port, name) for name in ("front-door", "back-door")}
+    try:
+        seq = 100
+        for (name, kind, hours_ago), count in sent.items():
+            for _ in range(count):
+                seq += 1
+                doors[name].event(event_payload(name, seq=seq, kind=DecisionKind(kind),
+                                                ts=now - dt.timedelta(hours=hours_ago)))
+        for door in doors.values():
+            door.flush()
+        api = _api(live)
+        try:
+            def counted() -> bool:
+                body = api.get("/api/events/hourly").json()
+                got = {d["device_id"]: d["counts"] for d in body["devices"]}
+                return all(got.get(n, {}).get(k, [0] * 24)[23 - h] >= c for (n, k, h), c in sent.items())
+
+            _wait(driver).until(lambda _: counted())
+            hourly = api.get("/api/events/hourly").json()
+        finally:
+            api.close()
+        driver.get(f"{live.url}/events")
+        for door in hourly["devices"]:
+            chart = f"svg.hourly[data-device-id='{door['device_id']}']"
+            _wait(driver).until(lambda d, c=chart: d.find_elements(By.CSS_SELECTOR, c))
+            for kind, counts in door["counts"].items():
+                for hour, count in zip(hourly["hours"], counts, strict=True):
+                    rects = driver.find_elements(
+                        By.CSS_SELECTOR, f"{chart} g.bar[data-hour='{hour}'] rect[data-kind='{kind}']")
+                    assert [int(r.get_attribute("data-count")) for r in rects] == ([count] if count else [])
+        assert {"front-door", "back-door"} <= {d["device_id"] for d in hourly["devices"]}
+        assert "spoof" in driver.find_element(By.ID, "chart-legend").text
+        _shot(driver, "13-events-chart")
+    finally:
+        for door in doors.values():
+            door.close()

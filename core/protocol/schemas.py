@@ -392,7 +392,8 @@ class ChunkRef(BaseModel):
 
 
 class ChunkRequest(Payload):
-    """A device asks for missing chunks on ``…/bundles/request``; they come back on its own chunk topic."""
+    """A device asks for missing chunks on its ``…/<device>/bundle/request``; they come back on its own
+    chunk topic."""
 
     device: DeviceId
     sequence: int = Field(..., ge=1)

@@ -87,10 +87,14 @@ class Topics:
         """Chunks of bundle ``sequence``."""
         return f"{self.base}/bundles/{sequence}/chunk"
 
+    def bundle_request(self, device_id: str) -> str:
+        """A device asks for missing chunks on its own topic (the broker ACL lets only it write there)."""
+        return f"{self.device(device_id)}/bundle/request"
+
     @property
-    def bundle_chunk_request(self) -> str:
-        """Devices ask for missing chunks here."""
-        return f"{self.base}/bundles/request"
+    def all_bundle_requests(self) -> str:
+        """Filter for every device's chunk requests."""
+        return f"{self.base}/+/bundle/request"
 
     @property
     def gallery_delta(self) -> str:

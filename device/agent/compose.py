@@ -70,7 +70,7 @@ def run_door(config: DeviceConfig) -> int:
         updater.start()
     try:
         # run_agent stops the metrics endpoint before the outbox below is closed
-        return run_agent(config, agent, metrics)
+        return run_agent(config, agent, metrics, online=lambda: mqtt.client.connected)
     finally:
         if updater is not None:
             updater.close()

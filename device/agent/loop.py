@@ -8,6 +8,8 @@ track fusion and the decision engine: analyze (detect, align, embed) -> liveness
 (``device.decide.fusion``: the mean of the track's best frames when ``decision.fuse_frames`` > 1) ->
 gallery search -> decide (recognition, then the ``[access]`` policy) -> door -> sink. Only when a sink
 asks for snapshots does an unknown/spoof decision carry a JPEG of the face region (``Decision.snapshot``).
+Observers (the metrics, the kiosk screen) see each processed frame: its latencies, and its faces with
+their tracks, boxes, chips and liveness (``add_frame_observer``), on the processing thread.
 Both stop on one ``threading.Event``; ``stop()`` joins them with a timeout (shutdown well under 2 s).
 
 Fail-secure: an exception while processing a frame (pipeline, liveness, gallery) locks the door; a grant
@@ -39,7 +41,7 @@ from device.decide.operating_point import low_tau_warning
 from device.door import Door, DoorError, DoorState, Transition
 from device.gallery import Gallery
 from device.liveness.base import LIVENESS_OFF, LivenessEngine, PassThroughLiveness
-from device.pipeline.frame import FramePipeline, LatencyObserver, Models
+from device.pipeline.frame import FaceView, FramePipeline, LatencyObserver, Models
 from device.vision.snapshot import encode_snapshot
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ def tau_warning(config: DeviceConfig, gallery: Gallery) -> str | None:
 
 
 Loader = Callable[[], Models]
+FrameObserver = Callable[[Frame, Sequence[FaceView]], None]
 # The latency key an observer gets once per processed frame: the whole frame's processing time.
 FRAME_STAGE = "frame"
 
@@ -113,6 +116,7 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self._closed = False
         self._latency_observers: list[LatencyObserver] = []
+        self._frame_observers: list[FrameObserver] = []
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -186,6 +190,13 @@ class Agent:
         ``{"frame": ms}`` once per frame (faceless frames included). Observers must be quick; an observer
         that raises is logged and never stops the door."""
         self._latency_observers.append(observer)
+
+    def add_frame_observer(self, observer: FrameObserver) -> None:
+        """Call ``observer`` on the processing thread with every processed frame and its faces (track,
+        box, chip, liveness), after the frame's decisions went to the sinks (the kiosk's preview and
+        hints). It must be quick and must not keep the images beyond the local screen; one that raises is
+        logged and never stops the door."""
+        self._frame_observers.append(observer)
 
     def _observe_latencies(self, latencies: Mapping[str, float]) -> None:
         for observer in self._latency_observers:
@@ -461,6 +472,11 @@ class Agent:
             snapshot = (self._snapshot(frame, made.detection)
                         if decision.kind in SNAPSHOT_KINDS and self.sink.wants_snapshots else None)
             self._act(replace(decision, snapshot=snapshot) if snapshot is not None else decision)
+        for observer in self._frame_observers:
+            try:
+                observer(frame, result.views)
+            except Exception:
+                logger.exception("frame observer failed")
         if self._latency_observers:
             self._observe_latencies({FRAME_STAGE: (time.perf_counter() - started) * 1000.0})
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -28,6 +28,7 @@ from device.config import DeviceConfig
 from device.door import Door, create_door
 from device.gallery import Gallery
 from device.gallery.store import META_NAME
+from device.kiosk.server import start_kiosk
 from device.liveness.base import LivenessEngine
 from device.metrics import DeviceMetrics, start_metrics
 from device.pipeline.frame import Models
@@ -136,10 +137,12 @@ def build_agent(config: DeviceConfig, *, loader: Loader | None = None,
         raise
 
 
-def run_agent(config: DeviceConfig, agent: Agent | None = None, metrics: DeviceMetrics | None = None) -> int:
+def run_agent(config: DeviceConfig, agent: Agent | None = None, metrics: DeviceMetrics | None = None,
+              online: Callable[[], bool] | None = None) -> int:
     """Run until SIGTERM/SIGINT (or the end of a finite replay); return the process exit code.
 
-    ``metrics`` (served only when ``[metrics] enabled``) lets the caller add sources or read the port.
+    ``metrics`` (served only when ``[metrics] enabled``) lets the caller add sources or read the port;
+    ``online`` (the broker connection) drives the kiosk screen's offline badge, None for a standalone door.
     """
     try:
         agent = agent or build_agent(config)
@@ -147,6 +150,7 @@ def run_agent(config: DeviceConfig, agent: Agent | None = None, metrics: DeviceM
         logger.error("agent cannot start: %s", exc)
         return EXIT_FAILED
     served = start_metrics(config.metrics, agent, metrics)
+    kiosk = start_kiosk(agent, online)  # the door screen, when [kiosk] enabled
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         logger.info("signal %s: stopping", signal.Signals(signum).name)
@@ -162,6 +166,8 @@ def run_agent(config: DeviceConfig, agent: Agent | None = None, metrics: DeviceM
             pass
     finally:
         agent.stop()
+        if kiosk is not None:
+            kiosk.close()
         if served is not None:
             served.close()
         for sig, handler in previous.items():

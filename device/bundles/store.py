@@ -207,6 +207,10 @@ class BundleStore:
         if seq < running:
             raise BundleRejected(RejectCode.REPLAY, f"bundle {seq} is older than the running bundle "
                                  f"{running}: replay refused")
+        active = self.active() if seq == running else None
+        if active is not None and manifest_bytes(active.manifest) != manifest_bytes(manifest):
+            raise BundleRejected(RejectCode.REPLAY, f"bundle {seq} is already running with a different "
+                                 "manifest: a sequence number is never reused")
         if manifest.gallery_model_sha256 != manifest.embedder_sha256:
             raise BundleRejected(RejectCode.GALLERY_MODEL, f"bundle {seq}: gallery built for embedder "
                                  f"{manifest.gallery_model_sha256[:12]}…, bundle embedder is "

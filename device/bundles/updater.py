@@ -252,11 +252,20 @@ class BundleUpdater:
             return
         seq = announce.manifest.sequence
         key = _failure_key(announce)
-        if seq == self.store.running_sequence:
+        if seq == self.store.running_sequence and self._is_running(announce):
             if self.last_ack.sequence != seq or self.last_ack.state != "installed":
                 self._ack(seq, "installed", 100.0)
             return
         if self._download is not None and self._download.sequence == seq:
+            if manifest_bytes(self._download.manifest) != manifest_bytes(announce.manifest):
+                # A sequence names one manifest: a second one for the same number is refused (checked
+                # first, so a forgery is reported as such), and the download under way goes on.
+                try:
+                    self.store.check_announce(announce)
+                    raise BundleRejected(RejectCode.REPLAY, f"bundle {seq} is already being downloaded "
+                                         "with a different manifest")
+                except BundleRejected as exc:
+                    self._reject(seq, key, exc)
             return
         failed = self._failed.get(key)
         if failed is not None and (failed[0] not in TRANSFER_CODES or message.retain):
@@ -269,6 +278,11 @@ class BundleUpdater:
             self._reject(seq, key, exc)
             return
         self._start_download(announce)
+
+    def _is_running(self, announce: BundleAnnounce) -> bool:
+        """Whether ``announce`` carries exactly the running bundle's manifest."""
+        active = self.store.active()
+        return active is not None and manifest_bytes(active.manifest) == manifest_bytes(announce.manifest)
 
     def _start_download(self, announce: BundleAnnounce) -> None:
         seq = announce.manifest.sequence
@@ -336,7 +350,7 @@ class BundleUpdater:
         self._outstanding = {(r.file_index, r.index) for r in refs}
         self._last_request = now
         logger.debug("bundle %d: asking for %d chunks (%s)", dl.sequence, len(refs), request.correlation_id)
-        self.client.publish(self.topics.bundle_chunk_request, request.to_bytes(), qos=1)
+        self.client.publish(self.topics.bundle_request(self.device_id), request.to_bytes(), qos=1)
 
     def _install(self) -> None:
         dl = self._download

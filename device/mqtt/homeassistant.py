@@ -16,6 +16,8 @@ from core.types import DecisionKind
 DECISION_TYPES = [kind.value for kind in DecisionKind]
 # Home Assistant accepts [a-zA-Z0-9_-] in node and object ids.
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+# An entity id's object part is lower-case [a-z0-9_] ("<domain>.<object>").
+_NOT_ENTITY = re.compile(r"[^a-z0-9_]")
 
 # HA's lock sends "LOCK"/"UNLOCK"; the template wraps it into our CommandRequest JSON, stamped with HA's
 # `now()` (the device refuses commands without a fresh `ts`) and a correlation id for the event.
@@ -127,7 +129,11 @@ def discovery_configs(topics: Topics, device_id: str,
     ]
     out = []
     for component, obj, extra in entities:
-        config = {**extra, **common, "unique_id": f"{unique}_{obj}", "object_id": f"{unique}_{obj}"}
+        # default_entity_id ("<domain>.<id>") replaces object_id (deprecated in HA 2025.10,
+        # ignored from 2026.4).
+        entity = _NOT_ENTITY.sub("_", f"{unique}_{obj}".lower())
+        config = {**extra, **common, "unique_id": f"{unique}_{obj}",
+                  "default_entity_id": f"{component}.{entity}"}
         out.append((ha_config_topic(component, node, obj), config))
     return out
 

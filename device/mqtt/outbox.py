@@ -331,11 +331,14 @@ class OutboxPublisher:
         if not state.at_broker or state.resend:
             return
         now = time.monotonic()
-        if now - state.receipt_at < state.confirm_wait:
+        # Measured from the later of the last receipt and the oldest unconfirmed send: a quiet door's
+        # first event after an hour is not "an hour without a receipt".
+        since = max(state.receipt_at, min(state.at_broker.values()))
+        if now - since < state.confirm_wait:
             return
         oldest = sorted(state.at_broker)[:self.window]
         logger.info("outbox: no receipt from the server for %.0f s; sending the oldest %d unconfirmed "
-                    "events again", now - state.receipt_at, len(oldest))
+                    "events again", now - since, len(oldest))
         state.resend |= set(oldest)
         state.receipt_at = now
         state.confirm_wait = min(CONFIRM_WAIT_MAX_S, state.confirm_wait * 2)

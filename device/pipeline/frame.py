@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from core.types import Chip, Decision, Detection, Embedding, Frame, ImageArray
+from core.types import Chip, Decision, Detection, Embedding, Frame, ImageArray, LivenessResult
 from device.config import DeviceConfig
 from device.decide import AccessPolicy, DecisionEngine, FaceObservation, Tracker
 from device.decide.fusion import TrackFusion
@@ -68,13 +68,25 @@ class FaceDecision:
     detection: Detection
 
 
+@dataclass(frozen=True, slots=True)
+class FaceView:
+    """One face of a processed frame as a frame observer sees it (biometric: never log or send it)."""
+
+    track_id: int
+    detection: Detection
+    chip: Chip
+    liveness: LivenessResult
+
+
 @dataclass(slots=True)
 class FrameResult:
-    """What one frame produced: how many faces, the per-face stage latencies, and the decisions due."""
+    """What one frame produced: how many faces, the per-face stage latencies, the decisions due, and each
+    face's track, box, chip and liveness (for frame observers such as the kiosk screen)."""
 
     faces: int = 0
     latencies: list[dict[str, float]] = field(default_factory=list)
     decisions: list[FaceDecision] = field(default_factory=list)
+    views: list[FaceView] = field(default_factory=list)
 
 
 class FramePipeline:
@@ -113,6 +125,7 @@ class FramePipeline:
             latencies["liveness"] = (t1 - t0) * 1000.0
             latencies["search"] = (t2 - t1) * 1000.0
             result.latencies.append(latencies)
+            result.views.append(FaceView(track_id, face.detection, face.chip, live))
             obs = FaceObservation(track_id, match, live, frame.timestamp, frame.source_id, latencies)
             decision = self.engine.observe(obs, models.pipeline.model_version, gallery_version)
             if decision is not None:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Request, Response, status
 
 from server.api.deps import SESSION_COOKIE, PrincipalDep, SessionDep, StateDep
 from server.api.schemas import LoginRequest, Me, TokenResponse
-from server.audit.log import AuditAction, record
+from server.audit.log import SYSTEM_ACTOR, AuditAction, record
 from server.auth.service import AuthError, authenticate, issue_token, revoke_token
 from server.state import AppState
 
@@ -21,7 +21,14 @@ PUBLIC_ROUTES = frozenset({("POST", "/api/auth/login"), ("GET", "/healthz"), ("G
 
 def login_or_raise(state: AppState, session: SessionDep, body: LoginRequest, client: str) -> TokenResponse:
     """Check the login rate limit and the password; issue a token or raise 401/429."""
-    wait = state.login_limiter.take(f"login:{body.username}:{client}")
+    # Per address whatever the user name (cycling names buys nothing), and globally (bounds argon2 work).
+    # Failures spend the budget; a successful login gets its tokens back.
+    address = f"login:{client}"
+    wait = state.login_limiter.take(address)
+    if wait <= 0:
+        wait = state.login_global.take("login")
+        if wait > 0:
+            state.login_limiter.refund(address)
     if wait > 0:
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
                             f"too many login attempts; retry in {wait:.0f}s",
@@ -29,10 +36,17 @@ def login_or_raise(state: AppState, session: SessionDep, body: LoginRequest, cli
     try:
         user = authenticate(session, body.username, body.password)
     except AuthError as exc:
-        record(session, body.username[:64], AuditAction.LOGIN_FAILED, f"failed login from {client}")
-        session.commit()
+        summary = state.failed_logins.note(client, body.username)
+        if summary is not None:  # one row per address per window, with the count, not one per failure
+            failures, names = summary
+            record(session, SYSTEM_ACTOR, AuditAction.LOGIN_FAILED,
+                   f"{failures} failed login(s) from {client}",
+                   data={"client": client, "failures": failures, "usernames": names})
+            session.commit()
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, str(exc),
                             headers={"WWW-Authenticate": "Bearer"}) from exc
+    state.login_limiter.refund(address)
+    state.login_global.refund("login")
     token, row = issue_token(session, user, state.config.auth.token_ttl_s)
     session.commit()
     return TokenResponse(access_token=token, expires_at=row.expires_at, role=user.role,

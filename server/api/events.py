@@ -20,10 +20,12 @@ from server.api.schemas import (
     DeviceOut,
     EventList,
     EventOut,
+    HourlyDoor,
+    HourlyOut,
     RolloutDevice,
     RolloutOut,
 )
-from server.db.models import AuditEntry, BundleAckRow, Device, EventRow
+from server.db.models import AuditEntry, BundleAckRow, Device, EventRow, utcnow
 
 router = APIRouter(prefix="/api", tags=["events and devices"])
 
@@ -35,6 +37,10 @@ DONE_STATES = frozenset({"installed"})
 FAILED_STATES = frozenset({"rejected", "rolled_back"})
 CSV_COLUMNS = ("event_id", "ts", "device_id", "kind", "person_id", "person_name", "score", "margin",
                "liveness", "received_at", "detail")
+HOUR = dt.timedelta(hours=1)
+MAX_CHART_HOURS = 7 * 24
+# The chart counts at most this many events (newest first); a site past it gets truncated = true.
+MAX_CHART_EVENTS = 200_000
 # Every kind a door reports: face decisions, manual unlocks (with who asked) and door faults.
 EVENT_KINDS = tuple(kind.value for kind in DecisionKind)
 
@@ -96,6 +102,28 @@ def list_events(
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = session.scalars(query.order_by(EventRow.ts.desc(), EventRow.id.desc()).limit(limit).offset(offset))
     return EventList(total=total, items=[event_out(r) for r in rows])
+
+
+@router.get("/events/hourly", response_model=HourlyOut, summary="Decisions per hour per door")
+def hourly_events(
+    _: PrincipalDep, session: SessionDep, device_id: DeviceQ = None,
+    hours: Annotated[int, Query(ge=1, le=MAX_CHART_HOURS, description="Hours back from now")] = 24,
+) -> HourlyOut:
+    """Counts by door, decision kind and UTC hour over the last ``hours`` (the current hour included)."""
+    end = utcnow().replace(minute=0, second=0, microsecond=0) + HOUR
+    start = end - hours * HOUR
+    query = select(EventRow.device_id, EventRow.kind, EventRow.ts).where(EventRow.ts >= start,
+                                                                          EventRow.ts < end)
+    if device_id:
+        query = query.where(EventRow.device_id == device_id)
+    rows = session.execute(query.order_by(EventRow.ts.desc()).limit(MAX_CHART_EVENTS + 1)).all()
+    counts: dict[str, dict[str, list[int]]] = {}
+    for device, kind, ts in rows[:MAX_CHART_EVENTS]:
+        slot = int((_utc(ts) - start) / HOUR)
+        counts.setdefault(device, {}).setdefault(kind, [0] * hours)[slot] += 1
+    return HourlyOut(hours=[start + i * HOUR for i in range(hours)],
+                     devices=[HourlyDoor(device_id=d, counts=counts[d]) for d in sorted(counts)],
+                     truncated=len(rows) > MAX_CHART_EVENTS)
 
 
 def _csv_rows(state: StateDep, query: Select[EventRow]) -> Iterator[str]:

@@ -83,6 +83,7 @@ class TemplateOut(ApiModel):
     """Template metadata (never the embedding or the chip)."""
 
     id: str
+    chip_id: str | None = Field(None, description="The stored face this template was computed from.")
     model_sha256: str
     dim: int
     quality: dict[str, Any]
@@ -182,6 +183,21 @@ class EventList(ApiModel):
 
     total: int
     items: list[EventOut]
+
+
+class HourlyDoor(ApiModel):
+    """One door's decisions per hour."""
+
+    device_id: str
+    counts: dict[str, list[int]] = Field(description="Decision kind -> one count per hour, oldest first.")
+
+
+class HourlyOut(ApiModel):
+    """Decisions per hour per door over the last hours (the events page's chart)."""
+
+    hours: list[dt.datetime] = Field(description="Start of each hour (UTC), oldest first.")
+    devices: list[HourlyDoor]
+    truncated: bool = Field(False, description="More events than the chart counts: only the newest counted.")
 
 
 class DeviceOut(ApiModel):

@@ -27,7 +27,11 @@ class AuditAction(enum.StrEnum):
     USER_CREATED = "user_created"
     TOKEN_CREATED = "token_created"  # noqa: S105 - an action name
     LOGIN_FAILED = "login_failed"
+    USER_DISABLED = "user_disabled"
+    USER_ENABLED = "user_enabled"
+    TOKENS_REVOKED = "tokens_revoked"
     KEY_ROTATED = "key_rotated"
+    FACE_VIEWED = "face_viewed"  # an admin saw a stored face on the enrollment station
 
 
 def record(

@@ -42,6 +42,13 @@ class TokenBucket:
                 return 0.0
             return (1.0 - bucket.tokens) / self.rate
 
+    def refund(self, key: str) -> None:
+        """Give back the token a :meth:`take` consumed (e.g. a login that succeeded)."""
+        with self._lock:
+            bucket = self._buckets.get(key)
+            if bucket is not None:
+                bucket.tokens = min(self.burst, bucket.tokens + 1.0)
+
     def _evict(self, now: float) -> None:
         full_after = self.burst / self.rate
         stale = [k for k, b in self._buckets.items() if now - b.updated >= full_after]
@@ -49,3 +56,42 @@ class TokenBucket:
             del self._buckets[key]
         if len(self._buckets) >= MAX_KEYS:
             self._buckets.clear()
+
+
+MAX_NAMES = 10  # user names kept per summary row
+
+
+@dataclass(slots=True)
+class _Failures:
+    pending: int
+    names: set[str]
+    written: float
+
+
+class FailureAggregator:
+    """Failures per key (a client address), summarised: the first one is reported at once, then at most
+    one report per ``window_s`` carrying the count since the last one (not one audit row per failure)."""
+
+    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._keys: dict[str, _Failures] = {}
+        self._lock = threading.Lock()
+
+    def note(self, key: str, name: str) -> tuple[int, list[str]] | None:
+        """Count one failure for ``key``; return (failures, user names) to report now, else None."""
+        now = self._clock()
+        with self._lock:
+            entry = self._keys.get(key)
+            if entry is None:
+                if len(self._keys) >= MAX_KEYS:
+                    self._keys = {k: e for k, e in self._keys.items() if e.pending}
+                entry = self._keys[key] = _Failures(0, set(), now - self.window_s)
+            entry.pending += 1
+            if len(entry.names) < MAX_NAMES:
+                entry.names.add(name[:64])
+            if now - entry.written < self.window_s:
+                return None
+            report = (entry.pending, sorted(entry.names))
+            entry.pending, entry.names, entry.written = 0, set(), now
+            return report

@@ -127,6 +127,29 @@ def revoke_token(session: Session, token_id: int) -> None:
         row.revoked = True
 
 
+def revoke_user_tokens(session: Session, user: User) -> int:
+    """Revoke every live token of ``user``; return how many were revoked."""
+    live = [row for row in user.tokens if not row.revoked]
+    for row in live:
+        row.revoked = True
+    return len(live)
+
+
+def set_user_disabled(session: Session, username: str, disabled: bool) -> tuple[User, int]:
+    """Disable (revoking every token) or enable a user; refuse to disable the last enabled admin."""
+    user = session.scalar(select(User).where(User.username == username))
+    if user is None:
+        raise AuthError(f"no user {username!r}")
+    if disabled and user.role == Role.ADMIN.value and not user.disabled:
+        admins = session.scalars(select(User).where(User.role == Role.ADMIN.value,
+                                                    User.disabled.is_(False))).all()
+        if len(admins) <= 1:
+            raise AuthError("refusing to disable the last enabled admin")
+    user.disabled = disabled
+    revoked = revoke_user_tokens(session, user) if disabled else 0
+    return user, revoked
+
+
 def bootstrap_admin(session: Session, username: str | None, password: str | None, min_length: int) -> bool:
     """Create the first admin when the user table is empty and a password is configured."""
     if username is None or session.scalar(select(User.id).limit(1)) is not None:

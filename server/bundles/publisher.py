@@ -1,9 +1,15 @@
 """Publish a bundle (retained announcement, then every chunk at QoS 1), answer chunk requests, and keep
 offering the announcement.
 
-Requests arrive on ``…/bundles/request`` from devices that missed chunks (late joiners, restarts,
-broker restarts); the chunks go back on the requesting device's own ``…/<device>/bundle/chunk`` topic
-with the request's correlation id. A worker thread does the file reads, never paho's network thread.
+Requests arrive on each device's own ``…/<device>/bundle/request`` (the broker ACL lets only that door
+write there, and a request naming another device is dropped) from devices that missed chunks (late
+joiners, restarts, broker restarts); the chunks go back on the requesting device's own
+``…/<device>/bundle/chunk`` topic with the request's correlation id. A worker thread does the file reads,
+never paho's network thread. A flooding door cannot starve the others: requests are rate limited per
+device, queued per device (a few each) and served round-robin, each capped at
+``MAX_CHUNKS_PER_REQUEST`` chunks, and at most ``MAX_INFLIGHT_CHUNKS`` chunks wait unacknowledged in the
+client's publish queue. So while another door has a request pending, a flooder gets at most one
+request's worth of chunks between two of that door's requests.
 
 The announcement is never assumed retained: the latest published bundle (remembered in
 ``<root>/published.json``, so a restarted server offers it too) is offered again on reconnect, to a
@@ -12,9 +18,9 @@ door whose hello shows it never heard of it, and periodically (:mod:`server.bund
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
-import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +32,7 @@ from core.protocol.chunks import make_chunk
 from core.protocol.schemas import BundleAck, BundleAnnounce, ChunkRequest, PayloadError
 from core.protocol.topics import Topics
 from device.waiting import WaitTimeout, wait_progress
+from server.auth.ratelimit import TokenBucket
 from server.bundles.builder import BuiltBundle, BundleBuildError, iter_chunks, load_bundle, read_chunk
 from server.bundles.offers import OFFER_INTERVAL_S, OfferKeeper
 
@@ -33,6 +40,15 @@ logger = logging.getLogger(__name__)
 
 # Pending chunk requests; beyond this, requests are dropped (the device asks again after a timeout).
 REQUEST_QUEUE_MAX = 1024
+# Pending requests per device; beyond this the device's newest is dropped (it asks again).
+REQUESTS_PER_DEVICE_MAX = 4
+# Chunks answered per request (a request may name more; the device asks for the rest next time).
+MAX_CHUNKS_PER_REQUEST = 256
+# Per-device request budget: sustained requests per minute, and a burst (a resuming door asks quickly).
+REQUESTS_PER_MINUTE = 120.0
+REQUEST_BURST = 20
+# Chunks published but not yet acknowledged by the broker; the worker waits beyond this (bounded memory).
+MAX_INFLIGHT_CHUNKS = 64
 # publish(wait=True) waits for the broker to acknowledge the chunks; it gives up only when no
 # acknowledgement at all arrived for this long (a dead broker), however long the whole bundle takes.
 PUBLISH_STALL_S = 120.0
@@ -68,7 +84,15 @@ class BundleServer:
         self.root = Path(root)
         self.served_requests = 0
         self._cache: dict[int, BuiltBundle] = {}
-        self._requests: queue.Queue[bytes] = queue.Queue(maxsize=REQUEST_QUEUE_MAX)
+        self._pending: dict[str, collections.deque[ChunkRequest]] = {}
+        self._turns: collections.deque[str] = collections.deque()  # devices with requests, in turn
+        self._queued = 0
+        self._wake = threading.Condition()
+        self._budget = TokenBucket(REQUESTS_PER_MINUTE, REQUEST_BURST)
+        self._inflight: collections.deque[PublishHandle] = collections.deque()
+        self.dropped_requests = 0
+        # ("queued" | "served", device, chunks sent): what a fairness check reads.
+        self.served_log: collections.deque[tuple[str, str, int]] = collections.deque(maxlen=100_000)
         self._stop = threading.Event()
         self._unsubscribe: Callable[[], None] | None = None
         self._thread = threading.Thread(target=self._run, name="bundle-server", daemon=True)
@@ -78,7 +102,7 @@ class BundleServer:
 
     def start(self) -> BundleServer:
         """Subscribe to chunk requests, start answering them, and keep offering the current bundle."""
-        self._unsubscribe = self.client.subscribe(self.topics.bundle_chunk_request, self._on_request)
+        self._unsubscribe = self.client.subscribe(self.topics.all_bundle_requests, self._on_request)
         self._thread.start()
         self.offers.start()
         return self
@@ -177,27 +201,73 @@ class BundleServer:
 
     def _on_request(self, message: Message) -> None:
         try:
-            self._requests.put_nowait(message.payload)
-        except queue.Full:
-            logger.warning("chunk request queue full; dropping a request (the device will ask again)")
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                raw = self._requests.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            try:
-                self._answer(raw)
-            except Exception:
-                logger.exception("answering a chunk request failed")
-
-    def _answer(self, raw: bytes) -> None:
-        try:
-            request = ChunkRequest.parse(raw)
+            request = ChunkRequest.parse(message.payload)
         except PayloadError as exc:
             logger.warning("ignoring a malformed chunk request: %s", exc)
             return
+        sender = self.topics.device_of(message.topic)
+        if sender != request.device:
+            self._drop(f"a chunk request on {sender}'s topic names device {request.device}")
+            return
+        if self._budget.take(f"chunks:{sender}") > 0:
+            self._drop(f"{sender} is over its chunk request rate")
+            return
+        with self._wake:
+            pending = self._pending.setdefault(sender, collections.deque())
+            if len(pending) >= REQUESTS_PER_DEVICE_MAX or self._queued >= REQUEST_QUEUE_MAX:
+                self._drop(f"chunk request queue full for {sender} (the device will ask again)")
+                return
+            if not pending:
+                self._turns.append(sender)
+            pending.append(request)
+            self._queued += 1
+            self.served_log.append(("queued", sender, 0))
+            self._wake.notify()
+
+    def _drop(self, why: str) -> None:
+        self.dropped_requests += 1
+        logger.warning("dropping a chunk request: %s", why)
+
+    def _next(self) -> ChunkRequest | None:
+        """The next request, round-robin over devices (None after a short wait with nothing queued)."""
+        with self._wake:
+            if not self._turns:
+                self._wake.wait(0.2)
+            if not self._turns:
+                return None
+            device = self._turns.popleft()
+            pending = self._pending[device]
+            request = pending.popleft()
+            self._queued -= 1
+            if pending:
+                self._turns.append(device)  # its next request waits for every other device's turn
+            else:
+                del self._pending[device]
+            return request
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            request = self._next()
+            if request is None:
+                continue
+            try:
+                self._answer(request)
+            except Exception:
+                logger.exception("answering a chunk request failed")
+
+    def _publish_bounded(self, topic: str, frame: bytes) -> None:
+        """Publish one chunk, first waiting while MAX_INFLIGHT_CHUNKS are still unacknowledged."""
+        while len(self._inflight) >= MAX_INFLIGHT_CHUNKS and not self._stop.is_set():
+            oldest = self._inflight[0]
+            if oldest.is_published() or not oldest.queued:
+                self._inflight.popleft()
+                continue
+            oldest.wait_for_publish(0.5)
+            if not oldest.is_published() and not self.client.connected:
+                self._inflight.popleft()  # disconnected: paho keeps it; stop counting it here
+        self._inflight.append(self.client.publish(topic, frame, qos=1))
+
+    def _answer(self, request: ChunkRequest) -> None:
         bundle = self.bundle(request.sequence)
         if bundle is None:
             logger.warning("device %s asked for chunks of bundle %d, which is not in %s", request.device,
@@ -206,15 +276,16 @@ class BundleServer:
         manifest = bundle.manifest
         topic = self.topics.bundle_chunk_reply(request.device)
         sent = 0
-        for ref in request.chunks:
+        for ref in request.chunks[:MAX_CHUNKS_PER_REQUEST]:
             if ref.file_index >= len(manifest.files) or ref.index >= manifest.chunk_count(ref.file_index):
                 continue
             data = read_chunk(bundle, ref.file_index, ref.index)
             total = manifest.chunk_count(ref.file_index)
             frame = make_chunk(manifest.sequence, ref.file_index, ref.index, total, data,
                                correlation_id=request.correlation_id)
-            self.client.publish(topic, frame, qos=1)
+            self._publish_bounded(topic, frame)
             sent += 1
         self.served_requests += 1
+        self.served_log.append(("served", request.device, sent))
         logger.debug("sent %d chunks of bundle %d to %s (%s)", sent, manifest.sequence, request.device,
                      request.correlation_id)

@@ -28,6 +28,7 @@ from server.crypto import ChipCipher, CryptoError
 from server.db.models import Chip, Template
 from server.db.session import Database
 from server.enrollment.templates import new_template
+from server.rowbinding import chip_associated
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class ReembedReport:
 
 def open_chip(cipher: ChipCipher, chip: Chip) -> ImageArray:
     """The RGB pixels of a stored chip (decrypted, PNG-decoded)."""
-    return decode_image(cipher.decrypt(chip.ciphertext, chip.id))
+    return decode_image(cipher.decrypt(chip.ciphertext, chip_associated(chip.id, chip.person_id)))
 
 
 def _pending(db: Database, model_sha256: str) -> tuple[int, list[str]]:

@@ -28,6 +28,7 @@ from server.enrollment.index import EnrollmentIndex, IdentityScore
 from server.enrollment.recognition import GateFailure, QualityRejectedError, RecognitionEngine
 from server.enrollment.sync import GalleryEntry, GallerySync, SyncError
 from server.enrollment.templates import new_template, open_template
+from server.rowbinding import chip_associated
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +284,8 @@ class EnrollmentService:
         height, width = int(outcome.chip.shape[0]), int(outcome.chip.shape[1])
         session.add(Chip(id=chip_id, person_id=person.id, key_id=self.cipher.key_id.hex(), width=width,
                          height=height, source=source,
-                         ciphertext=self.cipher.encrypt(encode_chip(outcome.chip), chip_id)))
+                         ciphertext=self.cipher.encrypt(encode_chip(outcome.chip),
+                                                         chip_associated(chip_id, person.id))))
         template = new_template(self.cipher, person_id=person.id, chip_id=chip_id, model_sha256=model,
                                 vector=outcome.vector, quality=outcome.quality,
                                 consistency=outcome.consistency, flagged=outcome.flagged)

@@ -22,12 +22,15 @@ from server.api.events import EVENT_KINDS, device_out, event_detail, event_query
 from server.api.schemas import LoginRequest
 from server.api.uploads import person_out
 from server.auth.service import Principal, resolve_token, revoke_token
-from server.db.models import AuditEntry, DeletionRequest, Device, EventRow, Person
+from server.db.models import AuditEntry, Chip, DeletionRequest, Device, EventRow, Person, Template
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
 PAGE_ROWS = 100
+# Quality figures shown per template, in this order, with their labels (from the enrollment gates).
+QUALITY_FIGURES = (("face_px", "face px"), ("sharpness", "sharpness"), ("yaw_deg", "yaw °"),
+                   ("pitch_deg", "pitch °"), ("eye_aspect_ratio", "eyes open"))
 
 
 def _who(request: Request, session: SessionDep) -> Principal | None:
@@ -117,10 +120,37 @@ def persons_page(request: Request, session: SessionDep, q: str = "") -> Response
     if q:
         query = query.where(Person.name.ilike(f"%{q[:200]}%"))
     persons = [person_out(p) for p in session.scalars(query)]
+    # Whose face can be shown (the image itself is fetched, decrypted and audited per view).
+    with_face = set(session.scalars(select(Chip.person_id).where(Chip.person_id.in_([p.id for p in persons]))
+                                    .distinct()))
     pending = session.scalars(select(DeletionRequest).where(DeletionRequest.status == "pending")
                               .options(selectinload(DeletionRequest.devices))
                               .order_by(DeletionRequest.requested_at.desc()).limit(PAGE_ROWS)).all()
-    return _page(request, "persons.html", who, persons=persons, q=q, pending=pending)
+    return _page(request, "persons.html", who, persons=persons, q=q, pending=pending, with_face=with_face)
+
+
+@router.get("/persons/{person_id}", response_model=None)
+def person_page(request: Request, session: SessionDep, person_id: str) -> Response:
+    """One person: their stored faces, each with its templates' quality figures and flags."""
+    who = _who(request, session)
+    if who is None:
+        return _to_login()
+    if not who.is_admin:
+        return _forbidden(request, who)
+    person = session.get(Person, person_id[:64])
+    if person is None:
+        response = _page(request, "notfound.html", who, what=f"person {person_id[:64]}")
+        response.status_code = status.HTTP_404_NOT_FOUND
+        return response
+    chips = session.scalars(select(Chip).where(Chip.person_id == person.id)
+                            .order_by(Chip.created_at, Chip.id)).all()
+    templates = session.scalars(select(Template).where(Template.person_id == person.id)
+                                .order_by(Template.created_at, Template.id)).all()
+    by_chip: dict[str | None, list[Template]] = {}
+    for template in templates:
+        by_chip.setdefault(template.chip_id, []).append(template)
+    return _page(request, "person.html", who, person=person_out(person), chips=chips, by_chip=by_chip,
+                 quality_keys=QUALITY_FIGURES)
 
 
 @router.get("/enroll", response_model=None)

@@ -97,7 +97,7 @@ def test_identify_json_contract(identities: Path, built_models: Path, pipeline: 
 
 def test_identify_applies_a_config(identities: Path, built_models: Path, tmp_path: Path) -> None:
     config = tmp_path / "device.toml"
-    config.write_text("[decision]\ntau = 0.2\ndelta = 0.0\n")
+    config.write_text("[decision]\ntau = 0.2\ndelta = 0.0\nacknowledge_low_tau = true\n")
     result = CliRunner().invoke(cli, ["identify", "--identities", str(identities), "--pipeline", "int8",
                                       "--models-dir", str(built_models), "--config", str(config), "--json"])
     assert result.exit_code == 0, result.output

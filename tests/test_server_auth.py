@@ -23,6 +23,7 @@ from tests.server_support import ADMIN_PASSWORD, add_viewer, login, make_config,
 VIEWER_ROUTES = frozenset({
     ("GET", "/api/events"),
     ("GET", "/api/events.csv"),
+    ("GET", "/api/events/hourly"),
     ("GET", "/api/devices"),
     ("GET", "/api/rollout"),
     ("GET", "/api/auth/me"),

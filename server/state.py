@@ -6,8 +6,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from core.protocol.schemas import EventConfirm
 from core.protocol.topics import Topics
+from server.audit.receipts import Receipts
 from server.audit.subscriber import AuditSubscriber
 from server.audit.transport import ManualAckSource
 from server.auth.ratelimit import FailureAggregator, TokenBucket
@@ -137,20 +137,20 @@ class AppState:
             offers = OfferKeeper(self.sync.client, self.topics, [self.sync]).start()
             self.bundles = BundleServer(self.sync.client, self.topics, self.config.bundles_root).start()
             self.extra_closers[:0] = [rebaser, offers, self.bundles]
+        # Doors keep each event until its receipt (server.audit.receipts); on every (re)subscription
+        # they hear the server is listening again.
+        receipts = Receipts(self.db, self.topics, self._publish_receipt)
         self.audit = AuditSubscriber(self.db, self.topics, on_delta_acks=self.deletions.on_acks,
                                      after_commit=self.deletions.notify,
                                      on_running_bundles=rebaser.request if rebaser else None,
-                                     on_events_stored=self._send_receipts).start()
-        self.source = ManualAckSource(self.config.mqtt, self.audit.filters, self.audit.handle).start()
+                                     on_events_stored=receipts.stored).start()
+        self.source = ManualAckSource(self.config.mqtt, self.audit.filters, self.audit.handle,
+                                      on_subscribed=receipts.hello).start()
 
-    def _send_receipts(self, stored: dict[str, list[int]]) -> None:
-        """Tell each door which of its events are on record (it keeps them in its outbox until then)."""
-        source = self.source
-        if source is None:
-            return
-        for device, seqs in stored.items():
-            for receipt in EventConfirm.of(device, seqs):
-                source.publish(self.topics.events_confirm(device), receipt.to_bytes())
+    def _publish_receipt(self, topic: str, payload: bytes) -> None:
+        """Receipts leave through the audit subscriber's own connection."""
+        if self.source is not None:
+            self.source.publish(topic, payload)
 
     def close(self) -> None:
         """Stop MQTT, the writer, the engine and the database (idempotent)."""

@@ -5,7 +5,8 @@
   session is gone after the restart, so events the door replays before the server has subscribed
   again are lost at the broker; the receipts make the door send them again.
 - A broker restarted without persistence while the server is away: what the broker had queued for the
-  server is gone, and the door still delivers it once the server is back.
+  server is gone, and the door still delivers it once the server is back: at once on the server's
+  hello, or on its own retry when that hello is lost.
 
 The phases follow progress, not the clock: the outage lasts until the door made OUTAGE_EVENTS decisions.
 """
@@ -24,14 +25,15 @@ from core.mqtt.client import ClientSettings, Message, MqttClient
 from core.protocol.schemas import EventConfirm
 from core.protocol.topics import Topics
 from core.types import Decision, DecisionKind, LivenessResult
-from device.mqtt.outbox import MqttEventSink, Outbox
+from device.mqtt.outbox import CONFIRM_WAIT_MAX_S, MqttEventSink, Outbox
+from server.audit.receipts import Receipts
 from server.audit.subscriber import AuditSubscriber
 from server.audit.transport import ManualAckSource
 from server.broker import LocalBroker
 from server.config import MqttConfig
 from server.db.models import EventRow
 from server.db.session import Database
-from tests.mqtt_kit import CONNECT_S, wait_until
+from tests.mqtt_kit import CONNECT_S, STALL_S, wait_until
 
 RATE_HZ = 10.0  # decisions per second from the producer
 # Decisions before the outage (stored), during it (kept in the outbox only), and after it.
@@ -62,19 +64,20 @@ class DecisionProducer(threading.Thread):
 
 
 class AuditServer:
-    """The server's audit side as ``AppState.start_mqtt`` wires it: a persistent session, receipts."""
+    """The server's audit side as ``AppState.start_mqtt`` wires it: a persistent session, receipts and,
+    unless ``hello`` is off, the empty receipt that tells the doors it subscribed again."""
 
-    def __init__(self, db: Database, broker: LocalBroker) -> None:
-        self.subscriber = AuditSubscriber(db, TOPICS, on_events_stored=self._receipts).start()
+    def __init__(self, db: Database, broker: LocalBroker, hello: bool = True) -> None:
+        receipts = Receipts(db, TOPICS, self._publish)
+        self.subscriber = AuditSubscriber(db, TOPICS, on_events_stored=receipts.stored).start()
         config = MqttConfig(host=broker.host, port=broker.port, prefix=TOPICS.prefix, site=TOPICS.site,
                             client_id="audit-persistent")
-        self.source = ManualAckSource(config, self.subscriber.filters, self.subscriber.handle).start()
+        self.source = ManualAckSource(config, self.subscriber.filters, self.subscriber.handle,
+                                      on_subscribed=receipts.hello if hello else None).start()
         assert self.source.wait_connected(CONNECT_S)
 
-    def _receipts(self, stored: dict[str, list[int]]) -> None:
-        for device, seqs in stored.items():
-            for receipt in EventConfirm.of(device, seqs):
-                self.source.publish(TOPICS.events_confirm(device), receipt.to_bytes())
+    def _publish(self, topic: str, payload: bytes) -> None:
+        self.source.publish(topic, payload)
 
     def close(self) -> None:
         self.source.close()
@@ -149,13 +152,14 @@ def test_broker_outage_loses_no_event(mosquitto: LocalBroker, tmp_path: Path, db
     assert during > 0  # the door kept deciding while the broker was down
 
 
+@pytest.mark.parametrize("hello", [True, False], ids=["server-says-hello", "door-retries-alone"])
 def test_a_broker_restart_without_persistence_while_the_server_is_away_loses_nothing(
-        tmp_path: Path, db: Database, forgetful_broker: LocalBroker) -> None:
+        tmp_path: Path, db: Database, forgetful_broker: LocalBroker, hello: bool) -> None:
     broker = forgetful_broker
     door = Door(broker, tmp_path)
     producer = DecisionProducer(door.sink)
     try:
-        server = AuditServer(db, broker)
+        server = AuditServer(db, broker, hello)
         for _ in range(5):
             producer.emit()
         assert wait_until(lambda: door.outbox.depth == 0, progress=lambda: door.outbox.depth)
@@ -163,13 +167,15 @@ def test_a_broker_restart_without_persistence_while_the_server_is_away_loses_not
         for _ in range(10):
             producer.emit()
         # The broker took them (PUBACK) for the absent server, but the door still holds them.
-        assert wait_until(lambda: door.sink.publisher.outbox.depth == 10 and door.client.connected)
+        assert wait_until(lambda: door.outbox.depth == 10 and door.client.connected)
         broker.stop()  # ... and forgets them: no persistence
         broker.start()
         assert door.client.wait_connected(CONNECT_S)
-        server = AuditServer(db, broker)
-        # No new decision: only the door's own retry (no receipt for a while) can bring them back.
-        assert wait_until(lambda: len(stored(db)) == 15, progress=lambda: door.sink.publisher.resent)
+        server = AuditServer(db, broker, hello)
+        # No new decision: the server's hello, or else the door's own retry (its interval grows up to
+        # CONFIRM_WAIT_MAX_S while nobody confirms), brings them back.
+        assert wait_until(lambda: len(stored(db)) == 15, CONFIRM_WAIT_MAX_S + STALL_S,
+                          progress=lambda: door.sink.publisher.resent)
         assert wait_until(lambda: door.outbox.depth == 0, progress=lambda: door.outbox.depth)
         server.close()
     finally:

@@ -152,7 +152,7 @@ class EventConfirm(Payload):
     device: DeviceId
     seqs: list[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]] = Field(
         default_factory=list, max_length=MAX_CONFIRM_RANGES,
-        description="Stored event seqs as inclusive [first, last] ranges.")
+        description="Stored event seqs as inclusive [first, last] ranges; empty: the server (re)subscribed.")
     ts: AwareDatetime
 
     @field_validator("seqs")

@@ -14,7 +14,8 @@ Life of an event:
    between the two). It is sent again when a receipt covers a row published after it (the server
    stores in the order the broker delivers, so the older one will not come), and, when no receipt
    arrives at all, the oldest window is sent again after ``CONFIRM_WAIT_S``, doubling up to
-   ``CONFIRM_WAIT_MAX_S`` while nothing is confirmed (a server that is away is not flooded).
+   ``CONFIRM_WAIT_MAX_S`` while nothing is confirmed (a server that is away is not flooded), and at
+   once when the server says it is listening again (an empty receipt after it re-subscribed).
 Replays may duplicate an event; the server stores each ``event_id`` once and confirms duplicates too.
 
 Size policy (never silent): when the outbox holds ``max_events`` rows, the oldest row is evicted to make
@@ -312,6 +313,10 @@ class OutboxPublisher:
                 ranges = self._receipts.get_nowait()
             except queue.Empty:
                 break
+            if not ranges:  # the server's hello: it (re)subscribed, so try the unconfirmed ones now
+                state.hello = True
+                state.confirm_wait = CONFIRM_WAIT_S
+                continue
             self.outbox.delete_ranges(ranges)
             covered = _coverage(ranges)
             for seq in [s for s in state.at_broker if covered(s)]:
@@ -329,8 +334,17 @@ class OutboxPublisher:
     def _check_unconfirmed(self, state: _PumpState) -> None:
         """No receipt for a while: send the oldest unconfirmed window again, waiting longer each time."""
         if not state.at_broker or state.resend:
+            state.hello = False
             return
         now = time.monotonic()
+        if state.hello:  # the server is listening again: no need to wait for the retry interval
+            state.hello = False
+            oldest = sorted(state.at_broker)[:self.window]
+            logger.info("outbox: the server is back; sending the oldest %d unconfirmed events again",
+                        len(oldest))
+            state.resend |= set(oldest)
+            state.receipt_at = now
+            return
         # Measured from the later of the last receipt and the oldest unconfirmed send: a quiet door's
         # first event after an hour is not "an hour without a receipt".
         since = max(state.receipt_at, min(state.at_broker.values()))
@@ -434,6 +448,7 @@ class _PumpState:
     resend: set[int] = field(default_factory=set)  # unconfirmed seqs to publish again
     receipt_at: float = field(default_factory=time.monotonic)
     confirm_wait: float = CONFIRM_WAIT_S
+    hello: bool = False  # an empty receipt arrived: the server (re)subscribed
 
     def reconnected(self, generation: int) -> None:
         """A new connection: replay from the oldest row the broker has not acknowledged."""

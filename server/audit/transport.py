@@ -44,10 +44,11 @@ class ManualAckSource:
     """Subscribes to ``filters`` at QoS 1 and hands each message to ``handler`` without acknowledging it."""
 
     def __init__(self, config: MqttConfig, filters: list[str], handler: Callable[[Delivery], None],
-                 client_id: str | None = None) -> None:
+                 client_id: str | None = None, on_subscribed: Callable[[], None] | None = None) -> None:
         self.config = config
         self.filters = list(filters)
         self._handler = handler
+        self._on_subscribed = on_subscribed  # after every (re)subscription, on paho's network thread
         self._connected = threading.Event()
         self._closed = False
         self._started = False
@@ -60,6 +61,7 @@ class ManualAckSource:
         except MqttError as exc:
             raise TransportError(str(exc)) from exc
         self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
 
@@ -119,6 +121,15 @@ class ManualAckSource:
             logger.info("audit subscriber connected to %s:%d", self.config.host, self.config.port)
         except Exception:
             logger.exception("audit on_connect failed")
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any,
+                      properties: Any) -> None:
+        if self._on_subscribed is None:
+            return
+        try:
+            self._on_subscribed()
+        except Exception:
+            logger.exception("audit on_subscribed hook failed")
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode,
                        properties: Any) -> None:

@@ -34,7 +34,7 @@ from server.enrollment.service import encode_chip
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 # Templates per enrolled person, door frames per scene, and the fewest door frames a scene may have.
 ENROLL_IMAGES = 3
 SCENE_FRAMES = 4

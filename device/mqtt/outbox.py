@@ -32,7 +32,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -152,18 +152,7 @@ class Outbox:
     def delete_ranges(self, ranges: Iterable[tuple[int, int]]) -> int:
         """Remove the rows in inclusive [first, last] seq ranges (a server receipt); return how many."""
         keys = [(int(a), int(b)) for a, b in ranges]
-        if not keys:
-            return 0
-        with self._lock:
-            db = self._conn()
-            try:
-                before = db.total_changes
-                db.executemany("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", keys)
-                removed = db.total_changes - before
-            except sqlite3.Error as exc:
-                raise OutboxError(f"cannot remove confirmed rows in {self.path}: {exc}") from exc
-            self._count -= removed
-            return removed
+        return self._delete("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", keys, "confirmed")
 
     def rows(self, seqs: Iterable[int]) -> list[OutboxRow]:
         """The rows among ``seqs`` still in the outbox, oldest first."""
@@ -181,17 +170,20 @@ class Outbox:
 
     def delete(self, seqs: Iterable[int]) -> int:
         """Remove acknowledged rows; return how many existed."""
-        keys = [(int(s),) for s in seqs]
+        return self._delete("DELETE FROM outbox WHERE seq = ?", [(int(s),) for s in seqs], "acknowledged")
+
+    def _delete(self, sql: str, keys: Sequence[tuple[int, ...]], what: str) -> int:
+        """Run ``sql`` for every key in one transaction, keep the row count; return how many went."""
         if not keys:
             return 0
         with self._lock:
             db = self._conn()
             try:
                 before = db.total_changes
-                db.executemany("DELETE FROM outbox WHERE seq = ?", keys)
+                db.executemany(sql, keys)
                 removed = db.total_changes - before
             except sqlite3.Error as exc:
-                raise OutboxError(f"cannot remove acknowledged rows in {self.path}: {exc}") from exc
+                raise OutboxError(f"cannot remove {what} rows in {self.path}: {exc}") from exc
             self._count -= removed
             return removed
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,8 @@ import pytest
 from _pytest.terminal import TerminalReporter
 
 from server.broker import LocalBroker, default_kind, free_port, mosquitto_binary, wait_port
+from server.db.cluster import LocalPostgres
+from server.db.cluster import unavailable_reason as pg_unavailable_reason
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FACEGATE_SHARED", REPO.parent / "shared"))
@@ -149,6 +152,27 @@ def forgetful_broker(tmp_path: Path) -> Iterator[LocalBroker]:
         yield broker
     finally:
         broker.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[LocalPostgres]:
+    """One throwaway PostgreSQL cluster for the run (started on first use, as the ``postgres`` user when
+    root); skips with the reason when the Debian ``postgresql`` package is not installed."""
+    reason = pg_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with LocalPostgres() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The server tests' database, once per engine: a SQLite file in ``tmp_path``, and a fresh database
+    in the run's throwaway PostgreSQL cluster."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'server-db' / 'facegate.db'}"
+    cluster: LocalPostgres = request.getfixturevalue("postgres_cluster")
+    return cluster.create_database(f"t_{uuid.uuid4().hex[:16]}")
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,7 @@ BRIDGE_QOS = 1  # every facegate message is QoS 1; the bridge must not downgrade
 RESTART_BASE_S, RESTART_CAP_S = 5, 60
 # Keep-alive of the bridge connection: a silent WAN cut is noticed within 1.5 of this.
 KEEPALIVE_S = 30
+CERTS = Path("/etc/mosquitto/certs")  # where deploy/mosquitto puts a broker's certificates
 
 
 def bridge_user(site: str) -> str:
@@ -120,15 +121,15 @@ def bridge_acl(topics: Topics, snapshots: bool = False) -> str:
 @click.option("--central", "address", default="central.example.org:8883", show_default=True,
               help="The central broker, HOST:PORT.")
 @click.option("--prefix", default="facegate", show_default=True, help="Topic prefix ([mqtt] prefix).")
-@click.option("--cafile", type=click.Path(path_type=Path), default=Path("/etc/mosquitto/certs/central-ca.crt"),
+@click.option("--cafile", type=click.Path(path_type=Path), default=CERTS / "central-ca.crt",
               show_default=True, help="The central broker's CA certificate, on the site broker.")
 @click.option("--certfile", type=click.Path(path_type=Path), default=None,
               help="The site's bridge certificate [default: /etc/mosquitto/certs/bridge-SITE.crt].")
 @click.option("--keyfile", type=click.Path(path_type=Path), default=None,
               help="Its key [default: /etc/mosquitto/certs/bridge-SITE.key].")
 @click.option("--plain", is_flag=True, help="No TLS on the bridge (tests, or a link already encrypted).")
-@click.option("--snapshots", is_flag=True, help="Also carry the opt-in snapshot images to the central broker.")
-@click.option("--acl", "acl", is_flag=True, help="Print the central broker's ACL block for this bridge instead.")
+@click.option("--snapshots", is_flag=True, help="Also carry the opt-in snapshot images to the central one.")
+@click.option("--acl", "acl", is_flag=True, help="Print the central broker's ACL block for this bridge.")
 def bridge_config(site: str, address: str, prefix: str, cafile: Path, certfile: Path | None,
                   keyfile: Path | None, plain: bool, snapshots: bool, acl: bool) -> None:
     """Print the site broker's bridge stanza (or, with --acl, the central ACL block) for SITE."""
@@ -137,9 +138,8 @@ def bridge_config(site: str, address: str, prefix: str, cafile: Path, certfile: 
         if acl:
             click.echo(bridge_acl(topics, snapshots), nl=False)
             return
-        certs = Path("/etc/mosquitto/certs")
-        tls = None if plain else BridgeTls(cafile, certfile or certs / f"{bridge_user(site)}.crt",
-                                           keyfile or certs / f"{bridge_user(site)}.key")
+        tls = None if plain else BridgeTls(cafile, certfile or CERTS / f"{bridge_user(site)}.crt",
+                                           keyfile or CERTS / f"{bridge_user(site)}.key")
         click.echo(bridge_conf(topics, address, tls, snapshots=snapshots), nl=False)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc

@@ -11,6 +11,8 @@ run for real: the doors on the site broker, the server on the central broker.
   its ack reached the server (the deletion is confirmed).
 - Plain TCP, and once with the deploy TLS + ACL config at the central broker and the site's bridge
   certificate (``make-certs.sh bridge SITE``); the bridge user cannot leave its site.
+- A site queue (``max_queued_messages``) far too small for the outage drops events at the broker; the
+  doors' outboxes deliver them anyway, exactly once.
 
 mosquitto only: the embedded amqtt broker cannot bridge, so these tests skip without mosquitto (they never
 use the ``mosquitto`` fixture, whose fallback is amqtt). The phases follow progress, not the clock.
@@ -66,6 +68,8 @@ BEFORE, DURING, AFTER = 10, 30, 5
 # The bridge's reconnect backoff, short for the test (the product default is 5..60 s).
 TEST_RESTART_S = (1, 2)
 RELAY_BUFFER = 65536
+# The site broker's queue for the bridge in the overflow test: far below what one outage produces.
+SMALL_QUEUE = 5
 
 
 class Link:
@@ -148,7 +152,7 @@ class Central:
 
     port: int
     stop: Callable[[], None]
-    start: Callable[[], None]
+    start: Callable[[], object]
     server_mqtt: dict[str, Any] = field(default_factory=dict)
     tls: BridgeTls | None = None
 
@@ -212,6 +216,11 @@ class BridgedDoor:
         wait_until(lambda: predicate(self.updater.last_ack), f"{self.device_id}: {what}",
                    progress=lambda: self.updater.last_ack.model_dump_json())
 
+    def wait_outbox_empty(self, what: str) -> None:
+        """Wait until the server's receipts emptied the door's outbox."""
+        wait_until(lambda: self.mqtt.outbox.depth == 0, f"{self.device_id}: {what}",
+                   progress=lambda: self.mqtt.outbox.depth)
+
     def persons(self) -> set[str]:
         """Person ids in the door's live (working) gallery."""
         active = self.store.active()
@@ -264,22 +273,39 @@ def _seqs(collector: Collector, device_id: str) -> set[int]:
     return {int(json.loads(m.payload)["seq"]) for m in collector.on_topic(TOPICS.events(device_id))}
 
 
+def _wait_at_site(collector: Collector, device_id: str, count: int) -> None:
+    """Wait until the site broker delivered ``count`` distinct events of ``device_id``."""
+    wait_until(lambda: len(_seqs(collector, device_id)) == count, f"{device_id}'s events at the site broker",
+               progress=lambda: len(_seqs(collector, device_id)))
+
+
 def _delta(seq: int) -> Callable[[BundleAck], bool]:
     return lambda ack: ack.delta_sequence == seq and ack.delta_state == "applied"
 
 
-@needs_mosquitto
-@pytest.mark.parametrize(("transport", "outage"), [("plain", "link-cut"), ("plain", "central-restart"),
-                                                   ("tls", "link-cut")])
-def test_bridge_carries_events_bundles_deltas_and_acks_across_an_outage(
-        tmp_path: Path, transport: str, outage: str) -> None:
+@dataclass
+class Rig:
+    """A central broker, the WAN link, a bridged site broker, the server and the doors."""
+
+    central: Central
+    link: Link
+    site: LocalBroker
+    site_events: Collector  # every event the site broker delivers (a subscriber at the site)
+    client: TestClient
+    doors: list[BridgedDoor]
+
+
+@contextlib.contextmanager
+def bridged_site(tmp_path: Path, transport: str, site_config: str = "") -> Iterator[Rig]:
+    """Start the central broker, the link, the site broker bridged over it (``site_config``: more
+    mosquitto lines for it), the server at the central broker and the doors at the site."""
     with contextlib.ExitStack() as stack:
         central = stack.enter_context(central_broker(tmp_path, transport))
         link = Link(central.port)
         stack.callback(link.close)
+        stanza = bridge_conf(TOPICS, f"127.0.0.1:{link.port}", central.tls, restart_s=TEST_RESTART_S)
         site = LocalBroker(data_dir=tmp_path / "site", prefer="mosquitto",
-                           extra_config=bridge_conf(TOPICS, f"127.0.0.1:{link.port}", central.tls,
-                                                    restart_s=TEST_RESTART_S))
+                           extra_config=site_config + stanza)
         stack.enter_context(site)
         bridge = Collector(site.host, site.port, [TOPICS.bridge_state], client_id="bridge-watch")
         stack.callback(bridge.close)
@@ -288,16 +314,27 @@ def test_bridge_carries_events_bundles_deltas_and_acks_across_an_outage(
         stack.callback(site_events.close)
         client = stack.enter_context(connected_server(tmp_path, "127.0.0.1", central.port, site=SITE,
                                                       **central.server_mqtt))
-        state = state_of(client)
-        public = state.config.signing_key_path.with_name("bundle.key.pub").read_text().strip()
+        public = state_of(client).config.signing_key_path.with_name("bundle.key.pub").read_text().strip()
         doors = []
         for name in DOORS:
             doors.append(BridgedDoor(name, site.port, tmp_path / name, public))
             stack.callback(doors[-1].close)
+        wait_until(lambda: _online(client), "both doors online")
+        yield Rig(central, link, site, site_events, client, doors)
+
+
+@needs_mosquitto
+@pytest.mark.parametrize(("transport", "outage"), [("plain", "link-cut"), ("plain", "central-restart"),
+                                                   ("tls", "link-cut")])
+def test_bridge_carries_events_bundles_deltas_and_acks_across_an_outage(
+        tmp_path: Path, transport: str, outage: str) -> None:
+    with bridged_site(tmp_path, transport) as rig:
+        central, link, site_events, client, doors = rig.central, rig.link, rig.site_events, rig.client, \
+            rig.doors
+        state = state_of(client)
         folder, sha = _models(tmp_path, client)
 
-        # Up: the doors announce themselves, a bundle and a delta go in, their acks come out.
-        wait_until(lambda: _online(client), "both doors online")
+        # Up: the doors announced themselves; a bundle and a delta go in, their acks come out.
         ada = _enroll(client, sha, "Ada", seed=1)
         built = build_gallery_bundle(PromotionContext.for_state(state), folder)
         assert state.bundles is not None
@@ -316,7 +353,7 @@ def test_bridge_carries_events_bundles_deltas_and_acks_across_an_outage(
         wait_until(lambda: len(_stored(client)) == BEFORE * len(DOORS), "events before the outage",
                    progress=lambda: len(_stored(client)))
         for door in doors:  # the receipts came back through the bridge
-            wait_until(lambda door=door: door.mqtt.outbox.depth == 0, f"{door.device_id}'s receipts")
+            door.wait_outbox_empty("the receipts")
 
         # Down: the doors keep deciding, the server deletes Bea.
         if outage == "link-cut":
@@ -329,9 +366,7 @@ def test_bridge_carries_events_bundles_deltas_and_acks_across_an_outage(
         assert deleted.status_code == 202 and deleted.json()["status"] == "pending", deleted.text
         seq_remove = int(deleted.json()["delta_sequence"])
         for door in doors:  # the site broker has them; the doors keep them until the server's receipt
-            wait_until(lambda door=door: len(_seqs(site_events, door.device_id)) == BEFORE + DURING,
-                       f"{door.device_id}'s events at the site broker",
-                       progress=lambda door=door: len(_seqs(site_events, door.device_id)))
+            _wait_at_site(site_events, door.device_id, BEFORE + DURING)
             assert door.mqtt.outbox.depth == DURING
         assert len(_stored(client)) == BEFORE * len(DOORS), "an event crossed a cut bridge"
         assert all(door.updater.delta_sequence == seq_add for door in doors), "a delta crossed a cut bridge"
@@ -347,8 +382,7 @@ def test_bridge_carries_events_bundles_deltas_and_acks_across_an_outage(
         wait_until(lambda: len(_stored(client)) >= total * len(DOORS), "every event stored",
                    progress=lambda: len(_stored(client)))
         for door in doors:
-            wait_until(lambda door=door: door.mqtt.outbox.depth == 0, f"{door.device_id}'s outbox emptied",
-                       progress=lambda door=door: door.mqtt.outbox.depth)
+            door.wait_outbox_empty("the outbox emptied")
             door.wait_ack(_delta(seq_remove), f"removal {seq_remove} applied")
             assert door.persons() == {ada}
         wait_until(lambda: _acked(client, "delta", seq_remove, "applied"), "removal acks")
@@ -370,6 +404,34 @@ def test_bridge_carries_events_bundles_deltas_and_acks_across_an_outage(
         assert sorted(seq for device, seq, _ in rows if device == name) == list(range(1, total + 1)), name
     assert len(rows) == len({event_id for _, _, event_id in rows}) == total * len(DOORS)
     assert detail == f"deleted; confirmed by devices {', '.join(DOORS)}"
+
+
+@needs_mosquitto
+def test_bridge_queue_overflow_at_the_site_loses_no_event(tmp_path: Path) -> None:
+    """A site broker whose queue for the bridge (max_queued_messages) is far smaller than an outage drops
+    what does not fit; the doors' outboxes send it again once the server's receipts come back."""
+    with bridged_site(tmp_path, "plain", f"max_queued_messages {SMALL_QUEUE}\n") as rig:
+        rig.link.cut()
+        for door in rig.doors:
+            door.decide(DURING)
+        for door in rig.doors:
+            _wait_at_site(rig.site_events, door.device_id, DURING)
+        rig.link.restore()
+        for door in rig.doors:
+            door.decide(AFTER)
+        total = DURING + AFTER
+        wait_until(lambda: len(_stored(rig.client)) >= total * len(DOORS), "every event stored",
+                   progress=lambda: len(_stored(rig.client)))
+        for door in rig.doors:
+            door.wait_outbox_empty("the outbox emptied")
+        rows = _stored(rig.client)
+        resent = sum(door.mqtt.sink.publisher.resent for door in rig.doors)
+        print(f"queue {SMALL_QUEUE}: {len(DOORS)} doors x {DURING} events during the outage + {AFTER} after, "
+              f"stored {len(rows)}, {resent} re-sent by the doors")
+    for name in DOORS:
+        assert sorted(seq for device, seq, _ in rows if device == name) == list(range(1, total + 1)), name
+    assert len(rows) == len({event_id for _, _, event_id in rows}) == total * len(DOORS)
+    assert resent >= len(DOORS) * DURING - SMALL_QUEUE, "the bound dropped nothing: it was not applied"
 
 
 @needs_mosquitto

@@ -35,6 +35,7 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from core.mqtt.client import Message
 from core.protocol.schemas import BundleAck
 from core.protocol.topics import Topics
 from core.types import Decision, DecisionKind, LivenessResult
@@ -283,6 +284,11 @@ def _delta(seq: int) -> Callable[[BundleAck], bool]:
     return lambda ack: ack.delta_sequence == seq and ack.delta_state == "applied"
 
 
+def _bridge_is(state: bytes) -> Callable[[list[Message]], bool]:
+    """The last bridge notification says ``state``."""
+    return lambda messages: bool(messages) and messages[-1].payload == state
+
+
 @dataclass
 class Rig:
     """A central broker, the WAN link, a bridged site broker, the server and the doors."""
@@ -291,6 +297,7 @@ class Rig:
     link: Link
     site: LocalBroker
     site_events: Collector  # every event the site broker delivers (a subscriber at the site)
+    bridge_state: Collector  # the bridge's notifications at the site: 1 up, 0 down
     client: TestClient
     doors: list[BridgedDoor]
 
@@ -309,7 +316,7 @@ def bridged_site(tmp_path: Path, transport: str, site_config: str = "") -> Itera
         stack.enter_context(site)
         bridge = Collector(site.host, site.port, [TOPICS.bridge_state], client_id="bridge-watch")
         stack.callback(bridge.close)
-        assert bridge.wait(lambda ms: bool(ms) and ms[-1].payload == b"1"), "the bridge never came up"
+        assert bridge.wait(_bridge_is(b"1")), "the bridge never came up"
         site_events = Collector(site.host, site.port, [TOPICS.all_events], client_id="site-events")
         stack.callback(site_events.close)
         client = stack.enter_context(connected_server(tmp_path, "127.0.0.1", central.port, site=SITE,
@@ -320,7 +327,7 @@ def bridged_site(tmp_path: Path, transport: str, site_config: str = "") -> Itera
             doors.append(BridgedDoor(name, site.port, tmp_path / name, public))
             stack.callback(doors[-1].close)
         wait_until(lambda: _online(client), "both doors online")
-        yield Rig(central, link, site, site_events, client, doors)
+        yield Rig(central, link, site, site_events, bridge, client, doors)
 
 
 @needs_mosquitto
@@ -360,6 +367,7 @@ def test_bridge_carries_events_bundles_deltas_and_acks_across_an_outage(
             link.cut()
         else:
             central.stop()
+        assert rig.bridge_state.wait(_bridge_is(b"0")), "the site never noticed the bridge was down"
         for door in doors:
             door.decide(DURING)
         deleted = client.delete(f"/api/persons/{bea}?wait_s=0", headers=login(client))
@@ -376,6 +384,7 @@ def test_bridge_carries_events_bundles_deltas_and_acks_across_an_outage(
             link.restore()
         else:
             central.start()
+        assert rig.bridge_state.wait(_bridge_is(b"1")), "the bridge never came back"
         for door in doors:
             door.decide(AFTER)
         total = BEFORE + DURING + AFTER

@@ -113,11 +113,13 @@ def mosquitto_conf(host: str, port: int, data_dir: Path, persistence: bool = Tru
 class LocalBroker:
     """A broker subprocess on ``host:port`` that may be stopped and started again on the same port; a
     context manager whose ``stop()`` is idempotent. amqtt keeps nothing across a restart; mosquitto keeps
-    sessions and retained messages unless ``persistence=False``."""
+    sessions and retained messages unless ``persistence=False``. ``extra_config``: mosquitto config lines
+    appended to the generated ones (a bridge stanza, see :mod:`server.bridge`); mosquitto only."""
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None, data_dir: Path | None = None,
-                 prefer: BrokerKind | None = None, persistence: bool = True) -> None:
+                 prefer: BrokerKind | None = None, persistence: bool = True, extra_config: str = "") -> None:
         self.host = host
+        self.extra_config = extra_config
         # amqtt never persists; mosquitto does unless told not to (a broker that forgets on restart)
         self.persistence = persistence
         self.port = port if port is not None else free_port(host)
@@ -125,6 +127,9 @@ class LocalBroker:
         if self.kind == "mosquitto" and mosquitto_binary() is None:
             raise BrokerStartError("mosquitto is not on PATH (apt install mosquitto; Debian puts it in "
                                    "/usr/sbin)")
+        if extra_config and self.kind != "mosquitto":
+            raise BrokerStartError("extra mosquitto config lines (e.g. a bridge) need mosquitto; the "
+                                   "embedded amqtt broker cannot bridge")
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if data_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="facegate-broker-")
@@ -138,7 +143,8 @@ class LocalBroker:
         log = open(self.data_dir / f"{self.kind}.log", "ab")  # the child keeps its own copy of the fd
         if self.kind == "mosquitto":
             conf = self.data_dir / "mosquitto.conf"
-            conf.write_text(mosquitto_conf(self.host, self.port, self.data_dir, self.persistence),
+            text = mosquitto_conf(self.host, self.port, self.data_dir, self.persistence)
+            conf.write_text(text + (f"\n{self.extra_config}\n" if self.extra_config else ""),
                             encoding="utf-8")
             binary = mosquitto_binary()
             assert binary is not None  # noqa: S101 - checked in __init__

@@ -190,13 +190,14 @@ def no_face_image(size: int = 256) -> np.ndarray[Any, Any]:
 
 
 @contextmanager
-def connected_server(tmp_path: Path, host: str, port: int) -> Iterator[TestClient]:
-    """A server app with MQTT on (audit subscriber connected to host:port) and a bundle signing key."""
+def connected_server(tmp_path: Path, host: str, port: int, **mqtt: Any) -> Iterator[TestClient]:
+    """A server app with MQTT on (audit subscriber connected to host:port) and a bundle signing key;
+    ``mqtt`` overrides more ``[mqtt]`` fields (site, TLS files)."""
     from server.app import create_app
     from server.bundles.signing import generate_key
 
     config = make_config(tmp_path, mqtt={"enabled": True, "host": host, "port": port,
-                                         "client_id": "server-under-test"})
+                                         "client_id": "server-under-test", **mqtt})
     generate_key(config.signing_key_path)
     with TestClient(create_app(config)) as test_client:
         state = state_of(test_client)

@@ -48,19 +48,24 @@ class TlsBroker:
         assert str(self.certs / "crl.pem") in conf, "the deploy config checks the CRL"
         (tmp / "mosquitto.conf").write_text(conf)
         self.log = open(tmp / "mosquitto.log", "wb")
-        self._start()
+        self.start()
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Start mosquitto on the same port (after ``stop``) and wait until it listens."""
         assert MOSQUITTO is not None
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.tmp / "mosquitto.conf")], stderr=self.log)
         assert wait_port("127.0.0.1", self.port, alive=lambda: self.proc.poll() is None), \
             f"mosquitto with the deploy config did not listen; see {self.tmp / 'mosquitto.log'}"
 
-    def restart(self) -> None:
-        """Stop and start the broker (it reads the CRL at start)."""
+    def stop(self) -> None:
+        """Stop mosquitto (it keeps its persistence file and port for ``start``)."""
         self.proc.terminate()
         self.proc.wait(5)
-        self._start()
+
+    def restart(self) -> None:
+        """Stop and start the broker (it reads the CRL at start)."""
+        self.stop()
+        self.start()
 
     def client(self, cn: str | None) -> mqtt.Client:
         """A connected client presenting ``cn``'s certificate (None: no certificate)."""
@@ -76,8 +81,8 @@ class TlsBroker:
 
     def close(self) -> None:
         """Stop the broker."""
-        self.proc.terminate()
-        self.proc.wait(5)
+        if self.proc.poll() is None:
+            self.stop()
         self.log.close()
 
 

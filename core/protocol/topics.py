@@ -127,6 +127,37 @@ class Topics:
         """Filter for the broadcast chunks of every bundle sequence."""
         return f"{self.base}/bundles/+/chunk"
 
+    @property
+    def all_events_confirms(self) -> str:
+        """Filter for the server's receipts to every device."""
+        return f"{self.base}/+/events/confirm"
+
+    @property
+    def all_commands(self) -> str:
+        """Filter for the commands to every device."""
+        return f"{self.base}/+/cmd/+/set"
+
+    @property
+    def all_command_responses(self) -> str:
+        """Filter for every device's command responses."""
+        return f"{self.base}/+/cmd/+/response"
+
+    @property
+    def all_bundle_chunk_replies(self) -> str:
+        """Filter for the chunks re-sent to every device on request."""
+        return f"{self.base}/+/bundle/chunk"
+
+    @property
+    def all_snapshots(self) -> str:
+        """Filter for every device's opt-in snapshots."""
+        return f"{self.base}/+/snapshot"
+
+    @property
+    def bridge_state(self) -> str:
+        """The site bridge's connection state (``1``/``0``, retained; mosquitto's bridge notification).
+        ``bridge`` is therefore reserved as a device id, like ``bundles``."""
+        return f"{self.base}/bridge/state"
+
     def commands_filter(self, device_id: str) -> str:
         """Filter for the commands of one device."""
         return f"{self.device(device_id)}/cmd/+/set"

@@ -4,6 +4,7 @@
 #   deploy/mosquitto/make-certs.sh revoke NAME [OUT_DIR]    (revoke NAME's certificate, rewrite crl.pem)
 #   deploy/mosquitto/make-certs.sh acl SITE NAME            (print NAME's facegate.acl block for SITE)
 #   deploy/mosquitto/make-certs.sh crl [OUT_DIR]            (re-issue crl.pem before it expires)
+#   deploy/mosquitto/make-certs.sh bridge SITE [OUT_DIR]    (SITE's bridge certificate, CN bridge-SITE)
 # OUT_DIR defaults to $FACEGATE_CERTS_DIR or deploy/certs. The client certificate's CN is the MQTT
 # username the ACL uses. Keep ca.key offline. After revoke/crl, copy crl.pem to the broker and restart it.
 set -euo pipefail
@@ -35,6 +36,15 @@ default_crl_days = $crl_days
 CNF
 }
 
+sign() {  # name cn ext
+  local name=$1 cn=$2 ext=$3
+  openssl req -new -newkey rsa:2048 -nodes -sha256 -subj "/CN=$cn" \
+    -keyout "$name.key" -out "$name.csr" 2>/dev/null
+  openssl x509 -req -in "$name.csr" -CA ca.crt -CAkey ca.key -CAcreateserial \
+    -days "$days" -sha256 -extfile "$ext" -out "$name.crt" 2>/dev/null
+  rm -f "$name.csr" "$ext"
+}
+
 gencrl() {
   ca_db
   openssl ca -config ca.cnf -gencrl -out crl.pem 2>/dev/null
@@ -61,6 +71,21 @@ case ${1:-} in
       printf 'topic %s\n' "$rule"
     done
     exit 0 ;;
+  bridge)  # the client certificate a site broker's bridge presents to this (central) broker
+    if [ $# -lt 2 ] || ! [[ $2 =~ ^[A-Za-z0-9_-]+$ ]]; then
+      echo "usage: $0 bridge SITE [OUT_DIR] (SITE: letters, digits, _ and -)" >&2; exit 2
+    fi
+    name=bridge-$2; out=${3:-$default_out}
+    if [ ! -f "$out/ca.key" ]; then echo "no CA in $out: issue the central broker's certificates first" >&2; exit 1; fi
+    cd "$out"
+    umask 077
+    printf 'extendedKeyUsage=clientAuth\n' > "$name.ext"
+    sign "$name" "$name" "$name.ext"
+    chmod 600 "$name.key"
+    chmod 644 "$name.crt"
+    echo "issued $out/$name.crt/.key for the site broker, with ca.crt; the central ACL block and the bridge" \
+         "stanza: facegate server bridge-config --site $2 [--acl]"
+    exit 0 ;;
   crl)
     out=${2:-$default_out}
     cd "$out"
@@ -70,7 +95,8 @@ case ${1:-} in
 esac
 
 if [ $# -lt 2 ]; then
-  echo "usage: $0 OUT_DIR BROKER_HOST [CLIENT_CN ...] | revoke NAME [OUT_DIR] | crl [OUT_DIR]" >&2
+  echo "usage: $0 OUT_DIR BROKER_HOST [CLIENT_CN ...] | revoke NAME [OUT_DIR] | crl [OUT_DIR] |" \
+       "bridge SITE [OUT_DIR] | acl SITE NAME" >&2
   exit 2
 fi
 out=$1; host=$2; shift 2
@@ -82,15 +108,6 @@ if [ ! -f ca.key ]; then
   openssl req -x509 -new -newkey rsa:3072 -nodes -sha256 -days 3650 \
     -subj "/CN=facegate-ca" -keyout ca.key -out ca.crt 2>/dev/null
 fi
-
-sign() {  # name cn ext
-  local name=$1 cn=$2 ext=$3
-  openssl req -new -newkey rsa:2048 -nodes -sha256 -subj "/CN=$cn" \
-    -keyout "$name.key" -out "$name.csr" 2>/dev/null
-  openssl x509 -req -in "$name.csr" -CA ca.crt -CAkey ca.key -CAcreateserial \
-    -days "$days" -sha256 -extfile "$ext" -out "$name.crt" 2>/dev/null
-  rm -f "$name.csr" "$ext"
-}
 
 if [[ $host =~ ^[0-9.]+$ ]]; then san="IP:$host"; else san="DNS:$host"; fi
 printf 'subjectAltName=%s,DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' "$san" > server.ext

@@ -126,6 +126,9 @@ class BundlesConfig(Strict):
         None, description="Ed25519 private key (PEM, mode 0600); default <data_dir>/keys/bundle.key."
     )
     root: Path | None = Field(None, description="Bundles and the delta ledger; default <data_dir>/bundles.")
+    encrypt_gallery: bool = Field(
+        True, description="Seal the gallery of bundles and deltas to the site's doors (names and templates "
+        "never cross the broker in plaintext). UNSAFE when false.")
 
 
 class AuthConfig(Strict):

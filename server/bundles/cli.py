@@ -223,6 +223,65 @@ def publish(config_path: Path | None, host: str | None, port: int | None, prefix
         client.close()
 
 
+# ----------------------------------------------------------------------------- door keys
+
+
+def _keyring(config: ServerConfig) -> Any:
+    from server.crypto import CryptoError, load_chip_cipher
+    from server.state import site_keyring
+
+    try:
+        keyring = site_keyring(config, load_chip_cipher(config))
+    except CryptoError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if keyring is None:
+        raise click.ClickException("[bundles] encrypt_gallery is off: there are no gallery keys")
+    return keyring
+
+
+@cli.command("doors")
+@_config_option
+def doors_cmd(config_path: Path | None) -> None:
+    """Print (JSON) the gallery key version and each door's key state: trusted, revoked, pending key."""
+    keyring = _keyring(_config(config_path))
+    click.echo(json.dumps({"gallery_key_version": keyring.current_version, "doors": keyring.doors()}))
+
+
+@cli.command("revoke-door")
+@_config_option
+@click.argument("device")
+def revoke_door_cmd(config_path: Path | None, device: str) -> None:
+    """Revoke DEVICE's key and rotate the site's gallery key (JSON: the new version).
+
+    The next delta and bundle are sealed under the new key, wrapped only to the other doors. A running
+    server publishes the delta under it at the next change; POST /api/devices/DEVICE/revoke does both at
+    once. Revoke the door's broker certificate too (deploy/mosquitto/make-certs.sh revoke DEVICE).
+    """
+    from server.bundles.sitekeys import SiteKeyError
+
+    keyring = _keyring(_config(config_path))
+    try:
+        version = keyring.revoke(device)
+    except SiteKeyError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps({"device": device, "gallery_key_version": version}))
+
+
+@cli.command("approve-door")
+@_config_option
+@click.argument("device")
+def approve_door_cmd(config_path: Path | None, device: str) -> None:
+    """Trust the public key DEVICE reported last (a re-installed door, or a revoked one re-admitted)."""
+    from server.bundles.sitekeys import SiteKeyError
+
+    keyring = _keyring(_config(config_path))
+    try:
+        keyring.approve(device)
+    except SiteKeyError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps({"device": device, "state": keyring.doors()[device]["state"]}))
+
+
 @cli.command("status")
 @_config_option
 @_mqtt_options

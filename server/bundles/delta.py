@@ -244,6 +244,14 @@ class MqttGallerySync:
             self.ledger.save()
             return version, self._publish()
 
+    def approve_door(self, device: str) -> int:
+        """Trust the key ``device`` reported last and publish the delta with its wrap; return the sequence."""
+        if self.keyring is None:
+            raise SyncError("gallery encryption is off ([bundles] encrypt_gallery = false): no key to wrap")
+        with self._lock:
+            self.keyring.approve(device)
+            return self._publish(wait=False)
+
     def republish(self) -> int | None:
         """Publish the current ledger again (e.g. after the broker lost its retained messages)."""
         with self._lock:

@@ -159,6 +159,11 @@ class SiteKeyring:
                 wraps.append(KeyWrap(device=device, version=version, epk=epk, sealed=sealed))
         return wraps
 
+    def key(self, version: int) -> bytes | None:
+        """Gallery key ``version`` (None when unknown or no longer opening): for audits of sealed bundles."""
+        with self._lock:
+            return self._key(self._read(), version)
+
     # ------------------------------------------------------------------ doors
 
     def observe(self, device: str, public_key: str) -> bool:

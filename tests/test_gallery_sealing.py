@@ -81,7 +81,8 @@ class Site:
 def _enroll(site: Site, name: str, seed: int) -> str:
     """A person with one stored template, its add published: as enrollment does."""
     state = site.state
-    created = site.client.post("/api/persons", json={"name": name, "consent": True}, headers=login(site.client))
+    created = site.client.post("/api/persons", json={"name": name, "consent": True},
+                               headers=login(site.client))
     person_id = str(created.json()["id"])
     vector = unit_vectors(1, seed)[0]
     with state.db.transaction() as session:

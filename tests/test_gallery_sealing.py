@@ -335,3 +335,100 @@ def _signed_bytes(delta: GalleryDelta) -> bytes:
     from core.protocol.schemas import canonical_json
 
     return canonical_json(delta.signed_part())
+
+
+def test_revoke_door_in_the_keyring_and_cli_trust_on_first_use_then_approval(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from server.bundles.cli import cli
+    from server.bundles.sitekeys import KEYRING_FILE, SiteKeyring
+    from server.crypto import load_chip_cipher
+    from tests.server_support import make_config
+
+    config = make_config(tmp_path)
+    config_file = tmp_path / "server.toml"
+    config_file.write_text(f'data_dir = "{config.data_dir}"\n[mqtt]\nsite = "{SITE}"\n', encoding="utf-8")
+    keyring = SiteKeyring(config.bundles_root, load_chip_cipher(config), config.mqtt.site)
+    a, b = DoorKeys(tmp_path / "a", "door-a"), DoorKeys(tmp_path / "b", "door-b")
+    b_again = DoorKeys(tmp_path / "b2", "door-b")  # door-b re-installed: a new key pair
+    assert keyring.observe("door-a", a.public_b64) and keyring.observe("door-b", b.public_b64)
+    assert not keyring.observe("door-a", a.public_b64)  # the same key again: nothing new
+    first = keyring.sealer()
+    assert first.version == 1 and {w.device for w in first.keys} == {"door-a", "door-b"}
+    assert a.learn(first.keys) == [1] and b.learn(first.keys) == [1] and a.key(1) == first.key
+    stored = (config.bundles_root / KEYRING_FILE).read_bytes()
+    assert first.key not in stored and b64_of(first.key).encode() not in stored  # sealed at rest
+    assert (config.bundles_root / KEYRING_FILE).stat().st_mode & 0o777 == 0o600
+
+    # A different key for a known door id is not trusted until approved.
+    assert not keyring.observe("door-b", b_again.public_b64)
+    assert keyring.doors()["door-b"]["pending"] == b_again.public_b64
+    assert b_again.learn(keyring.sealer().keys) == []
+
+    runner = CliRunner()
+    revoked = runner.invoke(cli, ["revoke-door", "door-b", "--config", str(config_file)])
+    assert revoked.exit_code == 0, revoked.output
+    assert json.loads(revoked.stdout) == {"device": "door-b", "gallery_key_version": 2}
+    second = keyring.sealer()
+    assert second.version == 2 and second.key != first.key
+    assert {w.device for w in second.keys} == {"door-a"}  # versions 1 and 2, to door A only
+    assert b.learn(second.keys) == [] and b.key(2) is None and a.learn(second.keys) == [2]
+    listed = runner.invoke(cli, ["doors", "--config", str(config_file)])
+    assert json.loads(listed.stdout)["doors"]["door-b"]["state"] == DoorKeyState.REVOKED
+
+    approved = runner.invoke(cli, ["approve-door", "door-b", "--config", str(config_file)])
+    assert approved.exit_code == 0 and json.loads(approved.stdout)["state"] == DoorKeyState.TRUSTED
+    assert b_again.learn(keyring.sealer().keys) == [1, 2]  # the re-installed door's new key
+    assert b.learn(keyring.sealer().keys) == []  # the old key of door-b: nothing
+    unknown = runner.invoke(cli, ["approve-door", "door-z", "--config", str(config_file)])
+    assert unknown.exit_code != 0 and "no door 'door-z'" in unknown.output
+    # Another site's config does not touch (or silently re-key) this keyring.
+    other = tmp_path / "other.toml"
+    other.write_text(f'data_dir = "{config.data_dir}"\n[mqtt]\nsite = "elsewhere"\n', encoding="utf-8")
+    wrong = runner.invoke(cli, ["revoke-door", "door-a", "--config", str(other)])
+    assert wrong.exit_code != 0 and "belongs to site" in wrong.output
+    assert keyring.current_version == 2
+
+
+def b64_of(data: bytes) -> str:
+    """Base64 text of ``data``."""
+    import base64
+
+    return base64.b64encode(data).decode("ascii")
+
+
+def test_end_to_end_cli_build_seals_a_gallery_folder_by_default(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from server.bundles.cli import cli
+    from server.bundles.signing import generate_key
+    from server.bundles.sitekeys import SiteKeyring
+    from server.crypto import load_chip_cipher
+    from tests.bundle_kit import PERSONS, opened_gallery
+    from tests.mqtt_kit import make_gallery
+    from tests.server_support import make_config
+
+    config = make_config(tmp_path)
+    config_file = tmp_path / "server.toml"
+    config_file.write_text(f'data_dir = "{config.data_dir}"\n[mqtt]\nsite = "{SITE}"\n', encoding="utf-8")
+    keyring = SiteKeyring(config.bundles_root, load_chip_cipher(config), SITE)
+    door = DoorKeys(tmp_path / "door", "door-1")
+    assert keyring.observe("door-1", door.public_b64)
+    generate_key(config.signing_key_path)
+    models, sha = make_models_dir(tmp_path / "models", sha_tag("cli-seal"))
+    gallery = make_gallery(tmp_path / "gallery", sha, PERSONS)
+    built = CliRunner().invoke(cli, ["build", "--config", str(config_file), "--models", str(models),
+                                     "--gallery", str(gallery), "--json"])
+    assert built.exit_code == 0, built.output
+    info = json.loads(built.stdout)
+    assert info["gallery_key_version"] == 1 and info["wrapped_to"] == ["door-1"]
+    bundle = Path(info["path"])
+    names = [f"name-{pid}".encode() for pid in PERSONS]
+    assert any(names[0] in p.read_bytes() for p in gallery.iterdir())  # the check would see plaintext
+    for path in (bundle / "gallery").iterdir():
+        assert not any(name in path.read_bytes() for name in names), f"{path.name} is not sealed"
+    door.learn(load_bundle(bundle).manifest.keys)
+    key = door.key(1)
+    assert key is not None
+    with Gallery.open(opened_gallery(bundle, key, tmp_path / "opened"), sha, GalleryConfig()) as opened:
+        assert set(opened.persons()) == set(PERSONS)

@@ -35,7 +35,7 @@ from core.protocol.schemas import BundleAck, DeltaPerson, GalleryDelta, canonica
 from core.protocol.sealed import seal_delta
 from core.protocol.topics import Topics
 from server.bundles.signing import sign
-from server.bundles.sitekeys import GallerySealer, SiteKeyring
+from server.bundles.sitekeys import GallerySealer, SiteKeyError, SiteKeyring
 from server.enrollment.sync import GalleryEntry, SyncError
 
 logger = logging.getLogger(__name__)
@@ -190,7 +190,11 @@ class MqttGallerySync:
         self._lock = threading.Lock()
 
     def _publish(self, wait: bool = True) -> int:
-        delta = self.ledger.delta(self.key, self.keyring.sealer() if self.keyring is not None else None)
+        try:
+            sealer = self.keyring.sealer() if self.keyring is not None else None
+        except SiteKeyError as exc:  # never fall back to plaintext
+            raise SyncError(f"gallery delta not published: {exc}") from exc
+        delta = self.ledger.delta(self.key, sealer)
         handle = self.client.publish(self.topics.gallery_delta, delta.to_bytes(), qos=1, retain=True)
         if not handle.queued:
             raise SyncError(f"gallery delta {delta.seq} could not be queued for the broker")

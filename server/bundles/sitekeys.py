@@ -15,8 +15,9 @@ re-read on every use and replaced atomically::
   and makes a new gallery key version; every later bundle and delta is sealed under it and wrapped only
   to the remaining trusted doors. A revoked door's hello is ignored until an admin approves it again.
 - The gallery keys are encrypted at rest under the server's chip key, bound to site and version. If the
-  chip key changed (``facegate server rotate-key``) and the current version no longer opens, a new
-  version is made: the doors get it with the next delta.
+  chip key was rotated since (``facegate server rotate-chip-key``), the current version is under the
+  retired key and a new version is made: the doors get it with the next delta. A key entry that does
+  not authenticate (tampered, or moved from another site) stops sealing with an error instead.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from core.gallerycrypto import (
     wrap,
 )
 from core.protocol.schemas import KeyWrap
-from server.crypto import ChipCipher, CryptoError
+from server.crypto import KEY_ID_BYTES, ChipCipher, CryptoError
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +91,15 @@ class SiteKeyring:
             data.setdefault("current", 0)
             data.setdefault("versions", {})
             data.setdefault("doors", {})
-            return data
         except FileNotFoundError:
-            return {"current": 0, "versions": {}, "doors": {}}
+            return {"site": self.site, "current": 0, "versions": {}, "doors": {}}
         except (OSError, ValueError, TypeError) as exc:
             raise SiteKeyError(f"gallery keyring {self.path} is unreadable: {exc}") from exc
+        if data.get("site", self.site) != self.site:
+            raise SiteKeyError(f"gallery keyring {self.path} belongs to site {data.get('site')!r}, but this "
+                               f"config's [mqtt] site is {self.site!r}: use that site's config")
+        data["site"] = self.site
+        return data
 
     def _write(self, data: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,12 +122,20 @@ class SiteKeyring:
         if text is None:
             return None
         try:
-            key = self.cipher.decrypt(unb64(text, "stored gallery key"), self._associated(version),
-                                      "gallery key")
-        except (CryptoError, GalleryCryptoError) as exc:
-            logger.error("site %s: gallery key %d does not open (%s)", self.site, version, exc)
+            blob = unb64(text, "stored gallery key")
+        except GalleryCryptoError as exc:
+            raise SiteKeyError(f"gallery key {version} in {self.path} is damaged: {exc}") from exc
+        if blob[1 : 1 + KEY_ID_BYTES] != self.cipher.key_id:
+            # Sealed under an earlier chip key (rotated since): the doors hold it; a new version follows.
+            logger.warning("site %s: gallery key %d is under a retired chip key", self.site, version)
             return None
-        return key if len(key) == GALLERY_KEY_BYTES else None
+        try:
+            key = self.cipher.decrypt(blob, self._associated(version), "gallery key")
+        except CryptoError as exc:  # tampered or moved: fail closed, never rotate silently
+            raise SiteKeyError(f"gallery key {version} in {self.path} does not open: {exc}") from exc
+        if len(key) != GALLERY_KEY_BYTES:
+            raise SiteKeyError(f"gallery key {version} in {self.path} has the wrong length")
+        return key
 
     # ------------------------------------------------------------------ sealing
 
@@ -133,7 +146,7 @@ class SiteKeyring:
             current = int(data["current"])
             key = self._key(data, current) if current else None
             if key is None:
-                self._new_version(data, "first use" if not current else "the stored key no longer opens")
+                self._new_version(data, "first use" if not current else "the chip key was rotated")
                 self._write(data)
                 current = int(data["current"])
                 key = self._key(data, current)

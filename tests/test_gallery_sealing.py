@@ -250,8 +250,8 @@ def test_revoke_door_b_rotates_the_key_and_b_cannot_read_the_next_delta(site: Si
     ack = door_b.wait(lambda a: a.delta_sequence == seq and a.delta_state == "rejected")
     assert ack.delta_reason is not None and ack.delta_reason.startswith(RejectCode.NO_GALLERY_KEY.value)
     assert door_b.store.door is not None and door_b.store.door.versions == [1]
-    stored = door_b.store.load_signed_delta()
-    assert stored is not None and stored.seq == applied_b
+    stored = door_b.store.load_signed_delta()  # the last delta B could open: under key 1, before the revoke
+    assert stored is not None and stored.key_version == 1 and applied_b <= stored.seq < seq
     assert not _recognises(door_b, site, late)
     for pid in site.persons:
         if pid != late:

@@ -230,7 +230,7 @@ def test_bundle_build_cli_exports_the_enrolled_gallery(client: TestClient, faces
     ids = _enroll_all(client, faces)
     config_file = tmp_path / "server.toml"
     config_file.write_text(f'data_dir = "{state.config.data_dir}"\n[models]\ndir = "{built_models}"\n'
-                           '[mqtt]\nenabled = false\n', encoding="utf-8")
+                           f'[mqtt]\nenabled = false\nsite = "{state.config.mqtt.site}"\n', encoding="utf-8")
     result = CliRunner().invoke(bundle_cli, ["build", "--config", str(config_file), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])

@@ -438,9 +438,11 @@ class BundleUpdater:
         state, reason = outcome.state, outcome.reason
         active = self.store.active()
         hook = self.on_gallery_changed if reload else None
-        opened = self.store.load_delta() if hook is not None else None  # the hook needs the plaintext
-        if hook is not None and active is not None and opened is not None and state != "rejected":
+        if hook is not None and active is not None and state != "rejected":
             try:
+                opened = self.store.load_delta()  # the hook needs the plaintext the store opened
+                if opened is None or opened.seq != delta.seq:
+                    raise BundleRejected(RejectCode.CORRUPT, "the accepted delta cannot be read back")
                 partial = hook(active, opened)
             except Exception as exc:  # the running door may still know a removed person: never ack applied
                 logger.error("gallery delta %d is not live in the running door: %s", delta.seq, exc)

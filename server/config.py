@@ -129,6 +129,10 @@ class BundlesConfig(Strict):
     encrypt_gallery: bool = Field(
         True, description="Seal the gallery of bundles and deltas to the site's doors (names and templates "
         "never cross the broker in plaintext). UNSAFE when false.")
+    trust_new_doors: bool = Field(
+        True, description="Wrap the gallery key to a door the first time it reports its public key (trust "
+        "on first use; the broker ACL lets only a door's certificate write its ack). False: every new door "
+        "waits for `facegate bundle approve-door` (use it on a broker without per-door ACLs).")
 
 
 class AuthConfig(Strict):

@@ -72,7 +72,8 @@ def site_keyring(config: ServerConfig, cipher: ChipCipher) -> SiteKeyring | None
         logger.warning("UNSAFE: [bundles] encrypt_gallery is off: enrolled names and templates cross the "
                        "broker in plaintext")
         return None
-    return SiteKeyring(config.bundles_root, cipher, config.mqtt.site)
+    return SiteKeyring(config.bundles_root, cipher, config.mqtt.site,
+                       trust_new_doors=config.bundles.trust_new_doors)
 
 
 @dataclass

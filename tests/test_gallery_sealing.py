@@ -382,6 +382,12 @@ def test_revoke_door_in_the_keyring_and_cli_trust_on_first_use_then_approval(tmp
     assert b.learn(keyring.sealer().keys) == []  # the old key of door-b: nothing
     unknown = runner.invoke(cli, ["approve-door", "door-z", "--config", str(config_file)])
     assert unknown.exit_code != 0 and "no door 'door-z'" in unknown.output
+    # With trust_new_doors off, a new door waits for the approval (a broker without per-door ACLs).
+    strict = SiteKeyring(tmp_path / "strict", load_chip_cipher(config), SITE, trust_new_doors=False)
+    assert not strict.observe("door-a", a.public_b64)
+    assert strict.doors()["door-a"]["state"] == DoorKeyState.NEW and strict.sealer().keys == []
+    strict.approve("door-a")
+    assert {w.device for w in strict.sealer().keys} == {"door-a"}
     # Another site's config does not touch (or silently re-key) this keyring.
     other = tmp_path / "other.toml"
     other.write_text(f'data_dir = "{config.data_dir}"\n[mqtt]\nsite = "elsewhere"\n', encoding="utf-8")

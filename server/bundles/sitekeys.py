@@ -9,8 +9,9 @@ re-read on every use and replaced atomically::
 
 - A door reports its X25519 public key in every bundle ack (its hello). The first key heard for a
   door id is trusted (trust on first use: the broker's ACL already admits only certified doors to a
-  door's ack topic). A *different* key later is not trusted: it is kept as ``pending`` until an admin
-  runs ``facegate bundle approve-door`` (a re-installed door), so a stolen door id cannot swap keys.
+  door's ack topic); with ``[bundles] trust_new_doors = false`` a new door waits for an admin's
+  approval too. A *different* key later is not trusted: it is kept as ``pending`` until an admin runs
+  ``facegate bundle approve-door`` (a re-installed door), so a stolen door id cannot swap keys.
 - Revoking a door (``facegate bundle revoke-door``, ``POST /api/devices/{id}/revoke``) marks it revoked
   and makes a new gallery key version; every later bundle and delta is sealed under it and wrapped only
   to the remaining trusted doors. A revoked door's hello is ignored until an admin approves it again.
@@ -56,6 +57,7 @@ class DoorKeyState(enum.StrEnum):
     """Where a door's key stands."""
 
     TRUSTED = "trusted"
+    NEW = "new"  # heard of, waiting for an admin's approval ([bundles] trust_new_doors = false)
     REVOKED = "revoked"
 
 
@@ -75,10 +77,11 @@ class GallerySealer:
 class SiteKeyring:
     """The gallery keys of one site and the doors' public keys (see the module docstring)."""
 
-    def __init__(self, root: Path, cipher: ChipCipher, site: str) -> None:
+    def __init__(self, root: Path, cipher: ChipCipher, site: str, *, trust_new_doors: bool = True) -> None:
         self.path = Path(root) / KEYRING_FILE
         self.cipher = cipher
         self.site = site
+        self.trust_new_doors = trust_new_doors
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ file
@@ -189,6 +192,12 @@ class SiteKeyring:
         with self._lock:
             data = self._read()
             door = data["doors"].get(device)
+            if door is None and not self.trust_new_doors:
+                data["doors"][device] = {"key": "", "state": DoorKeyState.NEW, "pending": public_key}
+                self._write(data)
+                logger.warning("new door %s reported a key; it gets no gallery key until an admin runs "
+                               "`facegate bundle approve-door %s`", device, device)
+                return False
             if door is None:
                 data["doors"][device] = {"key": public_key, "state": DoorKeyState.TRUSTED, "pending": None}
                 self._write(data)
@@ -215,6 +224,8 @@ class SiteKeyring:
                 raise SiteKeyError(f"no door {device!r} has reported a key yet")
             if door.get("pending"):
                 door["key"] = door["pending"]
+            if not door.get("key"):
+                raise SiteKeyError(f"door {device!r} has reported no public key yet: start it, then approve")
             door["pending"] = None
             door["state"] = DoorKeyState.TRUSTED
             self._write(data)

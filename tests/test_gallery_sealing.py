@@ -270,6 +270,14 @@ def test_revoke_door_b_rotates_the_key_and_b_cannot_read_the_next_delta(site: Si
     assert key_a is not None and LATE_NAME in [p.name for p in open_delta(delta, key_a).add]
     assert _leaks(list(site.spy.messages), _needles(site.persons)) == []
 
+    # The admin's view, and re-admitting the door (its key approved again): it catches up by itself.
+    listed = site.client.get("/api/devices/keys", headers=login(site.client)).json()
+    assert listed["gallery_key_version"] == 2 and listed["doors"]["door-b"]["state"] == "revoked"
+    approved = site.client.post("/api/devices/door-b/approve-key", headers=login(site.client))
+    assert approved.status_code == 200, approved.text
+    door_b.wait(_applied(approved.json()["delta_sequence"]))  # type: ignore[arg-type]
+    assert _recognises(door_b, site, late) and door_b.store.door.versions == [1, 2]
+
 
 # ----------------------------------------------------------------------------- unit checks of the pieces
 

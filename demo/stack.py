@@ -33,8 +33,9 @@ from server.bundles.builder import BuiltBundle, build_bundle
 from server.bundles.gallery_export import export_gallery
 from server.bundles.rollout import RolloutTracker, installed
 from server.bundles.signing import load_private_key
+from server.bundles.sitekeys import DoorKeyState, GallerySealer
 from server.config import ServerConfig
-from server.state import AppState
+from server.state import AppState, site_keyring
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +202,20 @@ class DoorRunner:
         self.mqtt.close()
 
 
+def _sealer_for(state: AppState, device_id: str) -> GallerySealer | None:
+    """The site's gallery key with its wraps, once the door's hello has put its key in the keyring."""
+    keyring = site_keyring(state.config, state.cipher)
+    if keyring is None:
+        return None
+    try:
+        wait_progress(lambda: keyring.doors().get(device_id, {}).get("state") == DoorKeyState.TRUSTED,
+                      f"{device_id} to report its public key", stall_s=INSTALL_STALL_S)
+    except WaitTimeout as exc:
+        raise DemoError(f"{device_id} never reported its key, so the bundle cannot be sealed to it: "
+                        f"{exc}") from exc
+    return keyring.sealer()
+
+
 def ship_bundle(state: AppState, models_dir: Path, work: Path, client: MqttClient, topics: Topics,
                 device_id: str) -> BuiltBundle:
     """Export the enrolled templates, build and sign a bundle, publish it, wait until the door runs it."""
@@ -213,7 +228,8 @@ def ship_bundle(state: AppState, models_dir: Path, work: Path, client: MqttClien
             export_gallery(session, state.cipher, model_sha, gallery_dir, config=GalleryConfig(),
                            model_version=version)
         key = load_private_key(config.signing_key_path)
-        built = build_bundle(models_dir, gallery_dir, config.bundles_root, key)
+        built = build_bundle(models_dir, gallery_dir, config.bundles_root, key,
+                             sealer=_sealer_for(state, device_id))
     finally:
         shutil.rmtree(gallery_dir, ignore_errors=True)  # embeddings: the bundle holds its own copy
     seq = built.manifest.sequence

@@ -401,6 +401,9 @@ class BundleConfig(Strict):
     request_idle_s: float = Field(
         2.0, gt=0, le=600, description="Ask for missing chunks after this long without a new one."
     )
+    require_sealed_gallery: bool = Field(
+        True, description="Refuse bundles and deltas whose gallery is not sealed to this door (a downgrade). "
+        "UNSAFE when false: only for a site whose server has [bundles] encrypt_gallery = false.")
 
 
 class LoopConfig(Strict):

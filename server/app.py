@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from facegate import __version__
-from server.api import auth, events, faces, ops, persons, recognize, users
+from server.api import auth, doors, events, faces, ops, persons, recognize, users
 from server.api.deps import PrincipalDep, require_admin
 from server.bodylimit import BodyLimitMiddleware
 from server.config import ServerConfig
@@ -120,7 +120,7 @@ def create_app(config: ServerConfig, *, engine: RecognitionEngine | None = None,
     # Outermost of our middleware: it also times and counts what the limits above refuse.
     app.state.metrics = ServerMetrics(state)
     app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)
-    for module in (auth, persons, faces, recognize, events, ops, users):
+    for module in (auth, persons, faces, recognize, events, ops, users, doors):
         app.include_router(module.router)
     app.include_router(_docs_router())
     _mount_style(app, state)

@@ -126,6 +126,13 @@ class BundlesConfig(Strict):
         None, description="Ed25519 private key (PEM, mode 0600); default <data_dir>/keys/bundle.key."
     )
     root: Path | None = Field(None, description="Bundles and the delta ledger; default <data_dir>/bundles.")
+    encrypt_gallery: bool = Field(
+        True, description="Seal the gallery of bundles and deltas to the site's doors (names and templates "
+        "never cross the broker in plaintext). UNSAFE when false.")
+    trust_new_doors: bool = Field(
+        True, description="Wrap the gallery key to a door the first time it reports its public key (trust "
+        "on first use; the broker ACL lets only a door's certificate write its ack). False: every new door "
+        "waits for `facegate bundle approve-door` (use it on a broker without per-door ACLs).")
 
 
 class AuthConfig(Strict):

@@ -26,6 +26,7 @@ from server.rowbinding import bind_chip_rows
 
 if TYPE_CHECKING:
     from server.bundles.publisher import BundleServer
+    from server.bundles.sitekeys import SiteKeyring
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,10 @@ class Closable(Protocol):
         """Release resources."""
 
 
-def mqtt_gallery_sync(config: ServerConfig, topics: Topics) -> tuple[GallerySync, Closable | None]:
-    """Signed gallery deltas over MQTT when MQTT is on and a signing key exists, else NullSync."""
+def mqtt_gallery_sync(config: ServerConfig, topics: Topics,
+                      cipher: ChipCipher | None = None) -> tuple[GallerySync, Closable | None]:
+    """Signed gallery deltas over MQTT when MQTT is on and a signing key exists, else NullSync; sealed to
+    the site's doors unless ``[bundles] encrypt_gallery`` is off."""
     if not config.mqtt.enabled:
         return NullSync(), None
     key_path = config.signing_key_path
@@ -51,13 +54,26 @@ def mqtt_gallery_sync(config: ServerConfig, topics: Topics) -> tuple[GallerySync
     from server.bundles.signing import load_private_key
 
     key = load_private_key(key_path)
+    keyring = site_keyring(config, cipher or load_chip_cipher(config))
     settings = settings_from(config.mqtt, f"{config.mqtt.client_id}-delta")
     client = MqttClient(settings).start()
     try:
-        return MqttGallerySync(client, topics, config.bundles_root, key), client
+        return MqttGallerySync(client, topics, config.bundles_root, key, keyring), client
     except BaseException:
         client.close()
         raise
+
+
+def site_keyring(config: ServerConfig, cipher: ChipCipher) -> SiteKeyring | None:
+    """The site's gallery keyring, or None (with a loud warning) when gallery encryption is turned off."""
+    from server.bundles.sitekeys import SiteKeyring
+
+    if not config.bundles.encrypt_gallery:
+        logger.warning("UNSAFE: [bundles] encrypt_gallery is off: enrolled names and templates cross the "
+                       "broker in plaintext")
+        return None
+    return SiteKeyring(config.bundles_root, cipher, config.mqtt.site,
+                       trust_new_doors=config.bundles.trust_new_doors)
 
 
 @dataclass
@@ -100,7 +116,7 @@ class AppState:
         topics = Topics(config.mqtt.prefix, config.mqtt.site)
         closers: list[Closable] = []
         if sync is None:
-            sync, client = mqtt_gallery_sync(config, topics)
+            sync, client = mqtt_gallery_sync(config, topics, cipher)
             closers += [client] if client is not None else []
         password = config.auth.bootstrap_password
         secret = password.get_secret_value() if password else None
@@ -126,12 +142,14 @@ class AppState:
         from server.bundles.delta import MqttGallerySync
 
         rebaser = None
+        door_keys = None
         if isinstance(self.sync, MqttGallerySync):  # NullSync publishes nothing, so has nothing to rebase
             from server.bundles.offers import OfferKeeper
             from server.bundles.publisher import BundleServer
             from server.bundles.rebase import DeltaRebaser
 
             rebaser = DeltaRebaser(self.db, self.sync, self.config.bundles_root).start()
+            door_keys = self.sync.observe_doors  # a door's hello carries its key: wrap the gallery key to it
             # Never assume the broker kept the retained delta or announcement: offer them again on
             # reconnect, to doors that say hello behind, and periodically; and answer chunk requests.
             offers = OfferKeeper(self.sync.client, self.topics, [self.sync]).start()
@@ -143,7 +161,8 @@ class AppState:
         self.audit = AuditSubscriber(self.db, self.topics, on_delta_acks=self.deletions.on_acks,
                                      after_commit=self.deletions.notify,
                                      on_running_bundles=rebaser.request if rebaser else None,
-                                     on_events_stored=receipts.stored).start()
+                                     on_events_stored=receipts.stored,
+                                     on_door_keys=door_keys).start()
         self.source = ManualAckSource(self.config.mqtt, self.audit.filters, self.audit.handle,
                                       on_subscribed=receipts.hello).start()
 

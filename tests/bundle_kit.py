@@ -10,17 +10,19 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from core.bundle_layout import BUNDLE_JSON
+from core.bundle_layout import BUNDLE_JSON, GALLERY_DIR
 from core.files import sha256_file
+from core.gallerycrypto import file_associated, open_sealed
 from core.mqtt.client import ClientSettings, MqttClient
 from core.protocol.schemas import BundleAck, BundleAnnounce, BundleFile, BundleManifest, manifest_bytes
 from core.protocol.topics import Topics
+from device.bundles.doorkey import DoorKeys
 from device.bundles.signing import load_public_key
 from device.bundles.store import ActiveBundle, BundleStore
 from device.bundles.updater import BundleUpdater
 from device.config import BundleConfig, GalleryConfig
 from device.gallery import Gallery
-from server.bundles.builder import BuiltBundle, build_bundle
+from server.bundles.builder import BuiltBundle, build_bundle, load_bundle
 from server.bundles.publisher import BundleServer
 from server.bundles.rollout import DeviceRollout, RolloutTracker
 from server.bundles.signing import sign
@@ -93,13 +95,17 @@ class Device:
 
     def __init__(self, host: str, port: int, device_id: str, data_dir: Path, public_key: str | None,
                  on_installed: Callable[[ActiveBundle], None] | None = None,
-                 config: BundleConfig | None = None) -> None:
+                 config: BundleConfig | None = None, *, sealed: bool = False,
+                 topics: Topics = TOPICS) -> None:
         self.device_id = device_id
         key = load_public_key(public_key) if public_key else None
-        self.store = BundleStore(data_dir / "bundles", key)
+        root = data_dir / "bundles"
+        # sealed=False: the plaintext bundles these tests build by hand, explicitly allowed.
+        self.store = BundleStore(root, key, door=DoorKeys(root, device_id) if sealed else None,
+                                 require_sealed=sealed)
         self.store.recover()
         self.client = MqttClient(ClientSettings(host, port, f"dev-{device_id}"))
-        self.updater = BundleUpdater(self.client, TOPICS, device_id, self.store,
+        self.updater = BundleUpdater(self.client, topics, device_id, self.store,
                                      config or BundleConfig(request_idle_s=0.5), on_installed=on_installed)
         self.updater.start()
         self.client.start()
@@ -162,3 +168,16 @@ class Server:
 def vector_of(person: str) -> np.ndarray:
     """The first template of a test person."""
     return unit_vectors(PERSONS[person], list(PERSONS).index(person))[0]
+
+
+def opened_gallery(bundle: Path, key: bytes, dest: Path) -> Path:
+    """A copy of a sealed bundle's gallery, opened with gallery key ``key`` (as a door opens it)."""
+    built = load_bundle(bundle)
+    seq = built.manifest.sequence
+    dest.mkdir(parents=True)
+    for entry in built.manifest.files:
+        if entry.path.startswith(f"{GALLERY_DIR}/"):
+            data = open_sealed(key, (bundle / entry.path).read_bytes(), file_associated(seq, entry.path),
+                               entry.path)
+            (dest / entry.path[len(GALLERY_DIR) + 1:]).write_bytes(data)
+    return dest

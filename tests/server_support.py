@@ -20,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from core.protocol.schemas import (
     BundleAck,
     EventPayload,
+    GalleryDelta,
     LivenessPayload,
     StatusPayload,
     VersionsPayload,
@@ -52,6 +53,25 @@ def make_config(tmp_path: Path, **sections: Any) -> ServerConfig:
         else:
             data[key] = value
     return ServerConfig.model_validate(data)
+
+
+def delta_opener(client: TestClient) -> Callable[[GalleryDelta], GalleryDelta]:
+    """Opens a sealed gallery delta with the site's gallery key, as the doors do (the server holds the key;
+    tests of delta *content* read it this way, the broker only ever sees the sealed form)."""
+    from core.protocol.sealed import open_delta
+    from server.state import site_keyring
+
+    state = state_of(client)
+    keyring = site_keyring(state.config, state.cipher)
+
+    def opened(delta: GalleryDelta) -> GalleryDelta:
+        if delta.sealed is None or delta.key_version is None or keyring is None:
+            return delta
+        key = keyring.key(delta.key_version)
+        assert key is not None, f"gallery key {delta.key_version} is not on the server"
+        return open_delta(delta, key)
+
+    return opened
 
 
 def state_of(client: TestClient) -> AppState:

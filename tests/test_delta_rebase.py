@@ -29,7 +29,7 @@ from server.state import AppState
 from tests.bundle_kit import build as build_from_gallery_folder
 from tests.conftest import Broker
 from tests.mqtt_kit import keypair, make_models_dir, sha_tag, unit_vectors
-from tests.server_support import connected_server, login, state_of, wait_until
+from tests.server_support import connected_server, delta_opener, login, state_of, wait_until
 from tests.test_server_deletion import Door
 
 
@@ -98,10 +98,11 @@ def _runs(client: TestClient, device: str, sequence: int) -> bool:
 def _retained(client: TestClient, door: Door, seq: int) -> GalleryDelta:
     """The delta ``seq`` as the door received it from the broker, signature verified."""
     wait_until(lambda: any(d.seq == seq for d in door.deltas), f"delta {seq} at {door.device_id}")
-    delta = next(d for d in door.deltas if d.seq == seq)
+    index = next(i for i, d in enumerate(door.deltas) if d.seq == seq)
+    signed = door.signed[index]
     public = state_of(client).config.signing_key_path.with_name("bundle.key.pub").read_text().strip()
-    verify(load_public_key(public), delta.signature, canonical_json(delta.signed_part()), "delta")
-    return delta
+    verify(load_public_key(public), signed.signature, canonical_json(signed.signed_part()), "delta")
+    return door.deltas[index]  # opened
 
 
 def test_adds_leave_the_delta_only_when_every_door_runs_a_bundle_holding_them(
@@ -109,7 +110,8 @@ def test_adds_leave_the_delta_only_when_every_door_runs_a_bundle_holding_them(
     state = state_of(client)
     sync, rebaser = _sync(state), _rebaser(state)
     sha = models[1]
-    doors = [Door(mosquitto, "door-1", auto_ack=False), Door(mosquitto, "door-2", auto_ack=False)]
+    doors = [Door(mosquitto, "door-1", auto_ack=False, opener=delta_opener(client)),
+             Door(mosquitto, "door-2", auto_ack=False, opener=delta_opener(client))]
     try:
         assert _bundle(client, models) == 1  # empty gallery: both doors start on it
         for door in doors:
@@ -152,7 +154,7 @@ def test_an_add_after_the_export_survives_until_a_later_bundle_holds_it(
     state = state_of(client)
     sync, rebaser = _sync(state), _rebaser(state)
     sha = models[1]
-    door = Door(mosquitto, "door-x", auto_ack=False)
+    door = Door(mosquitto, "door-x", auto_ack=False, opener=delta_opener(client))
     try:
         a = _enroll(client, sha, "Ada", seed=1)
         assert _bundle(client, models) == 1
@@ -164,7 +166,7 @@ def test_an_add_after_the_export_survives_until_a_later_bundle_holds_it(
 
         # A door joining later installs the newest bundle; it still gets every add after its export.
         assert _bundle(client, models) == 2
-        late = Door(mosquitto, "door-late", auto_ack=False)
+        late = Door(mosquitto, "door-late", auto_ack=False, opener=delta_opener(client))
         try:
             late.online()
             late.flush()

@@ -319,7 +319,8 @@ class BundledDoor:
         frames = write_frames(tmp_path / "frames", no_face_frames(2))
         self.config = door_config(tmp_path, models, frames, device={"site": TOPICS.site},
                                   mqtt={"enabled": True, "host": broker.host, "port": broker.port},
-                                  bundle={"public_key": public_key_b64(private)})
+                                  bundle={"public_key": public_key_b64(private),
+                                          "require_sealed_gallery": False})  # hand-built, plaintext
         source = tmp_path / "gallery-src"
         photo = save_rgb(tmp_path / "enroll" / "astronaut.png", data.astronaut())
         with open_pipeline(self.config) as pipeline:

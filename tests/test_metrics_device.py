@@ -166,7 +166,7 @@ def test_agent_metrics_match_its_decisions_and_stop_with_it(tmp_path: Path, buil
 def test_outbox_depth_and_bundle_sequence_from_the_mqtt_side(tmp_path: Path) -> None:
     key, public = keypair()
     bundle = build(tmp_path, key, sequence=3)
-    store = BundleStore(tmp_path / "device" / "bundles", load_public_key(public))
+    store = BundleStore(tmp_path / "device" / "bundles", load_public_key(public), require_sealed=False)
     store.install(bundle.announce, copy_assembler(bundle))
     # The updater only reads the store here; its client is never started (no broker needed).
     updater = BundleUpdater(MqttClient(ClientSettings("127.0.0.1", 1883, "door-m")), TOPICS, "door-m", store)

@@ -33,13 +33,14 @@ def test_keys_build_publish_status(mosquitto: Broker, tmp_path: Path) -> None:
     gallery = make_gallery(tmp_path / "gallery", sha, PERSONS)
     out = tmp_path / "bundles"
     built = runner.invoke(cli, ["build", "--models", str(models), "--gallery", str(gallery), "--out",
-                                str(out), "--key", str(key_file), "--chunk-kb", "16", "--json"])
+                                str(out), "--key", str(key_file), "--chunk-kb", "16", "--plaintext",
+                                "--json"])  # the door below allows plaintext explicitly (sealing: elsewhere)
     assert built.exit_code == 0, built.output
     info = json.loads(built.stdout)
     assert info["sequence"] == 1 and info["chunks"] > 1 and Path(info["path"]).is_dir()
     mismatch = make_gallery(tmp_path / "other-gallery", "f" * 64, PERSONS)
     refused = runner.invoke(cli, ["build", "--models", str(models), "--gallery", str(mismatch), "--out",
-                                  str(out), "--key", str(key_file)])
+                                  str(out), "--key", str(key_file), "--plaintext"])
     assert refused.exit_code != 0 and "re-embed" in refused.output
 
     broker = ["--host", mosquitto.host, "--port", str(mosquitto.port), "--prefix", "facegate",

@@ -36,7 +36,8 @@ from server.enrollment.templates import open_template
 from server.registry import gate
 from server.registry.model_folder import version_models_dir
 from server.registry.registry import ModelRegistry, Status
-from server.state import AppState
+from server.state import AppState, site_keyring
+from tests.bundle_kit import opened_gallery
 from tests.face_kit import Faces, pick_faces
 from tests.server_support import login, make_config, state_of
 
@@ -108,14 +109,20 @@ def _templates(state: AppState) -> dict[str, list[Template]]:
 
 
 def _check_bundle(state: AppState, path: Path, sha: str, persons: dict[str, str]) -> None:
-    """Signed with the server key, embedder and gallery of ``sha``, holding exactly ``persons``."""
+    """Signed with the server key, embedder and gallery of ``sha`` (sealed), holding exactly ``persons``."""
     bundle = load_bundle(path)
     manifest = bundle.manifest
     public = load_public_key(state.config.signing_key_path.with_name("bundle.key.pub").read_text())
     verify(public, bundle.announce.signature, manifest_bytes(manifest), "bundle")
     assert manifest.embedder_sha256 == manifest.gallery_model_sha256 == sha
     assert load_manifest(path / "models").get("embedder-int8").sha256 == sha
-    with Gallery.open(path / "gallery", sha, GalleryConfig()) as gallery:
+    assert manifest.gallery_key_version is not None  # sealed by default: open it as a door would
+    keyring = site_keyring(state.config, state.cipher)
+    assert keyring is not None
+    key = keyring.key(manifest.gallery_key_version)
+    assert key is not None
+    opened = opened_gallery(path, key, state.config.data_dir / f"opened-{manifest.sequence}")
+    with Gallery.open(opened, sha, GalleryConfig()) as gallery:
         assert gallery.persons() == persons
         assert gallery.template_count == PERSONS * ENROLL_IMAGES
 
@@ -223,7 +230,7 @@ def test_bundle_build_cli_exports_the_enrolled_gallery(client: TestClient, faces
     ids = _enroll_all(client, faces)
     config_file = tmp_path / "server.toml"
     config_file.write_text(f'data_dir = "{state.config.data_dir}"\n[models]\ndir = "{built_models}"\n'
-                           '[mqtt]\nenabled = false\n', encoding="utf-8")
+                           f'[mqtt]\nenabled = false\nsite = "{state.config.mqtt.site}"\n', encoding="utf-8")
     result = CliRunner().invoke(bundle_cli, ["build", "--config", str(config_file), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])

@@ -4,7 +4,7 @@ mosquitto, pending until every known door acks it, then "deleted; confirmed by d
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from tests.server_support import (
     SimDevice,
     connected_server,
     delta_ack,
+    delta_opener,
     login,
     make_config,
     state_of,
@@ -34,10 +35,13 @@ from tests.server_support import (
 class Door(SimDevice):
     """A simulated door that receives the retained gallery delta and (optionally) acks it."""
 
-    def __init__(self, broker: Broker, device_id: str, auto_ack: bool) -> None:
+    def __init__(self, broker: Broker, device_id: str, auto_ack: bool,
+                 opener: Callable[[GalleryDelta], GalleryDelta] | None = None) -> None:
         super().__init__(broker.host, broker.port, device_id)
         self.auto_ack = auto_ack
-        self.deltas: list[GalleryDelta] = []
+        self.opener = opener  # opens sealed deltas (tests look at their content)
+        self.deltas: list[GalleryDelta] = []  # opened (content readable)
+        self.signed: list[GalleryDelta] = []  # as received (signed, sealed)
         self._got = threading.Condition()
         self.client.on_message = self._on_delta
         self.client.subscribe(self.topics.gallery_delta, qos=1)
@@ -45,8 +49,10 @@ class Door(SimDevice):
     def _on_delta(self, _client: Any, _userdata: Any, msg: paho.MQTTMessage) -> None:
         if msg.topic != self.topics.gallery_delta:
             return
-        delta = GalleryDelta.parse(bytes(msg.payload))
+        signed = GalleryDelta.parse(bytes(msg.payload))
+        delta = self.opener(signed) if self.opener is not None else signed
         with self._got:
+            self.signed.append(signed)
             self.deltas.append(delta)
             self._got.notify_all()
         if self.auto_ack:
@@ -87,7 +93,8 @@ def _devices_known(client: TestClient, ids: set[str]) -> bool:
 
 
 def test_deletion_is_pending_until_every_device_acks(client: TestClient, mosquitto: Broker) -> None:
-    doors = [Door(mosquitto, "door-a", auto_ack=False), Door(mosquitto, "door-b", auto_ack=False)]
+    doors = [Door(mosquitto, "door-a", auto_ack=False, opener=delta_opener(client)),
+             Door(mosquitto, "door-b", auto_ack=False, opener=delta_opener(client))]
     try:
         for door in doors:
             door.online()
@@ -108,10 +115,13 @@ def test_deletion_is_pending_until_every_device_acks(client: TestClient, mosquit
             assert session.scalar(select(func.count()).select_from(Template)) == 0
         assert client.get(f"/api/persons/{person_id}", headers=headers).status_code == 404
 
-        # The removal each door receives is signed with the server key and names the person.
+        # The removal each door receives is signed with the server key (over its sealed form) and, opened,
+        # names the person.
         delta = doors[0].latest_removing(person_id)
+        signed = next(d for d in doors[0].signed if d.seq == delta.seq)
+        assert signed.sealed is not None and person_id not in signed.to_bytes().decode()
         public = state_of(client).config.signing_key_path.with_name("bundle.key.pub").read_text().strip()
-        verify(load_public_key(public), delta.signature, canonical_json(delta.signed_part()), "delta")
+        verify(load_public_key(public), signed.signature, canonical_json(signed.signed_part()), "delta")
 
         doors[0].ack(delta_ack("door-a", delta.seq))
         doors[0].flush()
@@ -140,7 +150,7 @@ def test_deletion_is_pending_until_every_device_acks(client: TestClient, mosquit
 
 
 def test_delete_waits_for_acks_and_answers_confirmed(client: TestClient, mosquitto: Broker) -> None:
-    door = Door(mosquitto, "door-c", auto_ack=True)
+    door = Door(mosquitto, "door-c", auto_ack=True, opener=delta_opener(client))
     try:
         door.online()
         door.flush()
@@ -156,7 +166,7 @@ def test_delete_waits_for_acks_and_answers_confirmed(client: TestClient, mosquit
 
 
 def test_an_ack_for_an_older_delta_does_not_confirm(client: TestClient, mosquitto: Broker) -> None:
-    door = Door(mosquitto, "door-d", auto_ack=False)
+    door = Door(mosquitto, "door-d", auto_ack=False, opener=delta_opener(client))
     try:
         door.online()
         door.flush()

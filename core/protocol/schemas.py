@@ -335,6 +335,21 @@ class SelfTestSpec(BaseModel):
     min_cosine: float = Field(0.99, gt=0, le=1)
 
 
+Base64 = Annotated[str, Field(min_length=4, max_length=128, pattern=r"^[A-Za-z0-9+/]+={0,2}$")]
+MAX_KEY_WRAPS = 4096  # doors x key versions in one payload; a site has far fewer
+
+
+class KeyWrap(BaseModel):
+    """The site's gallery key ``version`` wrapped to one door (``core.gallerycrypto.wrap``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: DeviceId = Field(..., description="The door this wrap opens for (also in the associated data).")
+    version: int = Field(..., ge=1, description="Gallery key version.")
+    epk: Base64 = Field(..., description="Ephemeral X25519 public key (base64, 32 bytes).")
+    sealed: Base64 = Field(..., description="AES-GCM of the gallery key under the derived key (base64).")
+
+
 class BundleManifest(BaseModel):
     """What a bundle contains; the signed part of an announcement."""
 
@@ -349,6 +364,11 @@ class BundleManifest(BaseModel):
     files: list[BundleFile] = Field(..., min_length=1, max_length=1024)
     chunk_size: int = Field(..., ge=1024, le=64 << 20, description="Bytes per chunk (last one shorter).")
     selftest: SelfTestSpec | None = None
+    gallery_key_version: int | None = Field(
+        None, ge=1, description="Gallery key the gallery/ files are sealed under; None: plaintext "
+        "(refused by doors that require sealed galleries, the default).")
+    keys: list[KeyWrap] = Field(default_factory=list, max_length=MAX_KEY_WRAPS,
+                                description="The gallery key wrapped to each door of the site.")
 
     @field_validator("files")
     @classmethod
@@ -444,6 +464,8 @@ class BundleAck(Payload):
     delta_state: DeltaState | None = None
     delta_reason: ShortText | None = None
     ts: AwareDatetime
+    door_key: Base64 | None = Field(None, description="The door's X25519 public key (base64): gallery keys "
+                                    "are wrapped to it.")
 
 
 class DeltaPerson(BaseModel):
@@ -480,6 +502,11 @@ class GalleryDelta(Payload):
     created: AwareDatetime
     add: list[DeltaPerson] = Field(default_factory=list, max_length=100_000)
     remove: list[Identifier] = Field(default_factory=list, max_length=1_000_000)
+    key_version: int | None = Field(None, ge=1, description="Gallery key of ``sealed`` (None: plaintext).")
+    sealed: str | None = Field(None, max_length=MAX_DELTA_BYTES, description="Base64 AES-GCM of the JSON "
+                               "{add, remove} (then ``add`` and ``remove`` are empty on the wire).")
+    keys: list[KeyWrap] = Field(default_factory=list, max_length=MAX_KEY_WRAPS,
+                                description="Gallery keys wrapped to each door of the site.")
     signature: Annotated[str, Field(max_length=256)] | None = None
 
     def signed_part(self) -> dict[str, Any]:

@@ -19,6 +19,8 @@ class RejectCode(enum.StrEnum):
     SELFTEST = "selftest_failed"
     LOAD_FAILED = "load_failed"
     CORRUPT = "corrupt"
+    PLAINTEXT = "plaintext_gallery"  # a gallery not sealed to the site's doors: a downgrade, refused
+    NO_GALLERY_KEY = "no_gallery_key"  # sealed under a gallery key no wrap gave this door (revoked?)
 
 
 class BundleRejected(Exception):

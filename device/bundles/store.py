@@ -7,7 +7,15 @@ Layout under ``<data_dir>/bundles``::
     working/<seq>/      the gallery the agent loads: the bundle's gallery plus the latest delta
     downloads/<seq>/    resumable partial downloads (see :mod:`device.bundles.download`)
     current, previous   text files naming a sequence, each replaced atomically (temp, fsync, rename)
-    delta.json          the latest accepted signed gallery delta
+    delta.json          the latest accepted signed gallery delta (opened: the door's own copy)
+    door.key, gallery_keys.json   this door's X25519 key and its gallery keys (:mod:`device.bundles.doorkey`)
+
+Sealed galleries (the default, ``require_sealed``): a bundle's ``gallery/`` files and a delta's
+add/remove travel AES-GCM sealed under the site's gallery key (:mod:`core.gallerycrypto`). Signatures and
+sha256s cover the ciphertext, so they are checked first; then the door opens the content with the
+gallery key its own wrap gave it (a bundle's plaintext gallery goes to ``installed/<seq>/gallery-open``).
+A plaintext gallery is refused as a downgrade (``plaintext_gallery``), and one sealed under a key this
+door was never given fails closed (``no_gallery_key``): the running gallery stays as it was.
 
 An install writes and fsyncs every file in ``staging``, re-verifies each sha256 on disk, checks the
 gallery belongs to the embedder, runs the self-test, renames the folder into ``installed`` and only
@@ -26,8 +34,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from core.bundle_layout import BUNDLE_JSON, GALLERY_DIR, MODELS_DIR
+from core.bundle_layout import BUNDLE_JSON, GALLERY_DIR, MODELS_DIR, OPEN_GALLERY_DIR
 from core.files import atomic_write_bytes, fsync_dir, sha256_file
+from core.gallerycrypto import GalleryCryptoError, file_associated, open_sealed
 from core.protocol.schemas import (
     BundleAnnounce,
     BundleManifest,
@@ -36,6 +45,8 @@ from core.protocol.schemas import (
     canonical_json,
     manifest_bytes,
 )
+from core.protocol.sealed import open_delta
+from device.bundles.doorkey import DoorKeys
 from device.bundles.errors import BundleRejected, RejectCode
 from device.bundles.selftest import SelfTester, SelfTestError, run_selftest
 from device.bundles.signing import SignatureError, verify
@@ -70,8 +81,13 @@ class ActiveBundle:
 
     @property
     def gallery_dir(self) -> Path:
-        """The bundle's pristine gallery (never modified; deltas go to ``working_gallery``)."""
-        return self.root / GALLERY_DIR
+        """The bundle's pristine gallery (never modified; deltas go to ``working_gallery``), opened."""
+        return gallery_dir(self.root, self.manifest)
+
+
+def gallery_dir(root: Path, manifest: BundleManifest) -> Path:
+    """Where the plaintext gallery of the bundle in ``root`` is: ``gallery-open/`` when it came sealed."""
+    return root / (OPEN_GALLERY_DIR if manifest.gallery_key_version is not None else GALLERY_DIR)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -90,9 +106,12 @@ class BundleStore:
 
     def __init__(self, root: Path, public_key: Ed25519PublicKey | None, *,
                  gallery_config: GalleryConfig | None = None, selftest: SelfTester = run_selftest,
-                 keep: int = 2) -> None:
+                 keep: int = 2, door: DoorKeys | None = None, require_sealed: bool = True) -> None:
         self.root = Path(root)
         self.public_key = public_key
+        self.door = door
+        # Secure by default: a plaintext gallery is a downgrade. False only for an unencrypted site.
+        self.require_sealed = require_sealed
         self.selftest = selftest
         self.keep = max(2, keep)
         for sub in ("staging", "installed", "working", "downloads"):
@@ -153,8 +172,8 @@ class BundleStore:
 
     # ------------------------------------------------------------------ gallery delta
 
-    def load_delta(self) -> GalleryDelta | None:
-        """The latest accepted gallery delta, or None."""
+    def load_signed_delta(self) -> GalleryDelta | None:
+        """The latest accepted gallery delta as it came (signed, sealed), or None."""
         try:
             return GalleryDelta.parse((self.root / DELTA_JSON).read_bytes())
         except FileNotFoundError:
@@ -163,12 +182,24 @@ class BundleStore:
             logger.error("stored gallery delta is unreadable (%s); waiting for the retained one", exc)
             return None
 
+    def load_delta(self) -> GalleryDelta | None:
+        """The latest accepted gallery delta, opened (None when there is none or it no longer opens)."""
+        delta = self.load_signed_delta()
+        if delta is None or delta.sealed is None:
+            return delta
+        try:
+            return self.open_delta(delta)
+        except BundleRejected as exc:
+            logger.error("stored gallery delta %d does not open (%s); waiting for the next one", delta.seq,
+                         exc)
+            return None
+
     def save_delta(self, delta: GalleryDelta) -> None:
-        """Persist an accepted delta (atomically) so it is re-applied after restarts and new bundles."""
+        """Persist an accepted delta as it came (atomically) for restarts and new bundles."""
         atomic_write_bytes(self.root / DELTA_JSON, delta.to_bytes())
 
     def accept_delta(self, delta: GalleryDelta) -> DeltaOutcome:
-        """Verify a delta, rebuild the active working gallery with it, then persist it."""
+        """Verify a delta, open it, rebuild the active working gallery with it, then persist it."""
         if self.public_key is None:
             raise BundleRejected(RejectCode.NO_KEY, "no public key pinned (set bundle.public_key)")
         try:
@@ -177,18 +208,74 @@ class BundleStore:
         except SignatureError as exc:
             code = RejectCode.UNSIGNED if not delta.signature else RejectCode.BAD_SIGNATURE
             raise BundleRejected(code, str(exc)) from exc
-        current = self.load_delta()
+        current = self.load_signed_delta()
         if current is not None and delta.seq < current.seq:
             raise BundleRejected(RejectCode.REPLAY, f"gallery delta {delta.seq} is older than the applied "
                                  f"delta {current.seq}: replay refused")
+        opened = self.open_delta(delta)
         active = self.active()
         if active is None:
             self.save_delta(delta)
             return DeltaOutcome("rejected", "no bundle installed: the delta is kept for the first one")
         outcome = self.working.ensure(active.gallery_dir, active.sequence, active.manifest.embedder_sha256,
-                                      delta)
+                                      opened)
         self.save_delta(delta)
         return outcome or DeltaOutcome("applied")
+
+    def _gallery_key(self, version: int, what: str) -> bytes:
+        if self.door is None:
+            raise BundleRejected(RejectCode.NO_GALLERY_KEY, f"{what} is sealed and this door has no door key")
+        key = self.door.key(version)
+        if key is None:
+            raise BundleRejected(RejectCode.NO_GALLERY_KEY, f"{what} is sealed under gallery key {version}, "
+                                 "which no wrap gave this door (revoked, or its key not yet on the server)")
+        return key
+
+    def open_delta(self, delta: GalleryDelta) -> GalleryDelta:
+        """The plaintext of a delta whose signature verified; a plaintext one is refused when required."""
+        what = f"gallery delta {delta.seq}"
+        if delta.sealed is None:
+            if self.require_sealed:
+                raise BundleRejected(RejectCode.PLAINTEXT, f"{what} is not sealed to this site's doors: "
+                                     "downgrade refused (bundle.require_sealed_gallery is on)")
+            return delta
+        if delta.add or delta.remove or delta.key_version is None:
+            raise BundleRejected(RejectCode.MALFORMED, f"{what} mixes sealed and plaintext content")
+        if self.door is not None:
+            self.door.learn(delta.keys)
+        key = self._gallery_key(delta.key_version, what)
+        try:
+            return open_delta(delta, key)
+        except GalleryCryptoError as exc:
+            raise BundleRejected(RejectCode.NO_GALLERY_KEY, str(exc)) from exc
+        except PayloadError as exc:
+            raise BundleRejected(RejectCode.MALFORMED, str(exc)) from exc
+
+    def open_gallery(self, root: Path, manifest: BundleManifest) -> Path:
+        """The bundle's plaintext gallery folder: ``gallery/`` as is, or sealed files opened into
+        ``gallery-open/`` (call after the sha256s of the ciphertext verified)."""
+        version = manifest.gallery_key_version
+        if version is None:
+            return root / GALLERY_DIR
+        seq = manifest.sequence
+        key = self._gallery_key(version, f"bundle {seq}")
+        dest = root / OPEN_GALLERY_DIR
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(mode=0o700)
+        for entry in manifest.files:
+            if not entry.path.startswith(GALLERY_PREFIX):
+                continue
+            name = entry.path[len(GALLERY_PREFIX):]
+            try:
+                data = open_sealed(key, (root / entry.path).read_bytes(), file_associated(seq, entry.path),
+                                   f"bundle {seq} {entry.path}")
+            except GalleryCryptoError as exc:
+                raise BundleRejected(RejectCode.NO_GALLERY_KEY, str(exc)) from exc
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(target, data, mode=0o600)
+        fsync_dir(dest)
+        return dest
 
     # ------------------------------------------------------------------ checks
 
@@ -211,6 +298,13 @@ class BundleStore:
         if active is not None and manifest_bytes(active.manifest) != manifest_bytes(manifest):
             raise BundleRejected(RejectCode.REPLAY, f"bundle {seq} is already running with a different "
                                  "manifest: a sequence number is never reused")
+        if manifest.gallery_key_version is None and self.require_sealed:
+            raise BundleRejected(RejectCode.PLAINTEXT, f"bundle {seq}: its gallery is not sealed to this "
+                                 "site's doors: downgrade refused (bundle.require_sealed_gallery is on)")
+        if manifest.gallery_key_version is not None:
+            if self.door is not None:
+                self.door.learn(manifest.keys)
+            self._gallery_key(manifest.gallery_key_version, f"bundle {seq}")
         if manifest.gallery_model_sha256 != manifest.embedder_sha256:
             raise BundleRejected(RejectCode.GALLERY_MODEL, f"bundle {seq}: gallery built for embedder "
                                  f"{manifest.gallery_model_sha256[:12]}…, bundle embedder is "
@@ -240,7 +334,7 @@ class BundleStore:
                 raise BundleRejected(RejectCode.TAMPERED, f"bundle {seq}: {entry.path} does not match the "
                                      "sha256 in the signed manifest")
         try:
-            meta = read_meta(root / GALLERY_DIR)
+            meta = read_meta(self.open_gallery(root, manifest))
         except GalleryError as exc:
             raise BundleRejected(RejectCode.MALFORMED, f"bundle {seq}: {exc}") from exc
         if meta.model_sha256 != manifest.embedder_sha256:

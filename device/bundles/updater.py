@@ -90,14 +90,21 @@ class BundleUpdater:
         self._outstanding: set[tuple[int, int]] = set()
         self._acked_percent = -PROGRESS_STEP
         self._changed = threading.Condition()
-        delta = store.load_delta()
+        delta = store.load_signed_delta()
         running = store.running_sequence
         self.last_ack = BundleAck(device=device_id, sequence=running,
                                   state="installed" if running else "idle",
                                   percent=100.0 if running else 0.0, running_sequence=running or None,
-                                  delta_sequence=delta.seq if delta else 0, ts=utcnow())
+                                  delta_sequence=delta.seq if delta else 0, ts=utcnow(),
+                                  door_key=self._door_key)
         self._unsubscribe: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name="bundle-updater", daemon=True)
+
+    @property
+    def _door_key(self) -> str | None:
+        """This door's public key for the ack (the hello): the server wraps gallery keys to it."""
+        door = self.store.door
+        return door.public_b64 if door is not None else None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -231,7 +238,8 @@ class BundleUpdater:
         ack = BundleAck(device=self.device_id, sequence=sequence, state=state, percent=round(percent, 1),
                         reason=reason[:256] if reason else None, running_sequence=running or None,
                         delta_sequence=d_seq, delta_state=d_state,
-                        delta_reason=d_reason[:256] if d_reason else None, ts=utcnow())
+                        delta_reason=d_reason[:256] if d_reason else None, ts=utcnow(),
+                        door_key=self._door_key)
         self._publish_ack(ack)
 
     def _ack_delta(self, seq: int, state: DeltaState, reason: str | None) -> None:
@@ -378,7 +386,7 @@ class BundleUpdater:
         self._download = None
         self._ack(seq, "installed", 100.0)
         logger.info("bundle %d installed", bundle.sequence)
-        delta = self.store.load_delta()
+        delta = self.store.load_signed_delta()
         if delta is not None:  # already in the new working gallery; ack it for this bundle
             self._apply_delta(delta, reload=False)
 
@@ -407,8 +415,16 @@ class BundleUpdater:
         self._apply_delta(delta, reload=True)
 
     def _apply_delta(self, delta: GalleryDelta, reload: bool) -> None:
+        door = self.store.door
+        versions = door.versions if door is not None else []
         try:
-            outcome = self.store.accept_delta(delta)
+            try:
+                outcome = self.store.accept_delta(delta)
+            finally:
+                if door is not None and door.versions != versions:
+                    # A new gallery key: a bundle refused for lacking it may open now.
+                    self._failed = {k: v for k, v in self._failed.items()
+                                    if v[0] is not RejectCode.NO_GALLERY_KEY}
         except BundleRejected as exc:
             logger.error("gallery delta %d rejected: %s", delta.seq, exc)
             if exc.code is RejectCode.REPLAY:
@@ -424,7 +440,10 @@ class BundleUpdater:
         hook = self.on_gallery_changed if reload else None
         if hook is not None and active is not None and state != "rejected":
             try:
-                partial = hook(active, delta)
+                opened = self.store.load_delta()  # the hook needs the plaintext the store opened
+                if opened is None or opened.seq != delta.seq:
+                    raise BundleRejected(RejectCode.CORRUPT, "the accepted delta cannot be read back")
+                partial = hook(active, opened)
             except Exception as exc:  # the running door may still know a removed person: never ack applied
                 logger.error("gallery delta %d is not live in the running door: %s", delta.seq, exc)
                 state, reason = "rejected", f"not live in the running door: {exc}"

@@ -12,6 +12,7 @@ import logging
 from core.protocol.schemas import DeltaState, GalleryDelta
 from device.agent.loop import Agent, AgentError, Loader
 from device.agent.runner import default_loader
+from device.bundles.doorkey import DoorKeys
 from device.bundles.signing import load_public_key
 from device.bundles.store import ActiveBundle, BundleStore
 from device.bundles.updater import DeltaHook
@@ -19,7 +20,6 @@ from device.config import DeviceConfig
 from device.pipeline.frame import Models
 
 logger = logging.getLogger(__name__)
-
 
 
 def open_store(config: DeviceConfig) -> BundleStore | None:
@@ -31,8 +31,13 @@ def open_store(config: DeviceConfig) -> BundleStore | None:
         logger.warning("no [bundle] public_key pinned: every bundle and gallery delta will be refused")
     else:
         key = load_public_key(config.bundle.public_key)
-    return BundleStore(config.device.data_dir / "bundles", key, gallery_config=config.gallery,
-                       keep=config.bundle.keep)
+    if not config.bundle.require_sealed_gallery:
+        logger.warning("UNSAFE: bundle.require_sealed_gallery is off: plaintext galleries (names and "
+                       "templates readable on the broker) are accepted")
+    root = config.device.data_dir / "bundles"
+    return BundleStore(root, key, gallery_config=config.gallery, keep=config.bundle.keep,
+                       door=DoorKeys(root, config.device.id),
+                       require_sealed=config.bundle.require_sealed_gallery)
 
 
 def bundle_loader(config: DeviceConfig, store: BundleStore) -> Loader:

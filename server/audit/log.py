@@ -32,6 +32,8 @@ class AuditAction(enum.StrEnum):
     TOKENS_REVOKED = "tokens_revoked"
     KEY_ROTATED = "key_rotated"
     FACE_VIEWED = "face_viewed"  # an admin saw a stored face on the enrollment station
+    DOOR_REVOKED = "door_revoked"  # a door's key revoked; the site's gallery key rotated
+    DOOR_KEY_APPROVED = "door_key_approved"  # an admin trusted the key a door reported
 
 
 def record(

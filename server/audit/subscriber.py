@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from core.protocol.schemas import BundleAck
 from core.protocol.topics import Topics
 from server.audit.store import BatchResult, InvalidMessageError, Parsed, apply_batch, parse
 from server.audit.transport import Delivery
@@ -62,7 +63,8 @@ class AuditSubscriber:
                  after_commit: Callable[[], None] | None = None, batch_max: int = BATCH_MAX,
                  linger_s: float = LINGER_S,
                  on_running_bundles: Callable[[set[str]], None] | None = None,
-                 on_events_stored: Callable[[dict[str, list[int]]], None] | None = None) -> None:
+                 on_events_stored: Callable[[dict[str, list[int]]], None] | None = None,
+                 on_door_keys: Callable[[dict[str, str]], object] | None = None) -> None:
         if batch_max < 1 or linger_s < 0:
             raise ValueError("batch_max must be >= 1 and linger_s >= 0")
         self.batch_max = batch_max
@@ -74,6 +76,7 @@ class AuditSubscriber:
         self._after_commit = after_commit
         self._on_running_bundles = on_running_bundles
         self._on_events_stored = on_events_stored
+        self._on_door_keys = on_door_keys
         self._queue: queue.Queue[Delivery] = queue.Queue(maxsize=QUEUE_MAX)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -215,6 +218,13 @@ class AuditSubscriber:
                 self._on_events_stored(result.stored_seqs)
             except Exception:
                 logger.exception("sending event receipts failed (the doors send the events again)")
+        door_keys = {p.device_id: p.body.door_key for p in parsed
+                     if isinstance(p.body, BundleAck) and p.body.door_key is not None}
+        if door_keys and self._on_door_keys is not None:
+            try:
+                self._on_door_keys(door_keys)
+            except Exception:
+                logger.exception("recording the doors' public keys failed (they report them again)")
         if result.bundle_devices and self._on_running_bundles is not None:
             try:
                 self._on_running_bundles(result.bundle_devices)

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from core.bundle_layout import BUNDLE_JSON, GALLERY_DIR, META_NAME, MODELS_DIR
 from core.files import atomic_write_bytes, sha256_file
+from core.gallerycrypto import file_associated, seal
 from core.protocol.schemas import (
     BundleAnnounce,
     BundleFile,
@@ -46,6 +47,7 @@ from models.runtime.manifest import (
 )
 from models.runtime.manifest import verify_entry as verify_model
 from server.bundles.signing import sign
+from server.bundles.sitekeys import GallerySealer
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +115,14 @@ def _copy_models(models_dir: Path, dest: Path) -> list[ModelEntry]:
     return list(manifest.models)
 
 
-def _copy_gallery(gallery_dir: Path, dest: Path) -> tuple[str, str]:
+def _seal_gallery(folder: Path, sequence: int, sealer: GallerySealer) -> None:
+    """Replace every gallery file with its AES-GCM ciphertext under the site's gallery key, in place."""
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = f"{GALLERY_DIR}/{path.relative_to(folder).as_posix()}"
+        atomic_write_bytes(path, seal(sealer.key, path.read_bytes(), file_associated(sequence, rel)))
+
+
+def _copy_gallery(gallery_dir: Path, dest: Path) -> tuple[str, str, list[str]]:
     try:
         meta = read_meta(gallery_dir)
     except GalleryError as exc:
@@ -124,7 +133,7 @@ def _copy_gallery(gallery_dir: Path, dest: Path) -> tuple[str, str]:
         if not (gallery_dir / name).is_file():
             raise BundleBuildError(f"gallery file {gallery_dir / name} is missing")
         shutil.copy2(gallery_dir / name, dest / name)
-    return meta.model_sha256, meta.version
+    return meta.model_sha256, meta.version, sorted(meta.persons)
 
 
 def _file_list(root: Path) -> list[BundleFile]:
@@ -141,10 +150,14 @@ def _file_list(root: Path) -> list[BundleFile]:
 
 def build_bundle(models_dir: Path, gallery_dir: Path, out_root: Path, key: Ed25519PrivateKey, *,
                  sequence: int | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 embedder: str | None = None, exported_at: dt.datetime | None = None) -> BuiltBundle:
-    """Copy, hash, self-test, sign; return the new bundle folder ``out_root/<sequence>``.
+                 embedder: str | None = None, exported_at: dt.datetime | None = None,
+                 sealer: GallerySealer | None = None) -> BuiltBundle:
+    """Copy, seal, hash, self-test, sign; return the new bundle folder ``out_root/<sequence>``.
 
     ``exported_at``: when the gallery's database export started (recorded for delta rebasing).
+    ``sealer``: the site's gallery key and its wraps; the gallery files are sealed under it and the
+    manifest (so the signature) covers their ciphertext and the wraps. None: a plaintext gallery, which
+    doors refuse unless told otherwise (``bundle.require_sealed_gallery``).
     """
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
@@ -157,7 +170,9 @@ def build_bundle(models_dir: Path, gallery_dir: Path, out_root: Path, key: Ed255
     tmp = out_root / f".build-{uuid.uuid4().hex[:8]}"
     try:
         entries = _copy_models(Path(models_dir), tmp / MODELS_DIR)
-        gallery_sha, gallery_version = _copy_gallery(Path(gallery_dir), tmp / GALLERY_DIR)
+        gallery_sha, gallery_version, persons = _copy_gallery(Path(gallery_dir), tmp / GALLERY_DIR)
+        if sealer is not None:
+            _seal_gallery(tmp / GALLERY_DIR, seq, sealer)
         chosen = _choose_embedder(entries, gallery_sha, embedder)
         if chosen.sha256 != gallery_sha:
             raise BundleBuildError(f"gallery built for embedder {gallery_sha[:12]}…, not {chosen.name} "
@@ -171,14 +186,17 @@ def build_bundle(models_dir: Path, gallery_dir: Path, out_root: Path, key: Ed255
                 sequence=seq, created=utcnow(), model_version=f"{chosen.name}@{chosen.version}",
                 gallery_version=gallery_version, embedder_sha256=chosen.sha256,
                 gallery_model_sha256=gallery_sha, files=_file_list(tmp), chunk_size=chunk_size,
-                selftest=selftest)
+                selftest=selftest, gallery_key_version=sealer.version if sealer else None,
+                keys=sealer.keys if sealer else [])
         except ValueError as exc:
             raise BundleBuildError(f"invalid bundle manifest: {exc}") from exc
         announce = BundleAnnounce(manifest=manifest, signature=sign(key, manifest_bytes(manifest)),
                                   key_id=key_id(key.public_key()))
         atomic_write_bytes(tmp / BUNDLE_JSON, announce.to_bytes())
         if exported_at is not None:
-            record = {"exported_at": exported_at.astimezone(dt.UTC).isoformat(), "source": "database"}
+            # The persons too: a sealed gallery cannot be read back here for delta rebasing.
+            record = {"exported_at": exported_at.astimezone(dt.UTC).isoformat(), "source": "database",
+                      "persons": persons}
             atomic_write_bytes(tmp / EXPORT_JSON, json.dumps(record).encode("utf-8"))
         os.rename(tmp, final)
     except BaseException:
@@ -212,6 +230,16 @@ def export_time(path: Path) -> dt.datetime | None:
         logger.warning("bundle %s: unreadable %s (%s); treated as not recorded", path, EXPORT_JSON, exc)
         return None
     return when if when.tzinfo is not None else None
+
+
+def export_persons(path: Path) -> frozenset[str] | None:
+    """The persons bundle ``path``'s database export holds; None if the record does not list them."""
+    try:
+        record = json.loads((Path(path) / EXPORT_JSON).read_text(encoding="utf-8"))
+        persons = record["persons"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return frozenset(str(p) for p in persons) if isinstance(persons, list) else None
 
 
 def read_chunk(bundle: BuiltBundle, file_index: int, index: int) -> bytes:

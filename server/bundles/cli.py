@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -18,6 +18,9 @@ from core.mqtt.client import ClientSettings, MqttClient, settings_from
 from core.protocol.topics import Topics
 from facegate.configio import ConfigError
 from server.config import ServerConfig, load_server_config
+
+if TYPE_CHECKING:
+    from server.bundles.sitekeys import SiteKeyring
 
 logger = logging.getLogger(__name__)
 
@@ -128,14 +131,18 @@ def keys_show(config_path: Path | None, key_path: Path | None) -> None:
 @click.option("--chunk-kb", type=click.IntRange(1, 65536), default=256, show_default=True,
               help="Chunk size on the wire.")
 @click.option("--embedder", default=None, help="Embedder name in the manifest (default: the gallery's).")
+@click.option("--plaintext", is_flag=True,
+              help="UNSAFE: with --gallery, do not seal the gallery (only for doors with "
+                   "bundle.require_sealed_gallery = false); by default it is sealed to the site's doors.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def build(config_path: Path | None, models_dir: Path | None, gallery_dir: Path | None, out_root: Path | None,
-          key_path: Path | None, sequence: int | None, chunk_kb: int, embedder: str | None,
+          key_path: Path | None, sequence: int | None, chunk_kb: int, embedder: str | None, plaintext: bool,
           as_json: bool) -> None:
     """Build and sign a bundle from a models folder and a gallery (default: the server's enrolled persons)."""
     from models.runtime.assets import default_models_dir
     from server.bundles.builder import BundleBuildError, build_bundle
     from server.bundles.signing import SigningKeyError, load_private_key
+    from server.bundles.sitekeys import SiteKeyError
 
     config = _config(config_path)
     if gallery_dir is None:
@@ -144,17 +151,21 @@ def build(config_path: Path | None, models_dir: Path | None, gallery_dir: Path |
                                    "embedder is used")
         result = _build_from_database(config, models_dir, key_path, out_root, sequence, chunk_kb * 1024)
     else:
+        if plaintext:
+            logger.warning("UNSAFE: building bundle with a plaintext gallery (--plaintext)")
         try:
+            sealer = None if plaintext else _keyring(config).sealer()
             key = load_private_key(key_path or config.signing_key_path)
             built = build_bundle(models_dir or config.models.dir or default_models_dir(), gallery_dir,
                                  out_root or config.bundles_root, key, sequence=sequence,
-                                 chunk_size=chunk_kb * 1024, embedder=embedder)
-        except (BundleBuildError, SigningKeyError) as exc:
+                                 chunk_size=chunk_kb * 1024, embedder=embedder, sealer=sealer)
+        except (BundleBuildError, SigningKeyError, SiteKeyError) as exc:
             raise click.ClickException(str(exc)) from exc
         m = built.manifest
         result = {"sequence": m.sequence, "path": str(built.path), "files": len(m.files),
                   "bytes": m.total_size, "chunks": m.total_chunks, "model_version": m.model_version,
-                  "gallery_version": m.gallery_version}
+                  "gallery_version": m.gallery_version, "gallery_key_version": m.gallery_key_version,
+                  "wrapped_to": sorted({w.device for w in m.keys})}
     click.echo(json.dumps(result) if as_json else
                f"bundle {result['sequence']}: {result['path']} ({result['files']} files, "
                f"{result['bytes'] / 1e6:.1f} MB, {result['chunks']} chunks)")
@@ -169,6 +180,7 @@ def _build_from_database(config: ServerConfig, models_dir: Path | None, key_path
     from server.bundles.gallery_bundle import build_gallery_bundle
     from server.bundles.gallery_export import GalleryExportError
     from server.bundles.signing import SigningKeyError
+    from server.bundles.sitekeys import SiteKeyError
     from server.crypto import CryptoError
     from server.db.session import Database
     from server.registry.model_folder import active_models_dir
@@ -179,7 +191,8 @@ def _build_from_database(config: ServerConfig, models_dir: Path | None, key_path
         try:
             return build_gallery_bundle(PromotionContext(config, db), folder, key_path=key_path,
                                         out_root=out_root, sequence=sequence, chunk_size=chunk_size)
-        except (BundleBuildError, SigningKeyError, GalleryExportError, CryptoError, ManifestError) as exc:
+        except (BundleBuildError, SigningKeyError, GalleryExportError, CryptoError, ManifestError,
+                SiteKeyError) as exc:
             raise click.ClickException(str(exc)) from exc
 
 
@@ -221,6 +234,72 @@ def publish(config_path: Path | None, host: str | None, port: int | None, prefix
                 click.echo(f"{len(installed(tracker.snapshot(), seq))} devices run bundle {seq}", err=True)
     finally:
         client.close()
+
+
+# ----------------------------------------------------------------------------- door keys
+
+
+def _keyring(config: ServerConfig) -> SiteKeyring:
+    """The site's gallery keyring under the server's chip key (never creates a chip key here)."""
+    from server.crypto import CryptoError, load_chip_cipher
+    from server.state import site_keyring
+
+    crypto = config.crypto.model_copy(update={"create_key_file": False})
+    try:
+        keyring = site_keyring(config, load_chip_cipher(config.model_copy(update={"crypto": crypto})))
+    except CryptoError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if keyring is None:
+        raise click.ClickException("[bundles] encrypt_gallery is off: there are no gallery keys")
+    return keyring
+
+
+@cli.command("doors")
+@_config_option
+def doors_cmd(config_path: Path | None) -> None:
+    """Print (JSON) the gallery key version and each door's key state: trusted, revoked, pending key."""
+    from server.bundles.sitekeys import SiteKeyError
+
+    keyring = _keyring(_config(config_path))
+    try:
+        click.echo(json.dumps({"gallery_key_version": keyring.current_version, "doors": keyring.doors()}))
+    except SiteKeyError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@cli.command("revoke-door")
+@_config_option
+@click.argument("device")
+def revoke_door_cmd(config_path: Path | None, device: str) -> None:
+    """Revoke DEVICE's key and rotate the site's gallery key (JSON: the new version).
+
+    The next delta and bundle are sealed under the new key, wrapped only to the other doors. A running
+    server publishes the delta under it at the next change; POST /api/devices/DEVICE/revoke does both at
+    once. Revoke the door's broker certificate too (deploy/mosquitto/make-certs.sh revoke DEVICE).
+    """
+    from server.bundles.sitekeys import SiteKeyError
+
+    keyring = _keyring(_config(config_path))
+    try:
+        version = keyring.revoke(device)
+    except SiteKeyError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps({"device": device, "gallery_key_version": version}))
+
+
+@cli.command("approve-door")
+@_config_option
+@click.argument("device")
+def approve_door_cmd(config_path: Path | None, device: str) -> None:
+    """Trust the public key DEVICE reported last (a re-installed door, or a revoked one re-admitted)."""
+    from server.bundles.sitekeys import SiteKeyError
+
+    keyring = _keyring(_config(config_path))
+    try:
+        keyring.approve(device)
+    except SiteKeyError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps({"device": device, "state": keyring.doors()[device]["state"]}))
 
 
 @cli.command("status")

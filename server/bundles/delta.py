@@ -32,8 +32,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from core.files import atomic_write_bytes
 from core.mqtt.client import MqttClient
 from core.protocol.schemas import BundleAck, DeltaPerson, GalleryDelta, canonical_json, utcnow
+from core.protocol.sealed import seal_delta
 from core.protocol.topics import Topics
 from server.bundles.signing import sign
+from server.bundles.sitekeys import GallerySealer, SiteKeyError, SiteKeyring
 from server.enrollment.sync import GalleryEntry, SyncError
 
 logger = logging.getLogger(__name__)
@@ -91,6 +93,10 @@ class DeltaLedger:
                     _added_at(person.setdefault(ADDED_AT, loaded_at))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise SyncError(f"gallery delta ledger {self.path} is unreadable: {exc}") from exc
+
+    def save(self) -> None:
+        """Persist the ledger atomically."""
+        self._save()
 
     def _save(self) -> None:
         state = {"seq": self.seq, "bundle_sequence": self.bundle_sequence, "model_sha256": self.model_sha256,
@@ -150,32 +156,45 @@ class DeltaLedger:
                     len(dropped), len(self.adds))
         return self.seq
 
-    def delta(self, key: Ed25519PrivateKey) -> GalleryDelta:
-        """The signed cumulative delta."""
+    def delta(self, key: Ed25519PrivateKey, sealer: GallerySealer | None = None) -> GalleryDelta:
+        """The signed cumulative delta, sealed to the site's doors when ``sealer`` is given."""
         add = [DeltaPerson(person_id=pid, name=p["name"], vectors=list(p["templates"].values())[-64:])
                for pid, p in sorted(self.adds.items())]
         unsigned = GalleryDelta(seq=max(self.seq, 1), bundle_sequence=self.bundle_sequence,
                                 model_sha256=self.model_sha256, created=utcnow(), add=add,
                                 remove=sorted(self.removes))
+        if sealer is not None:  # sign-then-verify covers the ciphertext and the wraps
+            unsigned = seal_delta(unsigned, sealer.key, sealer.version, sealer.keys)
         signature = sign(key, canonical_json(unsigned.signed_part()))
         return unsigned.model_copy(update={"signature": signature})
 
 
 class MqttGallerySync:
     """Publishes signed cumulative gallery deltas (implements ``server.enrollment.sync.GallerySync``) and
-    is an :class:`server.bundles.offers.Offer`: the latest delta is offered again to doors that lack it."""
+    is an :class:`server.bundles.offers.Offer`: the latest delta is offered again to doors that lack it.
+
+    With a ``keyring`` (the default of the server: ``[bundles] encrypt_gallery``) every delta is sealed
+    under the site's current gallery key and carries its wraps to the trusted doors; without one
+    (explicitly unencrypted) names and templates cross the broker in plaintext.
+    """
 
     name = "gallery delta"
 
-    def __init__(self, client: MqttClient, topics: Topics, root: Path, key: Ed25519PrivateKey) -> None:
+    def __init__(self, client: MqttClient, topics: Topics, root: Path, key: Ed25519PrivateKey,
+                 keyring: SiteKeyring | None = None) -> None:
         self.client = client
         self.topics = topics
         self.key = key
+        self.keyring = keyring
         self.ledger = DeltaLedger(root)
         self._lock = threading.Lock()
 
     def _publish(self, wait: bool = True) -> int:
-        delta = self.ledger.delta(self.key)
+        try:
+            sealer = self.keyring.sealer() if self.keyring is not None else None
+        except SiteKeyError as exc:  # never fall back to plaintext
+            raise SyncError(f"gallery delta not published: {exc}") from exc
+        delta = self.ledger.delta(self.key, sealer)
         handle = self.client.publish(self.topics.gallery_delta, delta.to_bytes(), qos=1, retain=True)
         if not handle.queued:
             raise SyncError(f"gallery delta {delta.seq} could not be queued for the broker")
@@ -205,6 +224,37 @@ class MqttGallerySync:
             if self.ledger.rebase(bundle_sequence, coverage) is None:
                 return None
             return self._publish()
+
+    def observe_doors(self, door_keys: dict[str, str]) -> int | None:
+        """Record doors' reported public keys; publish the delta again when a door became trusted (so it
+        gets its wrap at once); return that delta's sequence, or None."""
+        if self.keyring is None:
+            return None
+        new = [device for device, public in sorted(door_keys.items()) if self.keyring.observe(device, public)]
+        if not new:
+            return None
+        with self._lock:
+            return self._publish(wait=False)
+
+    def revoke_door(self, device: str) -> tuple[int, int]:
+        """Revoke ``device``'s key and publish the delta under a new gallery key wrapped only to the
+        remaining doors; return (gallery key version, delta sequence)."""
+        if self.keyring is None:
+            raise SyncError("gallery encryption is off ([bundles] encrypt_gallery = false): no key to "
+                            "rotate")
+        with self._lock:
+            version = self.keyring.revoke(device)
+            self.ledger.seq += 1  # a new sequence: doors that applied the old one take the new one
+            self.ledger.save()
+            return version, self._publish()
+
+    def approve_door(self, device: str) -> int:
+        """Trust the key ``device`` reported last and publish the delta with its wrap; return the sequence."""
+        if self.keyring is None:
+            raise SyncError("gallery encryption is off ([bundles] encrypt_gallery = false): no key to wrap")
+        with self._lock:
+            self.keyring.approve(device)
+            return self._publish(wait=False)
 
     def republish(self) -> int | None:
         """Publish the current ledger again (e.g. after the broker lost its retained messages)."""

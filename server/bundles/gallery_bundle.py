@@ -19,6 +19,7 @@ from server.bundles.signing import load_private_key
 from server.config import ServerConfig
 from server.crypto import ChipCipher
 from server.db.session import Database
+from server.state import site_keyring
 
 EXPORT_PREFIX = ".gallery-export-"  # the private temp folder of a plain export, removed once bundled
 
@@ -54,10 +55,12 @@ def build_gallery_bundle(ctx: GallerySource, folder: Path, *, key_path: Path | N
             meta = export_gallery(session, ctx.chip_cipher(), entry.sha256, gallery_dir,
                                   model_version=f"{entry.name}@{entry.version}")
         extra: dict[str, Any] = {} if chunk_size is None else {"chunk_size": chunk_size}
+        keyring = site_keyring(ctx.config, ctx.chip_cipher())
         built = build_bundle(folder, gallery_dir, root, key, embedder=entry.name, sequence=sequence,
-                             exported_at=exported_at, **extra)
+                             exported_at=exported_at, sealer=keyring.sealer() if keyring else None, **extra)
     m = built.manifest
     return {"sequence": m.sequence, "path": str(built.path), "persons": len(meta.persons),
             "templates": len(meta.template_ids), "model_version": m.model_version,
             "gallery_version": m.gallery_version, "files": len(m.files), "bytes": m.total_size,
-            "chunks": m.total_chunks}
+            "chunks": m.total_chunks, "gallery_key_version": m.gallery_key_version,
+            "wrapped_to": sorted({w.device for w in m.keys})}

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from core.bundle_layout import BUNDLE_JSON
 from device.gallery.store import GalleryError, read_meta
-from server.bundles.builder import export_time
+from server.bundles.builder import export_persons, export_time
 from server.bundles.delta import GalleryCoverage, MqttGallerySync
 from server.db.models import Device
 from server.db.session import Database
@@ -80,11 +80,13 @@ class CoverageCache:
         exported_at = export_time(folder)
         if exported_at is None:
             return None
-        try:
-            persons = frozenset(read_meta(folder / "gallery").persons)
-        except GalleryError as exc:
-            logger.warning("bundle %d: gallery unreadable (%s); it blocks delta rebasing", sequence, exc)
-            return None
+        persons = export_persons(folder)  # a sealed gallery is not readable here
+        if persons is None:
+            try:
+                persons = frozenset(read_meta(folder / "gallery").persons)
+            except GalleryError as exc:
+                logger.warning("bundle %d: gallery unreadable (%s); it blocks delta rebasing", sequence, exc)
+                return None
         coverage = GalleryCoverage(sequence, exported_at, persons)
         self._known[sequence] = coverage
         return coverage

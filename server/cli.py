@@ -1,4 +1,4 @@
-"""``facegate server ...``: run the server, validate its config, create users and API tokens."""
+"""``facegate server ...``: run the server, migrate its database, validate its config, manage users and tokens."""
 
 from __future__ import annotations
 
@@ -37,10 +37,40 @@ def run(config_path: Path | None, validate_config: bool) -> None:
     import uvicorn
 
     from server.app import create_app
+    from server.db.session import DatabaseError
 
-    app = create_app(config)
+    try:
+        app = create_app(config)  # migrates the database first; refuses one newer than this server
+    except DatabaseError as exc:
+        raise click.ClickException(str(exc)) from exc
     # log_config=None keeps facegate's logging setup (plain or JSON lines) for uvicorn's loggers too.
     uvicorn.run(app, host=config.http.host, port=config.http.port, log_config=None, proxy_headers=True)
+
+
+@cli.command("migrate")
+@CONFIG_OPTION
+@click.option("--revision", default="head", show_default=True,
+              help="Upgrade to this revision (only upgrades; see server/db/migrations/versions).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")
+def migrate_cmd(config_path: Path | None, revision: str, as_json: bool) -> None:
+    """Upgrade the database schema (the server also does this at start); refuses a newer database."""
+    import json
+
+    from server.db.session import Database, DatabaseError
+
+    config = _load(config_path)
+    try:
+        with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
+            report = db.migrate(revision)
+    except DatabaseError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(report.to_json(), sort_keys=True))
+        return
+    how = (f"applied {', '.join(report.applied)}" if report.applied else "nothing to apply")
+    legacy = "; pre-migration database stamped at the baseline" if report.legacy_stamped else ""
+    click.echo(f"{report.database}: {report.from_revision or 'unversioned'} -> {report.to_revision} "
+               f"({how}{legacy})")
 
 
 @cli.command("create-user")
@@ -57,7 +87,7 @@ def create_user_cmd(config_path: Path | None, username: str, role: str, password
 
     config = _load(config_path)
     with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
-        db.create_schema()
+        db.migrate()
         try:
             with db.transaction() as session:
                 create_user(session, username, password, Role(role), config.auth.min_password_length)
@@ -84,7 +114,7 @@ def create_token_cmd(config_path: Path | None, username: str, name: str, ttl_day
 
     config = _load(config_path)
     with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
-        db.create_schema()
+        db.migrate()
         with db.transaction() as session:
             user = session.scalar(select(User).where(User.username == username))
             if user is None or user.disabled:
@@ -107,7 +137,7 @@ def disable_user_cmd(config_path: Path | None, username: str, enable: bool) -> N
 
     config = _load(config_path)
     with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
-        db.create_schema()
+        db.migrate()
         try:
             with db.transaction() as session:
                 _user, revoked = set_user_disabled(session, username, not enable)
@@ -133,7 +163,7 @@ def revoke_tokens_cmd(config_path: Path | None, username: str) -> None:
 
     config = _load(config_path)
     with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
-        db.create_schema()
+        db.migrate()
         with db.transaction() as session:
             user = session.scalar(select(User).where(User.username == username))
             if user is None:
@@ -164,7 +194,7 @@ def rotate_chip_key_cmd(config_path: Path | None, new_key_file: Path | None, yes
         click.confirm("Is the facegate server stopped? (a running server would keep using the old key)",
                       abort=True)
     with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
-        db.create_schema()
+        db.migrate()
         from facegate.progress import progress_bar
 
         with progress_bar("re-encrypting", rows_to_rotate(db)) as advance:
@@ -217,7 +247,7 @@ def bind_rows_cmd(config_path: Path | None) -> None:
 
     config = _load(config_path)
     with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
-        db.create_schema()
+        db.migrate()
         report = bind_chip_rows(db, load_chip_cipher(config))
     click.echo(json.dumps({"bound": report.bound, "already": report.already,
                            "refused": list(report.refused)}))

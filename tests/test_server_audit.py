@@ -36,7 +36,7 @@ class Audit:
 
     def __init__(self, tmp_path: Path, broker: Broker) -> None:
         self.db = Database(f"sqlite:///{tmp_path / 'audit.db'}")
-        self.db.create_schema()
+        self.db.migrate()
         self.topics = Topics(PREFIX, SITE)
         self.subscriber = AuditSubscriber(self.db, self.topics).start()
         config = MqttConfig(host=broker.host, port=broker.port, prefix=PREFIX, site=SITE,
@@ -133,7 +133,7 @@ def test_offline_last_will_marks_device_offline(audit: Audit, mosquitto: Broker)
 def test_events_published_while_the_server_is_down_arrive_after_restart(tmp_path: Path,
                                                                         mosquitto: Broker) -> None:
     db = Database(f"sqlite:///{tmp_path / 'restart.db'}")
-    db.create_schema()
+    db.migrate()
     topics = Topics(PREFIX, SITE)
     config = MqttConfig(host=mosquitto.host, port=mosquitto.port, prefix=PREFIX, site=SITE,
                         client_id="audit-persistent")

@@ -165,7 +165,8 @@ def _check_legacy(conn: Connection, baseline: MetaData, present: set[str]) -> li
     return [name for name in baseline.tables if name not in present]
 
 
-def _baseline_metadata() -> MetaData:
+def baseline_metadata() -> MetaData:
+    """The frozen tables of the baseline revision (0001), as its module defines them."""
     module = script_directory().get_revision(BASELINE_REVISION)
     if module is None:  # pragma: no cover - shipped with the package
         raise MigrationError(f"baseline revision {BASELINE_REVISION} is not installed")
@@ -209,7 +210,7 @@ def migrate(db: Database, revision: str = "head") -> MigrationReport:
                 pending = _path(script, current, target)
                 legacy = False
                 present = set(inspect(conn).get_table_names())
-                baseline = _baseline_metadata()
+                baseline = baseline_metadata()
                 if current is None and present & set(baseline.tables):
                     missing = _check_legacy(conn, baseline, present)
                     if missing:

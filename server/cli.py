@@ -1,4 +1,4 @@
-"""``facegate server ...``: run the server, migrate its database, validate its config, manage users and tokens."""
+"""``facegate server ...``: run the server, migrate its database, validate its config, manage users."""
 
 from __future__ import annotations
 

@@ -48,15 +48,16 @@ def _fill_baseline(db: Database, meta: MetaData) -> None:
     """Rows in the 0001 tables, written through the frozen baseline tables (not today's models)."""
     t = meta.tables
     with db.engine.begin() as conn:
-        conn.execute(insert(t["persons"]), [{"id": "p" * 32, "name": "Ada", "external_id": "E-1", "consent": True,
-                                             "consent_at": NOW, "created_by": "admin", "created_at": NOW,
-                                             "updated_at": NOW}])
+        conn.execute(insert(t["persons"]), [{"id": "p" * 32, "name": "Ada", "external_id": "E-1",
+                                             "consent": True, "consent_at": NOW, "created_by": "admin",
+                                             "created_at": NOW, "updated_at": NOW}])
         conn.execute(insert(t["users"]), [{"username": "admin", "password_hash": "x", "role": "admin",
                                            "disabled": False, "created_at": NOW}])
         conn.execute(insert(t["events"]), [
             {"event_id": f"e{i}", "device_id": "door-1", "kind": "denied" if i % 2 else "granted",
              "person_id": None, "person_name": None, "score": 0.5, "margin": 0.1, "liveness": "pass",
-             "ts": NOW + dt.timedelta(seconds=i), "received_at": NOW, "payload": {"seq": i}} for i in range(6)])
+             "ts": NOW + dt.timedelta(seconds=i), "received_at": NOW, "payload": {"seq": i}}
+            for i in range(6)])
         conn.execute(insert(t["deletion_requests"]), [{"id": "d" * 32, "person_id": "q" * 32,
                                                        "requested_by": "admin", "requested_at": NOW,
                                                        "template_ids": ["t1"], "delta_sequence": 3,
@@ -232,7 +233,7 @@ def test_migration_two_replicas_start_at_once(db_url: str, tmp_path: Path) -> No
     waits on the migration lock and finds nothing to do; neither fails."""
     go = tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, "-c", REPLICA, db_url, str(go)],  # noqa: S603
+    procs = [subprocess.Popen([sys.executable, "-c", REPLICA, db_url, str(go)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for _ in range(2)]
     deadline = time.monotonic() + 120  # a hang guard, not a performance figure

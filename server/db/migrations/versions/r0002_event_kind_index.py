@@ -5,9 +5,9 @@ Revises: 0001
 
 - ``events``: the event list (``GET /api/events?kind=denied`` and the web page's kind filter) selects
   one decision kind and orders by ``ts`` newest first. The baseline had only ``ix_events_kind`` (kind
-  alone), so each such page sorted every event of that kind; ``ix_events_kind_ts`` serves the filter and the order from one index and
-  makes ``ix_events_kind`` redundant (a composite index's leading column serves kind-only lookups), so
-  that one is dropped.
+  alone), so each such page sorted every event of that kind; ``ix_events_kind_ts`` serves the filter
+  and the order from one index and makes ``ix_events_kind`` redundant (a composite index's leading
+  column serves kind-only lookups), so that one is dropped.
 - ``deletion_devices``: every delta ack looks up the pending deletions of its device
   (``DeletionDevice.device_id IN (...)``); the baseline's only index there, ``uq_deletion_device``,
   leads with ``request_id``, so the lookup scanned the table. ``ix_deletion_devices_device_id`` is new.

@@ -74,6 +74,11 @@ class Database:
 
     def migrate(self, revision: str = "head") -> MigrationReport:
         """Bring the schema to ``revision`` (Alembic; refuses a database newer than this server)."""
+        alembic_logger = logging.getLogger("alembic")
+        if alembic_logger.level == logging.NOTSET:
+            # Alembic's INFO lines (plugins at import, "Context impl", each revision) repeat at every
+            # start; server.db.migrate logs what runs. A level set for "alembic" elsewhere is kept.
+            alembic_logger.setLevel(logging.WARNING)
         from server.db.migrate import migrate
 
         return migrate(self, revision)

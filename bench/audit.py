@@ -72,7 +72,7 @@ def _writer(path: Path, host: str, port: int, client_id: str, batch_max: int, li
     from server.db.session import Database
 
     db = Database(f"sqlite:///{path}")
-    db.create_schema()
+    db.migrate()
     subscriber = AuditSubscriber(db, Topics(PREFIX, SITE), batch_max=batch_max, linger_s=linger_s).start()
     config = MqttConfig(host=host, port=port, prefix=PREFIX, site=SITE, client_id=client_id)
     source = ManualAckSource(config, subscriber.filters, subscriber.handle).start()

@@ -1,14 +1,20 @@
-"""``facegate server ...``: run the server, validate its config, create users and API tokens."""
+"""``facegate server ...``: run the server, migrate its database, validate its config, manage users."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from facegate.configio import ConfigError, report_validation
 from server.config import ServerConfig, load_server_config
+
+if TYPE_CHECKING:
+    from server.db.session import Database
 
 cli = click.Group("server", help="Run the companion server.")
 
@@ -25,6 +31,22 @@ def _load(config_path: Path | None) -> ServerConfig:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
 
+@contextmanager
+def open_database(config: ServerConfig) -> Iterator[Database]:
+    """The server's database, migrated to this server's schema; a refusal or failure is a clean CLI error."""
+    from server.db.session import Database, DatabaseError
+
+    try:
+        db = Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms)
+    except DatabaseError as exc:
+        raise click.ClickException(str(exc)) from exc
+    with db:
+        try:
+            db.migrate()
+        except DatabaseError as exc:
+            raise click.ClickException(str(exc)) from exc
+        yield db
+
 
 @cli.command("run")
 @CONFIG_OPTION
@@ -37,10 +59,40 @@ def run(config_path: Path | None, validate_config: bool) -> None:
     import uvicorn
 
     from server.app import create_app
+    from server.db.session import DatabaseError
 
-    app = create_app(config)
+    try:
+        app = create_app(config)  # migrates the database first; refuses one newer than this server
+    except DatabaseError as exc:
+        raise click.ClickException(str(exc)) from exc
     # log_config=None keeps facegate's logging setup (plain or JSON lines) for uvicorn's loggers too.
     uvicorn.run(app, host=config.http.host, port=config.http.port, log_config=None, proxy_headers=True)
+
+
+@cli.command("migrate")
+@CONFIG_OPTION
+@click.option("--revision", default="head", show_default=True,
+              help="Upgrade to this revision (only upgrades; see server/db/migrations/versions).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")
+def migrate_cmd(config_path: Path | None, revision: str, as_json: bool) -> None:
+    """Upgrade the database schema (the server also does this at start); refuses a newer database."""
+    import json
+
+    from server.db.session import Database, DatabaseError
+
+    config = _load(config_path)
+    try:
+        with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
+            report = db.migrate(revision)
+    except DatabaseError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(report.to_json(), sort_keys=True))
+        return
+    how = (f"applied {', '.join(report.applied)}" if report.applied else "nothing to apply")
+    legacy = "; pre-migration database stamped at the baseline" if report.legacy_stamped else ""
+    click.echo(f"{report.database}: {report.from_revision or 'unversioned'} -> {report.to_revision} "
+               f"({how}{legacy})")
 
 
 @cli.command("create-user")
@@ -53,11 +105,9 @@ def create_user_cmd(config_path: Path | None, username: str, role: str, password
     """Add a user with an argon2id-hashed password."""
     from server.audit.log import AuditAction, record
     from server.auth.service import AuthError, Role, create_user
-    from server.db.session import Database
 
     config = _load(config_path)
-    with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
-        db.create_schema()
+    with open_database(config) as db:
         try:
             with db.transaction() as session:
                 create_user(session, username, password, Role(role), config.auth.min_password_length)
@@ -80,11 +130,9 @@ def create_token_cmd(config_path: Path | None, username: str, name: str, ttl_day
     from server.audit.log import AuditAction, record
     from server.auth.service import issue_token
     from server.db.models import User
-    from server.db.session import Database
 
     config = _load(config_path)
-    with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
-        db.create_schema()
+    with open_database(config) as db:
         with db.transaction() as session:
             user = session.scalar(select(User).where(User.username == username))
             if user is None or user.disabled:
@@ -103,11 +151,9 @@ def disable_user_cmd(config_path: Path | None, username: str, enable: bool) -> N
     """Disable USERNAME and revoke all its tokens (or --enable it again)."""
     from server.audit.log import AuditAction, record
     from server.auth.service import AuthError, set_user_disabled
-    from server.db.session import Database
 
     config = _load(config_path)
-    with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
-        db.create_schema()
+    with open_database(config) as db:
         try:
             with db.transaction() as session:
                 _user, revoked = set_user_disabled(session, username, not enable)
@@ -129,11 +175,9 @@ def revoke_tokens_cmd(config_path: Path | None, username: str) -> None:
     from server.audit.log import AuditAction, record
     from server.auth.service import revoke_user_tokens
     from server.db.models import User
-    from server.db.session import Database
 
     config = _load(config_path)
-    with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
-        db.create_schema()
+    with open_database(config) as db:
         with db.transaction() as session:
             user = session.scalar(select(User).where(User.username == username))
             if user is None:
@@ -156,15 +200,13 @@ def rotate_chip_key_cmd(config_path: Path | None, new_key_file: Path | None, yes
     Stop the server first. Safe to rerun after an interruption: rows already under the new key are
     skipped. The old key file is kept as <key file>.old-<key id>; back up the new key before deleting it.
     """
-    from server.db.session import Database
     from server.keyrotation import KeyRotationError, rotate_chip_key, rows_to_rotate
 
     config = _load(config_path)
     if not yes:
         click.confirm("Is the facegate server stopped? (a running server would keep using the old key)",
                       abort=True)
-    with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
-        db.create_schema()
+    with open_database(config) as db:
         from facegate.progress import progress_bar
 
         with progress_bar("re-encrypting", rows_to_rotate(db)) as advance:
@@ -185,7 +227,6 @@ def rotate_chip_key_cmd(config_path: Path | None, new_key_file: Path | None, yes
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def remove_old_chip_key_cmd(config_path: Path | None, yes: bool) -> None:
     """Delete the old key files a confirmed rotation kept (audit-logged rotation, no row left under them)."""
-    from server.db.session import Database
     from server.keyrotation import KeyRotationError, remove_retired_key, retired_key_files
 
     config = _load(config_path)
@@ -196,7 +237,7 @@ def remove_old_chip_key_cmd(config_path: Path | None, yes: bool) -> None:
     if not yes:
         click.confirm(f"delete {len(files)} retired chip key file(s)? Backups made with them stay readable "
                       "only with them", abort=True)
-    with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
+    with open_database(config) as db:
         for path in files:
             try:
                 removed = remove_retired_key(config, db, path)
@@ -212,12 +253,10 @@ def bind_rows_cmd(config_path: Path | None) -> None:
     import json
 
     from server.crypto import load_chip_cipher
-    from server.db.session import Database
     from server.rowbinding import bind_chip_rows
 
     config = _load(config_path)
-    with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
-        db.create_schema()
+    with open_database(config) as db:
         report = bind_chip_rows(db, load_chip_cipher(config))
     click.echo(json.dumps({"bound": report.bound, "already": report.already,
                            "refused": list(report.refused)}))

@@ -104,9 +104,13 @@ class AppState:
     @classmethod
     def build(cls, config: ServerConfig, engine: RecognitionEngine | None = None,
               sync: GallerySync | None = None) -> AppState:
-        """Open the database (creating the schema), load the chip key, wire the services."""
+        """Open and migrate the database (refusing a newer one), load the chip key, wire the services."""
         db = Database(config.database_url, config.database.echo, config.database.busy_timeout_ms)
-        db.create_schema()
+        try:
+            db.migrate()
+        except BaseException:
+            db.close()
+            raise
         cipher = load_chip_cipher(config)
         bind_chip_rows(db, cipher)  # idempotent: chips sealed before the person binding get it now
         owns_engine = engine is None

@@ -165,14 +165,27 @@ def postgres_cluster() -> Iterator[LocalPostgres]:
         yield cluster
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+DB_ENGINES = ("sqlite", "postgresql")
+
+
+def _database_url(request: pytest.FixtureRequest, folder: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{folder / 'server-db' / 'facegate.db'}"
+    cluster: LocalPostgres = request.getfixturevalue("postgres_cluster")
+    return cluster.create_database(f"t_{uuid.uuid4().hex[:16]}")
+
+
+@pytest.fixture(params=DB_ENGINES)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The server tests' database, once per engine: a SQLite file in ``tmp_path``, and a fresh database
     in the run's throwaway PostgreSQL cluster."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'server-db' / 'facegate.db'}"
-    cluster: LocalPostgres = request.getfixturevalue("postgres_cluster")
-    return cluster.create_database(f"t_{uuid.uuid4().hex[:16]}")
+    return _database_url(request, tmp_path)
+
+
+@pytest.fixture(scope="module", params=DB_ENGINES)
+def module_db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``db_url`` for a module-scoped server (one database per engine, shared by the module's tests)."""
+    return _database_url(request, tmp_path_factory.mktemp("module-db"))
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ import numpy as np
 import paho.mqtt.client as paho
 from fastapi.testclient import TestClient
 from paho.mqtt.enums import CallbackAPIVersion
+from sqlalchemy import text
 
 from core.protocol.schemas import (
     BundleAck,
@@ -30,6 +31,7 @@ from core.types import DecisionKind, LivenessVerdict
 from device.waiting import WaitTimeout, wait_progress
 from server.auth.service import Role, create_user
 from server.config import ServerConfig
+from server.db.session import Database
 from server.state import AppState
 
 ADMIN_PASSWORD = "admin-password-for-tests"
@@ -40,13 +42,16 @@ DEADLINE_S = 120.0
 CONNECT_S = 60.0  # a hang guard for broker connections
 
 
-def make_config(tmp_path: Path, **sections: Any) -> ServerConfig:
-    """A server config in ``tmp_path`` with a bootstrap admin; MQTT off unless ``mqtt=`` is given."""
+def make_config(tmp_path: Path, db_url: str | None = None, **sections: Any) -> ServerConfig:
+    """A server config in ``tmp_path`` with a bootstrap admin; MQTT off unless ``mqtt=`` is given; the
+    database is ``db_url`` (the ``db_url`` fixture) or SQLite in ``tmp_path``."""
     data: dict[str, Any] = {
         "data_dir": str(tmp_path / "server"),
         "mqtt": {"enabled": False, "prefix": PREFIX, "site": SITE},
         "auth": {"bootstrap_password": ADMIN_PASSWORD},
     }
+    if db_url is not None:
+        data["database"] = {"url": db_url}
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **value}
@@ -103,6 +108,21 @@ def wait_until(predicate: Callable[[], bool], what: str, deadline_s: float = DEA
         wait_progress(predicate, what, stall_s=deadline_s, progress=progress)
     except WaitTimeout as exc:
         raise AssertionError(str(exc)) from exc
+
+
+def stored_bytes(db: Database) -> bytes:
+    """Every byte the database holds on disk, for "never stored in plaintext" checks: the SQLite file and
+    its WAL, or (PostgreSQL, after a CHECKPOINT) the database's data files and the cluster's WAL."""
+    if db.is_sqlite:
+        path = Path(db.engine.url.database or "")
+        wal = path.with_name(path.name + "-wal")
+        return path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    with db.engine.connect() as conn:
+        conn.execute(text("CHECKPOINT"))  # the throwaway cluster's role is its superuser
+        data_dir = Path(str(conn.scalar(text("SELECT current_setting('data_directory')"))))
+        oid = conn.scalar(text("SELECT oid FROM pg_database WHERE datname = current_database()"))
+    files = [*sorted((data_dir / "base" / str(oid)).iterdir()), *sorted((data_dir / "pg_wal").glob("0*"))]
+    return b"".join(f.read_bytes() for f in files if f.is_file())
 
 
 # ---------------------------------------------------------------------------- simulated devices
@@ -210,14 +230,15 @@ def no_face_image(size: int = 256) -> np.ndarray[Any, Any]:
 
 
 @contextmanager
-def connected_server(tmp_path: Path, host: str, port: int, **mqtt: Any) -> Iterator[TestClient]:
+def connected_server(tmp_path: Path, host: str, port: int, db_url: str | None = None,
+                     **mqtt: Any) -> Iterator[TestClient]:
     """A server app with MQTT on (audit subscriber connected to host:port) and a bundle signing key;
     ``mqtt`` overrides more ``[mqtt]`` fields (site, TLS files)."""
     from server.app import create_app
     from server.bundles.signing import generate_key
 
-    config = make_config(tmp_path, mqtt={"enabled": True, "host": host, "port": port,
-                                         "client_id": "server-under-test", **mqtt})
+    config = make_config(tmp_path, db_url, mqtt={"enabled": True, "host": host, "port": port,
+                                                 "client_id": "server-under-test", **mqtt})
     generate_key(config.signing_key_path)
     with TestClient(create_app(config)) as test_client:
         state = state_of(test_client)

@@ -107,7 +107,7 @@ class Door:
 @pytest.fixture()
 def db(tmp_path: Path) -> Iterator[Database]:
     database = Database(f"sqlite:///{tmp_path / 'audit.db'}")
-    database.create_schema()
+    database.migrate()
     yield database
     database.close()
 

@@ -1,5 +1,6 @@
 """The audit subscriber against a real mosquitto: events stored exactly once by event id, availability,
 status and acks; a 20-device x 10 ev/s x 60 s load test. The 5-minute version is `facegate bench audit`.
+Each test runs on SQLite and on the throwaway PostgreSQL (``db_url``).
 """
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ import statistics
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from threading import Thread
 
 import pytest
@@ -34,9 +34,9 @@ DUPLICATE_EVERY = 50  # each device re-sends every 50th event, as a door does af
 class Audit:
     """A database plus a running subscriber connected to the test broker."""
 
-    def __init__(self, tmp_path: Path, broker: Broker) -> None:
-        self.db = Database(f"sqlite:///{tmp_path / 'audit.db'}")
-        self.db.create_schema()
+    def __init__(self, db_url: str, broker: Broker) -> None:
+        self.db = Database(db_url)
+        self.db.migrate()
         self.topics = Topics(PREFIX, SITE)
         self.subscriber = AuditSubscriber(self.db, self.topics).start()
         config = MqttConfig(host=broker.host, port=broker.port, prefix=PREFIX, site=SITE,
@@ -55,8 +55,8 @@ class Audit:
 
 
 @pytest.fixture()
-def audit(tmp_path: Path, mosquitto: Broker) -> Iterator[Audit]:
-    running = Audit(tmp_path, mosquitto)
+def audit(db_url: str, mosquitto: Broker) -> Iterator[Audit]:
+    running = Audit(db_url, mosquitto)
     try:
         yield running
     finally:
@@ -130,10 +130,10 @@ def test_offline_last_will_marks_device_offline(audit: Audit, mosquitto: Broker)
     wait_until(lambda: state() == "offline", "the last will")
 
 
-def test_events_published_while_the_server_is_down_arrive_after_restart(tmp_path: Path,
+def test_events_published_while_the_server_is_down_arrive_after_restart(db_url: str,
                                                                         mosquitto: Broker) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'restart.db'}")
-    db.create_schema()
+    db = Database(db_url)
+    db.migrate()
     topics = Topics(PREFIX, SITE)
     config = MqttConfig(host=mosquitto.host, port=mosquitto.port, prefix=PREFIX, site=SITE,
                         client_id="audit-persistent")

@@ -1,5 +1,6 @@
 """Authentication and roles: a walk over EVERY route of the OpenAPI schema proves that no token gives 401
-and a viewer token gives 403 on admin routes; plus login, logout, expiry, cookies and rate limits."""
+and a viewer token gives 403 on admin routes; plus login, logout, expiry, cookies and rate limits. The
+module's server runs once on SQLite and once on the throwaway PostgreSQL (``module_db_url``)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from sqlalchemy import select
 from server.api.auth import PUBLIC_ROUTES
 from server.app import create_app
 from server.db.models import ApiToken, AuditEntry, utcnow
-from tests.server_support import ADMIN_PASSWORD, add_viewer, login, make_config, state_of
+from tests.server_support import ADMIN_PASSWORD, add_viewer, login, make_config, state_of, stored_bytes
 
 # What a viewer may call; every other route of the schema is admin-only and must answer 403 to a viewer.
 VIEWER_ROUTES = frozenset({
@@ -40,9 +41,10 @@ def _style_section() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+def client(tmp_path_factory: pytest.TempPathFactory, module_db_url: str) -> Iterator[TestClient]:
     tmp: Path = tmp_path_factory.mktemp("auth")
-    config = make_config(tmp, rate_limit={"per_minute": 6000, "burst": 1000}, **_style_section())
+    config = make_config(tmp, module_db_url, rate_limit={"per_minute": 6000, "burst": 1000},
+                         **_style_section())
     with TestClient(create_app(config, start_mqtt=False)) as test_client:
         yield test_client
 
@@ -117,10 +119,8 @@ def test_expired_token_is_refused(client: TestClient) -> None:
 def test_tokens_and_passwords_are_stored_hashed(client: TestClient) -> None:
     headers = login(client)
     token = headers["Authorization"][7:]
-    state = state_of(client)
-    raw = Path(state.db.engine.url.database or "").read_bytes()
-    wal = Path(str(state.db.engine.url.database) + "-wal")
-    raw += wal.read_bytes() if wal.exists() else b""
+    raw = stored_bytes(state_of(client).db)
+    assert hashlib.sha256(token.encode()).hexdigest().encode() in raw  # the row is there, hashed
     assert token.encode() not in raw
     assert ADMIN_PASSWORD.encode() not in raw
     assert b"$argon2id$" in raw

@@ -80,9 +80,10 @@ def test_chip_key_from_env_file_or_created(tmp_path: Path) -> None:
         created.decrypt(blob[:-1] + bytes([blob[-1] ^ 1]), "id-1")
 
 
-def test_create_user_and_token_commands(tmp_path: Path) -> None:
+def test_create_user_and_token_commands(tmp_path: Path, db_url: str) -> None:
     config_file = tmp_path / "server.toml"
-    config_file.write_text(f'data_dir = "{tmp_path / "data"}"\n[mqtt]\nenabled = false\n')
+    config_file.write_text(f'data_dir = "{tmp_path / "data"}"\n[mqtt]\nenabled = false\n'
+                           f'[database]\nurl = "{db_url}"\n')
     code, _, err = _run("server", "create-user", "--config", str(config_file), "--username", "ops",
                         "--role", "viewer", "--password", "short")
     assert code == 1 and "at least 10" in err

@@ -66,8 +66,8 @@ class Door(SimDevice):
 
 
 @pytest.fixture()
-def client(tmp_path: Path, mosquitto: Broker) -> Iterator[TestClient]:
-    with connected_server(tmp_path, mosquitto.host, mosquitto.port) as test_client:
+def client(tmp_path: Path, mosquitto: Broker, db_url: str) -> Iterator[TestClient]:
+    with connected_server(tmp_path, mosquitto.host, mosquitto.port, db_url) as test_client:
         yield test_client
 
 
@@ -194,8 +194,8 @@ def test_an_ack_for_an_older_delta_does_not_confirm(client: TestClient, mosquitt
         door.close()
 
 
-def test_without_devices_a_deletion_is_confirmed_at_once(tmp_path: Path) -> None:
-    with TestClient(create_app(make_config(tmp_path), start_mqtt=False)) as offline:
+def test_without_devices_a_deletion_is_confirmed_at_once(tmp_path: Path, db_url: str) -> None:
+    with TestClient(create_app(make_config(tmp_path, db_url), start_mqtt=False)) as offline:
         headers = login(offline)
         created = offline.post("/api/persons", json={"name": "Solo", "consent": True}, headers=headers)
         person_id = created.json()["id"]

@@ -26,7 +26,15 @@ from server.db.models import AuditEntry, Chip
 from server.enrollment.recognition import RecognitionEngine
 from server.rowbinding import chip_associated
 from tests.face_kit import Faces, pick_faces
-from tests.server_support import jpeg_bytes, login, make_config, no_face_image, png_bytes, state_of
+from tests.server_support import (
+    jpeg_bytes,
+    login,
+    make_config,
+    no_face_image,
+    png_bytes,
+    state_of,
+    stored_bytes,
+)
 
 IDENTITIES_NEEDED = 3
 IMAGES_PER_IDENTITY = 3
@@ -46,15 +54,16 @@ def faces(shared_dir: Path, pipeline: FacePipeline) -> Faces:
                       CANDIDATE_IDENTITIES)
 
 
-def _client(tmp_path: Path, built_models: Path, tau: float, **sections: Any) -> TestClient:
-    config = make_config(tmp_path, models={"dir": str(built_models)},
+def _client(tmp_path: Path, built_models: Path, tau: float, db_url: str | None = None,
+            **sections: Any) -> TestClient:
+    config = make_config(tmp_path, db_url, models={"dir": str(built_models)},
                          recognition={"tau": tau}, rate_limit={"per_minute": 6000, "burst": 1000}, **sections)
     return TestClient(create_app(config, engine=RecognitionEngine.from_config(config), start_mqtt=False))
 
 
 @pytest.fixture()
-def client(tmp_path: Path, built_models: Path, faces: Faces) -> Iterator[TestClient]:
-    with _client(tmp_path, built_models, faces.tau) as test_client:
+def client(tmp_path: Path, built_models: Path, faces: Faces, db_url: str) -> Iterator[TestClient]:
+    with _client(tmp_path, built_models, faces.tau, db_url) as test_client:
         yield test_client
 
 
@@ -68,9 +77,7 @@ def _enroll(client: TestClient, name: str, images: list[bytes], consent: bool = 
 
 
 def _db_bytes(client: TestClient) -> bytes:
-    path = Path(state_of(client).db.engine.url.database or "")
-    wal = path.with_name(path.name + "-wal")
-    return path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    return stored_bytes(state_of(client).db)
 
 
 def test_enroll_stores_encrypted_chips_and_templates_per_model(client: TestClient, faces: Faces,

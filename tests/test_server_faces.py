@@ -20,8 +20,8 @@ from tests.server_support import add_viewer, login, make_config, png_bytes, stat
 
 
 @pytest.fixture()
-def client(tmp_path: Path, built_models: Path) -> Iterator[TestClient]:
-    app = create_app(make_config(tmp_path, models={"dir": str(built_models)}))
+def client(tmp_path: Path, built_models: Path, db_url: str) -> Iterator[TestClient]:
+    app = create_app(make_config(tmp_path, db_url, models={"dir": str(built_models)}))
     with TestClient(app) as test_client:
         yield test_client
 

@@ -111,15 +111,15 @@ def test_chunked_hostile_body_is_cut_off_with_413(live: LiveServer) -> None:
 
 
 @pytest.fixture()
-def api(tmp_path: Path) -> Iterator[TestClient]:
-    config = make_config(tmp_path, auth={"login_per_minute": 4, "login_global_per_minute": 1000})
+def api(tmp_path: Path, db_url: str) -> Iterator[TestClient]:
+    config = make_config(tmp_path, db_url, auth={"login_per_minute": 4, "login_global_per_minute": 1000})
     with TestClient(create_app(config, start_mqtt=False)) as test_client:
         yield test_client
 
 
 @pytest.fixture()
-def admin_api(tmp_path: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(make_config(tmp_path), start_mqtt=False)) as test_client:
+def admin_api(tmp_path: Path, db_url: str) -> Iterator[TestClient]:
+    with TestClient(create_app(make_config(tmp_path, db_url), start_mqtt=False)) as test_client:
         yield test_client
 
 
@@ -197,13 +197,14 @@ def test_revoke_user_tokens_and_disable_through_the_api(admin_api: TestClient) -
     assert actions == {"user_disabled", "tokens_revoked"}
 
 
-def test_revoke_user_through_the_cli(tmp_path: Path) -> None:
+def test_revoke_user_through_the_cli(tmp_path: Path, db_url: str) -> None:
     """`facegate server disable-user` and `revoke-tokens` against the real database."""
-    config = make_config(tmp_path)
+    config = make_config(tmp_path, db_url)
     with TestClient(create_app(config, start_mqtt=False)) as client:
         viewer = add_viewer(client)
     toml = tmp_path / "server.toml"
-    toml.write_text(f'data_dir = "{config.data_dir}"\n', encoding="utf-8")
+    toml.write_text(f'data_dir = "{config.data_dir}"\n\n[database]\nurl = "{config.database_url}"\n',
+                    encoding="utf-8")
     runner = CliRunner()
     revoked = runner.invoke(server_cli, ["revoke-tokens", "--config", str(toml), "--username", "viewer"])
     assert revoked.exit_code == 0 and "revoked 1 token" in revoked.output, revoked.output

@@ -1,6 +1,6 @@
-"""Chip-key rotation on a real enrolled SQLite database: every chip and template is re-encrypted under
-the new key, the old key is retired (kept, 0600), the server reads everything with the new key, and an
-interrupted rotation finishes when rerun."""
+"""Chip-key rotation on a real enrolled database (SQLite and PostgreSQL): every chip and template is
+re-encrypted under the new key, the old key is retired (kept, 0600), the server reads everything with the
+new key, and an interrupted rotation finishes when rerun."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ def faces(shared_dir: Path, built_models: Path) -> Faces:
                           per_identity=3, candidates=40)
 
 
-def _config(tmp_path: Path, built_models: Path, faces: Faces) -> ServerConfig:
-    return make_config(tmp_path, models={"dir": str(built_models)}, recognition={"tau": faces.tau},
+def _config(tmp_path: Path, built_models: Path, faces: Faces, db_url: str) -> ServerConfig:
+    return make_config(tmp_path, db_url, models={"dir": str(built_models)}, recognition={"tau": faces.tau},
                        rate_limit={"per_minute": 6000, "burst": 1000})
 
 
@@ -51,9 +51,10 @@ def _client(config: ServerConfig) -> TestClient:
 
 
 @pytest.fixture()
-def enrolled(tmp_path: Path, built_models: Path, faces: Faces) -> Iterator[ServerConfig]:
-    """A server database with two enrolled persons (two images each); the server is stopped after."""
-    config = _config(tmp_path, built_models, faces)
+def enrolled(tmp_path: Path, built_models: Path, faces: Faces, db_url: str) -> Iterator[ServerConfig]:
+    """A server database (each engine) with two enrolled persons (two images each); the server is stopped
+    after."""
+    config = _config(tmp_path, built_models, faces, db_url)
     with _client(config) as client:
         for i in range(PERSONS):
             files = [("images", (f"img{j}.jpg", data, "image/jpeg"))
@@ -82,7 +83,8 @@ def _key_ids(config: ServerConfig) -> set[str]:
 
 def _toml(config: ServerConfig, tmp_path: Path) -> Path:
     path = tmp_path / "server.toml"
-    path.write_text(f'data_dir = "{config.data_dir}"\n[mqtt]\nenabled = false\n', encoding="utf-8")
+    path.write_text(f'data_dir = "{config.data_dir}"\n[mqtt]\nenabled = false\n'
+                    f'[database]\nurl = "{config.database_url}"\n', encoding="utf-8")
     return path
 
 
@@ -160,7 +162,8 @@ def test_a_tampered_row_stops_the_rotation_before_anything_changes(enrolled: Ser
 
 def test_an_env_key_needs_a_file_for_its_successor(enrolled: ServerConfig, tmp_path: Path) -> None:
     key_text = enrolled.chip_key_path.read_text(encoding="ascii").strip()
-    config = make_config(tmp_path, crypto={"chip_key": key_text, "create_key_file": False})
+    config = make_config(tmp_path, enrolled.database_url,
+                         crypto={"chip_key": key_text, "create_key_file": False})
     enrolled.chip_key_path.unlink()  # the key now lives only in the environment
     with Database(config.database_url) as db:
         with pytest.raises(keyrotation.KeyRotationError, match="--new-key-file"):

@@ -22,7 +22,7 @@ from server.db.models import Template
 from server.enrollment.recognition import RecognitionEngine
 from server.enrollment.templates import open_template
 from tests.face_kit import Faces, embed, pick_faces
-from tests.server_support import login, make_config, state_of
+from tests.server_support import login, make_config, state_of, stored_bytes
 
 VECTOR_SLICE = 8  # 32 bytes of a vector: far too long to occur by chance in a few hundred kB
 
@@ -40,8 +40,8 @@ def faces(shared_dir: Path, pipeline: FacePipeline) -> Faces:
 
 
 @pytest.fixture()
-def client(tmp_path: Path, built_models: Path, faces: Faces) -> Iterator[TestClient]:
-    config = make_config(tmp_path, models={"dir": str(built_models)}, recognition={"tau": faces.tau},
+def client(tmp_path: Path, built_models: Path, faces: Faces, db_url: str) -> Iterator[TestClient]:
+    config = make_config(tmp_path, db_url, models={"dir": str(built_models)}, recognition={"tau": faces.tau},
                          rate_limit={"per_minute": 6000, "burst": 1000})
     with TestClient(create_app(config, engine=RecognitionEngine.from_config(config),
                                start_mqtt=False)) as test_client:
@@ -57,10 +57,8 @@ def _enroll(client: TestClient, name: str, images: list[bytes]) -> str:
 
 
 def _db_bytes(client: TestClient) -> bytes:
-    """The SQLite file plus its write-ahead log: everything the database holds on disk."""
-    path = Path(state_of(client).db.engine.url.database or "")
-    wal = path.with_name(path.name + "-wal")
-    return path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    """Everything the database holds on disk (SQLite file and WAL, or PostgreSQL's data files)."""
+    return stored_bytes(state_of(client).db)
 
 
 def _templates(client: TestClient) -> list[Template]:

@@ -181,12 +181,12 @@ def _build_from_database(config: ServerConfig, models_dir: Path | None, key_path
     from server.bundles.gallery_export import GalleryExportError
     from server.bundles.signing import SigningKeyError
     from server.bundles.sitekeys import SiteKeyError
+    from server.cli import open_database
     from server.crypto import CryptoError
-    from server.db.session import Database
     from server.registry.model_folder import active_models_dir
     from server.registry.promotion import PromotionContext
 
-    with Database(config.database_url, busy_timeout_ms=config.database.busy_timeout_ms) as db:
+    with open_database(config) as db:
         folder = models_dir or active_models_dir(config, db) or config.models.dir or default_models_dir()
         try:
             return build_gallery_bundle(PromotionContext(config, db), folder, key_path=key_path,

@@ -1,4 +1,4 @@
-"""Persistence: SQLAlchemy 2 models and the engine (SQLite WAL by default, PostgreSQL by URL)."""
+"""Persistence: SQLAlchemy 2 models, the engine (SQLite WAL, or PostgreSQL by URL), Alembic migrations."""
 
 from server.db.session import Database, DatabaseError
 

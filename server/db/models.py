@@ -1,6 +1,9 @@
 """SQLAlchemy 2 tables: persons, chips and templates per model version (both encrypted), users, tokens,
 events, devices, bundle acks, the audit log and deletion requests.
 
+The schema is migrated by Alembic (``server/db/migrations``): a change here needs a new revision there,
+and ``tests/test_migrations.py`` fails until the migrated schema equals these models.
+
 Times are stored as naive UTC and come back as aware UTC (``UTCDateTime``), the same on SQLite and
 PostgreSQL. Ids the API exposes are random hex strings; uploaded filenames are never stored.
 """
@@ -168,12 +171,13 @@ class EventRow(Base):
     __table_args__ = (
         Index("ix_events_device_ts", "device_id", "ts"),
         Index("ix_events_person_ts", "person_id", "ts"),
+        Index("ix_events_kind_ts", "kind", "ts"),  # revision 0002: the list filtered by kind, newest first
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     event_id: Mapped[str] = mapped_column(String(64), unique=True)
     device_id: Mapped[str] = mapped_column(String(DEVICE_ID_LEN))
-    kind: Mapped[str] = mapped_column(String(16), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
     person_id: Mapped[str | None] = mapped_column(String(64))
     person_name: Mapped[str | None] = mapped_column(String(200))
     score: Mapped[float | None] = mapped_column(Float)
@@ -261,7 +265,7 @@ class DeletionDevice(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     request_id: Mapped[str] = mapped_column(ForeignKey("deletion_requests.id", ondelete="CASCADE"))
-    device_id: Mapped[str] = mapped_column(String(DEVICE_ID_LEN))
+    device_id: Mapped[str] = mapped_column(String(DEVICE_ID_LEN), index=True)  # revision 0002
     state: Mapped[str] = mapped_column(String(16), default="pending")
     acked_at: Mapped[dt.datetime | None]
     detail: Mapped[str] = mapped_column(Text, default="")

@@ -6,14 +6,15 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.db.models import Base
+if TYPE_CHECKING:
+    from server.db.migrate import MigrationReport
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ SQLITE_CACHE_KIB = 16_384  # page cache per connection; the event table is the h
 
 
 class DatabaseError(Exception):
-    """The database cannot be opened or its schema cannot be created."""
+    """The database cannot be opened or its schema cannot be migrated."""
 
 
 def _sqlite_pragmas(busy_timeout_ms: int) -> Any:
@@ -71,12 +72,16 @@ class Database:
         """``sqlite`` or ``postgresql``."""
         return self.engine.dialect.name
 
-    def create_schema(self) -> None:
-        """Create missing tables (no migrations yet: new columns need a fresh database)."""
-        try:
-            Base.metadata.create_all(self.engine)
-        except SQLAlchemyError as exc:
-            raise DatabaseError(f"cannot create the schema: {exc}") from exc
+    def migrate(self, revision: str = "head") -> MigrationReport:
+        """Bring the schema to ``revision`` (Alembic; refuses a database newer than this server)."""
+        alembic_logger = logging.getLogger("alembic")
+        if alembic_logger.level == logging.NOTSET:
+            # Alembic's INFO lines (plugins at import, "Context impl", each revision) repeat at every
+            # start; server.db.migrate logs what runs. A level set for "alembic" elsewhere is kept.
+            alembic_logger.setLevel(logging.WARNING)
+        from server.db.migrate import migrate
+
+        return migrate(self, revision)
 
     def ping(self) -> bool:
         """True when the database answers a trivial query (health checks)."""

@@ -114,11 +114,10 @@ class DeletionService:
 
     def on_acks(self, session: Session, device_ids: set[str]) -> int:
         """Reconcile the pending requests that wait on any of ``device_ids``; return how many finished."""
+        # IN (subquery), not JOIN + DISTINCT: PostgreSQL has no equality for the JSON column template_ids.
+        waiting = select(DeletionDevice.request_id).where(DeletionDevice.device_id.in_(device_ids))
         pending = session.scalars(
-            select(DeletionRequest)
-            .join(DeletionDevice)
-            .where(DeletionRequest.status == PENDING, DeletionDevice.device_id.in_(device_ids))
-            .distinct()
+            select(DeletionRequest).where(DeletionRequest.status == PENDING, DeletionRequest.id.in_(waiting))
         ).all()
         return sum(1 for req in pending if self.reconcile(session, req))
 

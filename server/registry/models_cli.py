@@ -60,7 +60,7 @@ def _promotion(server_config: Path | None,
     try:
         config = load_server_config(server_config)
         database = Database(db or config.database_url, config.database.echo, config.database.busy_timeout_ms)
-        database.create_schema()
+        database.migrate()
     except (ConfigError, DatabaseError) as exc:
         raise click.ClickException(str(exc)) from exc
     with ModelRegistry(database, owns=True) as registry:

@@ -1,7 +1,7 @@
 """The model registry in the server database: versions, metrics, lineage, promote, rollback, list.
 
-Tables live on the server's declarative ``Base`` (``server.db.models``), so ``Database.create_schema``
-creates them once this module is imported; ``ModelRegistry`` also creates them itself. One version per
+Tables live on the server's declarative ``Base`` (``server.db.models``); the migrations create them
+(``server.db.migrate``), and ``ModelRegistry`` migrates the database it opens. One version per
 kind is ``promoted`` at a time; promoting records which version it replaced so rollback can restore it.
 Every registration, promotion, refusal and rollback is an event row (nothing changes silently).
 """
@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from server.db.models import ID_LEN, Base, new_id, utcnow
-from server.db.session import Database
+from server.db.session import Database, DatabaseError
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +108,9 @@ class ModelRegistry:
     def __init__(self, database: Database, owns: bool = False) -> None:
         self.db, self._owns = database, owns
         try:
-            tables = [Base.metadata.tables[name] for name in (TABLE_VERSIONS, TABLE_EVENTS)]
-            Base.metadata.create_all(self.db.engine, tables=tables)
-        except SQLAlchemyError as exc:
-            raise RegistryError(f"cannot create the registry tables: {exc}") from exc
+            self.db.migrate()
+        except DatabaseError as exc:
+            raise RegistryError(f"cannot migrate the registry's database: {exc}") from exc
 
     @classmethod
     def open(cls, url: str) -> ModelRegistry:

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 AVAILABILITY_VALUES = frozenset({"online", "offline"})
 BUNDLE_KIND, DELTA_KIND = "bundle", "delta"
+REPORTED_AT = "ts"  # in Device.status: when the door made the last report stored (its status, or an ack)
 INSERT_CHUNK = 400  # rows per INSERT statement (SQLite allows 32766 bound parameters; 12 columns each)
 
 
@@ -155,25 +156,43 @@ def insert_events(session: Session, rows: list[dict[str, Any]]) -> tuple[dict[st
         id_chunk = ids[start : start + INSERT_CHUNK]
         existing.update(session.scalars(select(EventRow.event_id).where(EventRow.event_id.in_(id_chunk))))
     fresh = [row for eid, row in unique.items() if eid not in existing]
-    # ON CONFLICT DO NOTHING also covers a row another writer inserted since the SELECT.
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    # ON CONFLICT DO NOTHING also covers a row another writer (a replica) inserted since the SELECT;
+    # RETURNING says which rows this transaction really inserted, so no event is counted twice.
+    stmt = _insert(session)(EventRow).on_conflict_do_nothing(index_elements=["event_id"])
+    inserted: set[str] = set()
     for start in range(0, len(fresh), INSERT_CHUNK):
         row_chunk = fresh[start : start + INSERT_CHUNK]
-        session.execute(insert(EventRow).on_conflict_do_nothing(index_elements=["event_id"]), row_chunk)
+        inserted.update(session.scalars(stmt.returning(EventRow.event_id), row_chunk))
     kinds: dict[str, int] = {}
     for row in fresh:
-        kinds[row["kind"]] = kinds.get(row["kind"], 0) + 1
-    return kinds, len(rows) - len(fresh)
+        if row["event_id"] in inserted:
+            kinds[row["kind"]] = kinds.get(row["kind"], 0) + 1
+    return kinds, len(rows) - len(inserted)
 
 
-def _device(session: Session, cache: dict[str, Device], device_id: str) -> Device:
-    device = cache.get(device_id) or session.get(Device, device_id)
-    if device is None:
-        device = Device(device_id=device_id, available="unknown", status={})
-        session.add(device)
+def _insert(session: Session) -> Any:
+    """The dialect's INSERT (both have ON CONFLICT DO NOTHING and RETURNING)."""
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
+def lock_devices(session: Session, device_ids: set[str]) -> dict[str, Device]:
+    """Create the devices not on record yet and lock all their rows, in id order.
+
+    Replicas store batches concurrently: creating with ON CONFLICT DO NOTHING means two of them never
+    collide on a new door, and locking in one global order (``SELECT … FOR UPDATE``, PostgreSQL; SQLite
+    has one writer anyway) means two batches touching the same doors wait for each other instead of
+    deadlocking, and each reads the rows the other committed.
+    """
+    ids = sorted(device_ids)
+    if not ids:
+        return {}
+    fresh = [{"device_id": d, "available": "unknown", "status": {}} for d in ids]
+    stmt = _insert(session)(Device).on_conflict_do_nothing(index_elements=["device_id"])
+    for device_id in session.scalars(stmt.returning(Device.device_id), fresh):
         logger.info("new device %s registered", device_id)
-    cache[device_id] = device
-    return device
+    rows = session.scalars(select(Device).where(Device.device_id.in_(ids)).order_by(Device.device_id)
+                           .with_for_update().execution_options(populate_existing=True))
+    return {row.device_id: row for row in rows}
 
 
 def _seen(device: Device, at: dt.datetime) -> None:
@@ -188,8 +207,24 @@ def _record_ack(session: Session, device_id: str, kind: str, sequence: int, stat
     if row is None:
         session.add(BundleAckRow(device_id=device_id, kind=kind, sequence=sequence, state=state,
                                  percent=percent, detail=detail, at=at))
-    else:
+    elif _aware(row.at) <= at:  # replicas may store a door's acks out of order: never step back
         row.state, row.percent, row.detail, row.at = state, percent, detail, at
+
+
+def _aware(when: dt.datetime) -> dt.datetime:
+    """SQLite returns naive UTC datetimes; compare them as aware ones."""
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
+
+
+def _newest(device: Device, ts: dt.datetime) -> bool:
+    """True when ``ts`` is not older than the device's last recorded report (status or ack)."""
+    seen = device.status.get(REPORTED_AT) if isinstance(device.status, dict) else None
+    if not isinstance(seen, str):
+        return True
+    try:
+        return ts >= _aware(dt.datetime.fromisoformat(seen))
+    except ValueError:
+        return True
 
 
 def _running(result: BatchResult, device: Device, sequence: int | None) -> None:
@@ -202,7 +237,6 @@ def _running(result: BatchResult, device: Device, sequence: int | None) -> None:
 def apply_batch(session: Session, messages: list[Parsed]) -> BatchResult:
     """Write one batch of parsed messages in the caller's transaction."""
     result = BatchResult()
-    devices: dict[str, Device] = {}
     rows = [_event_row(m) for m in messages if m.kind is MessageKind.EVENT]
     if rows:
         result.kinds, result.duplicates = insert_events(session, rows)
@@ -210,8 +244,9 @@ def apply_batch(session: Session, messages: list[Parsed]) -> BatchResult:
     for msg in messages:  # inserted now or already on record: either way the door may let it go
         if msg.kind is MessageKind.EVENT and isinstance(msg.body, EventPayload):
             result.stored_seqs.setdefault(msg.device_id, []).append(msg.body.seq)
+    devices = lock_devices(session, {m.device_id for m in messages})
     for msg in messages:
-        device = _device(session, devices, msg.device_id)
+        device = devices[msg.device_id]
         body = msg.body
         if isinstance(body, str):  # availability
             device.available, device.available_at = body, msg.received_at
@@ -220,6 +255,8 @@ def apply_batch(session: Session, messages: list[Parsed]) -> BatchResult:
             continue
         _seen(device, msg.received_at)
         if isinstance(body, StatusPayload):
+            if not _newest(device, body.ts):  # an older report stored after a newer one (replicas)
+                continue
             device.status = body.model_dump(mode="json", exclude={"versions", "schema_version", "device"})
             device.software_version = body.versions.software or None
             device.model_version = body.versions.model or None
@@ -234,6 +271,7 @@ def apply_batch(session: Session, messages: list[Parsed]) -> BatchResult:
                 _record_ack(session, msg.device_id, DELTA_KIND, body.delta_sequence, body.delta_state, None,
                             body.delta_reason or "", body.ts)
                 result.delta_devices.add(msg.device_id)
-            if body.running_sequence is not None:
+            if body.running_sequence is not None and _newest(device, body.ts):
                 _running(result, device, body.running_sequence)
+                device.status = {**(device.status or {}), REPORTED_AT: body.ts.isoformat()}
     return result

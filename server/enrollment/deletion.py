@@ -75,9 +75,33 @@ class DeletionService:
         if sequence is None and devices and not req.detail:
             req.detail = "MQTT is disabled: no removal was published; devices cannot confirm"
         session.commit()
-        self.reconcile(session, req)
+        # Locked like on_acks does: an ack stored meanwhile (here or by another replica) is either
+        # committed before this reads it, or its transaction waits and then sees this request.
+        locked = self._locked(session, [req.id])
+        if locked:
+            self.reconcile(session, locked[0])
         session.commit()
         return req
+
+    @staticmethod
+    def _locked(session: Session, request_ids: list[str]) -> list[DeletionRequest]:
+        """The pending requests among ``request_ids``, their rows locked in id order and read fresh.
+
+        Two replicas storing different doors' acks for one request would otherwise each see the other
+        door still pending and neither would confirm it (PostgreSQL; SQLite has one writer anyway).
+        """
+        locked = list(session.scalars(
+            select(DeletionRequest)
+            .where(DeletionRequest.id.in_(request_ids), DeletionRequest.status == PENDING)
+            .order_by(DeletionRequest.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ))
+        if locked:  # and their per-device states as committed now, not as this session first saw them
+            session.scalars(select(DeletionDevice)
+                            .where(DeletionDevice.request_id.in_([r.id for r in locked]))
+                            .execution_options(populate_existing=True)).all()
+        return locked
 
     def reconcile(self, session: Session, req: DeletionRequest) -> bool:
         """Confirm devices that already acked a delta >= the removal's; finish when all did."""
@@ -116,10 +140,9 @@ class DeletionService:
         """Reconcile the pending requests that wait on any of ``device_ids``; return how many finished."""
         # IN (subquery), not JOIN + DISTINCT: PostgreSQL has no equality for the JSON column template_ids.
         waiting = select(DeletionDevice.request_id).where(DeletionDevice.device_id.in_(device_ids))
-        pending = session.scalars(
-            select(DeletionRequest).where(DeletionRequest.status == PENDING, DeletionRequest.id.in_(waiting))
-        ).all()
-        return sum(1 for req in pending if self.reconcile(session, req))
+        ids = list(session.scalars(select(DeletionRequest.id).where(DeletionRequest.status == PENDING,
+                                                                    DeletionRequest.id.in_(waiting))))
+        return sum(1 for req in self._locked(session, ids) if self.reconcile(session, req))
 
     def notify(self) -> None:
         """Wake waiters (called after acks were committed)."""

@@ -157,10 +157,11 @@ def run_fleet(devices: int, sites: int, duration: float, db: DbKind, servers: in
     with tempfile.TemporaryDirectory(prefix="facegate-bench-fleet-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
         try:
+            progress("database", 0.0)
+            url = stack.enter_context(_database(db, workdir))  # first: a missing PostgreSQL fails fast
             progress("brokers", 0.0)
             brokers = stack.enter_context(Brokers(workdir, names))
             assert brokers.central is not None  # noqa: S101 - started above
-            url = stack.enter_context(_database(db, workdir))
             progress("servers", 0.0)
             fleet = ServerFleet(workdir, url, brokers.central.port, names, servers)
             stack.callback(fleet.close)

@@ -45,7 +45,7 @@ MIGRATE_TIMEOUT_S = 300.0
 HTTP_TIMEOUT_S = 2.0
 POLL_S = 0.2
 LOG_TAIL_LINES = 8
-SERVER_LOG_LEVEL = "INFO"  # each replica's log (servers/<site>-<n>/server.log) says what it did
+SERVER_LOG_LEVEL = "INFO"  # each replica's log (servers/<site>/<n>/server.log) says what it did
 # Counters of the audit writer on each replica's /metrics: what that replica inserted and absorbed.
 STORED_METRIC = re.compile(r"^facegate_server_audit_events_total\{[^}]*\} ([0-9.eE+]+)$", re.M)
 DUPLICATE_METRIC = re.compile(r"^facegate_server_audit_duplicates_total ([0-9.eE+]+)$", re.M)
@@ -72,10 +72,11 @@ class Brokers:
     def start(self) -> Brokers:
         """Central first (the bridges connect to it at once), then each site; wait for every bridge."""
         try:
-            self.central = LocalBroker(data_dir=self.workdir / "central", prefer="mosquitto").start()
+            folder = self.workdir / "brokers"
+            self.central = LocalBroker(data_dir=folder / "central", prefer="mosquitto").start()
             for site in self.sites:
                 stanza = bridge_conf(Topics(PREFIX, site), f"127.0.0.1:{self.central.port}", None)
-                broker = LocalBroker(data_dir=self.workdir / site, prefer="mosquitto", extra_config=stanza)
+                broker = LocalBroker(data_dir=folder / site, prefer="mosquitto", extra_config=stanza)
                 self.site[site] = broker.start()
                 self._wait_bridge(site, broker)
         except BrokerStartError as exc:
@@ -120,7 +121,7 @@ class Brokers:
 
 @dataclass
 class Replica:
-    """One server process: its site, its MQTT client id, its HTTP port, its log."""
+    """One server process: its site, its MQTT client id, its HTTP port, its config and log."""
 
     site: str
     index: int
@@ -174,7 +175,7 @@ def _toml(value: str | int | bool) -> str:
 
 
 def server_toml(data_dir: Path, database_url: str, http_port: int, mqtt: dict[str, str | int | bool]) -> str:
-    """A bench server config: its own data_dir, the shared database, loopback HTTP, the central broker."""
+    """A bench server config: its site's data_dir, the shared database, loopback HTTP, the central broker."""
     lines = [f"data_dir = {_toml(str(data_dir))}", "", "[http]", 'host = "127.0.0.1"',
              f"port = {http_port}", "", "[database]", f"url = {_toml(database_url)}", "", "[mqtt]"]
     lines += [f"{key} = {_toml(value)}" for key, value in mqtt.items()]
@@ -197,9 +198,11 @@ class ServerFleet:
         self.env = {**os.environ, "FACEGATE_SERVER__CRYPTO__CHIP_KEY": generate_key_text(),
                     "FACEGATE_SERVER__AUTH__BOOTSTRAP_PASSWORD": secrets.token_urlsafe(18)}
         for site in sites:
+            # A site's replicas share its data_dir (bundles, delta ledger, gallery keys), as deployed.
+            data_dir = workdir / "servers" / site / "data"
             for index in range(servers):
                 client_id = f"fleet-{site}-{index + 1}"
-                folder = workdir / "servers" / f"{site}-{index + 1}"
+                folder = workdir / "servers" / site / str(index + 1)
                 folder.mkdir(parents=True)
                 mqtt: dict[str, str | int | bool] = {"enabled": True, "host": "127.0.0.1",
                                                      "port": broker_port, "prefix": PREFIX, "site": site,
@@ -208,7 +211,7 @@ class ServerFleet:
                     mqtt["share_group"] = f"fleet-{site}"
                 port = free_port()
                 config = folder / "server.toml"
-                config.write_text(server_toml(folder / "data", database_url, port, mqtt), encoding="utf-8")
+                config.write_text(server_toml(data_dir, database_url, port, mqtt), encoding="utf-8")
                 self.replicas.append(Replica(site, index + 1, client_id, port, config, folder / "server.log"))
 
     def _facegate(self, *args: str) -> list[str]:

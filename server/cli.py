@@ -215,7 +215,8 @@ def rotate_chip_key_cmd(config_path: Path | None, new_key_file: Path | None, yes
             except KeyRotationError as exc:
                 raise click.ClickException(str(exc)) from exc
     click.echo(f"chip key {report.old_key_id} -> {report.new_key_id}: {report.chips} chips and "
-               f"{report.templates} templates re-encrypted ({report.skipped} already were)")
+               f"{report.templates} templates re-encrypted ({report.skipped} already were)"
+               + ("; delta ledger re-sealed" if report.ledger_resealed else ""))
     click.echo(f"new key: {report.key_file}" + (f"; old key kept at {report.retired_key_file}"
                                                  if report.retired_key_file else
                                                  " (put it in FACEGATE_SERVER__CRYPTO__CHIP_KEY or "

@@ -109,6 +109,14 @@ class MqttConfig(MqttConnection):
         description="MQTT client id (persistent session: events queue while the server is down).",
     )
     password: SecretStr | None = Field(None, description="Password; set FACEGATE_SERVER__MQTT__PASSWORD.")
+    share_group: str | None = Field(
+        None, min_length=1, max_length=64, pattern=ID_PATTERN,
+        description="Run as one of several server replicas: ingest (events, status, acks) and chunk "
+        "requests arrive through the MQTT v5 shared subscription $share/<group>/..., so each message "
+        "reaches one replica. Every replica needs its own client_id, the same database (PostgreSQL) and "
+        "the same data_dir (bundles, delta ledger, gallery keys). Needs a broker with shared "
+        "subscriptions (mosquitto >= 1.6).",
+    )
     deletion_ack_timeout_s: float = Field(
         30.0, gt=0, le=86_400,
         description="How long a DELETE waits for device acks before answering 'pending' (202).",

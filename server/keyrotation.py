@@ -7,6 +7,8 @@ Order of operations (crash-safe, and safe to rerun):
    Before that, every row is opened once: a tampered or foreign row stops everything with nothing changed.
 2. Rows are re-encrypted in batches, each batch one transaction. A row already under the new key id is
    skipped, so a rerun after a crash finishes the job instead of failing on half-rotated data.
+   The gallery delta ledger (``<bundles root>/delta_state.json``, names and templates) is re-sealed too;
+   the gallery keyring makes a new key version by itself (``server.bundles.sitekeys``).
 3. Only when no row is left under the old key: the old key file is kept as ``<key file>.old-<key id>``
    and ``.new`` takes its place (two renames in the same folder).
 
@@ -31,6 +33,7 @@ from server.config import ServerConfig
 from server.crypto import KEY_FILE_MODE, ChipCipher, CryptoError, cipher_from_text, generate_key_text
 from server.db.models import AuditEntry, Chip, Template
 from server.db.session import Database
+from server.enrollment.sync import SyncError
 from server.enrollment.templates import template_associated
 from server.rowbinding import chip_associated
 
@@ -55,6 +58,7 @@ class RotationReport:
     skipped: int
     key_file: Path
     retired_key_file: Path | None
+    ledger_resealed: bool = False  # the gallery delta ledger was re-sealed under the new key
 
 
 def _read_key(path: Path) -> ChipCipher:
@@ -219,6 +223,13 @@ def rotate_chip_key(config: ServerConfig, db: Database, *, new_key_file: Path | 
     if new.key_id == old.key_id:
         raise KeyRotationError(f"the new key in {staged} is the current key")
     chips, templates, skipped = _rotate_rows(db, old, new, progress)
+    from server.bundles.delta import reseal_ledger  # the gallery delta ledger is sealed under the chip key
+
+    try:
+        resealed = reseal_ledger(config.bundles_root, old, new)
+    except SyncError as exc:
+        raise KeyRotationError(f"the gallery delta ledger cannot be re-sealed ({exc}); the old key stays "
+                               "installed") from exc
     left = rows_not_under(db, new.key_id.hex())
     if left:  # the promised check: nothing may still need the old key before it is retired
         raise KeyRotationError(f"{left} row(s) are not under the new key {new.key_id.hex()} (written while "
@@ -238,9 +249,10 @@ def rotate_chip_key(config: ServerConfig, db: Database, *, new_key_file: Path | 
     with db.transaction() as session:
         record(session, actor, AuditAction.KEY_ROTATED,
                f"chip key {old.key_id.hex()} -> {new.key_id.hex()}: {chips} chips and {templates} templates "
-               f"re-encrypted ({skipped} already were)",
+               f"re-encrypted ({skipped} already were){'; delta ledger re-sealed' if resealed else ''}",
                data={"old_key_id": old.key_id.hex(), "new_key_id": new.key_id.hex(), "chips": chips,
                      "templates": templates, "skipped": skipped})
     logger.warning("chip key rotated (%s -> %s): %d chips, %d templates; new key in %s", old.key_id.hex(),
                    new.key_id.hex(), chips, templates, installed)
-    return RotationReport(old.key_id.hex(), new.key_id.hex(), chips, templates, skipped, installed, retired)
+    return RotationReport(old.key_id.hex(), new.key_id.hex(), chips, templates, skipped, installed, retired,
+                          resealed)

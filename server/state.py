@@ -54,11 +54,12 @@ def mqtt_gallery_sync(config: ServerConfig, topics: Topics,
     from server.bundles.signing import load_private_key
 
     key = load_private_key(key_path)
-    keyring = site_keyring(config, cipher or load_chip_cipher(config))
+    cipher = cipher or load_chip_cipher(config)
+    keyring = site_keyring(config, cipher)
     settings = settings_from(config.mqtt, f"{config.mqtt.client_id}-delta")
     client = MqttClient(settings).start()
     try:
-        return MqttGallerySync(client, topics, config.bundles_root, key, keyring), client
+        return MqttGallerySync(client, topics, config.bundles_root, key, keyring, cipher), client
     except BaseException:
         client.close()
         raise
@@ -157,7 +158,8 @@ class AppState:
             # Never assume the broker kept the retained delta or announcement: offer them again on
             # reconnect, to doors that say hello behind, and periodically; and answer chunk requests.
             offers = OfferKeeper(self.sync.client, self.topics, [self.sync]).start()
-            self.bundles = BundleServer(self.sync.client, self.topics, self.config.bundles_root).start()
+            self.bundles = BundleServer(self.sync.client, self.topics, self.config.bundles_root,
+                                        share_group=self.config.mqtt.share_group).start()
             self.extra_closers[:0] = [rebaser, offers, self.bundles]
         # Doors keep each event until its receipt (server.audit.receipts); on every (re)subscription
         # they hear the server is listening again.

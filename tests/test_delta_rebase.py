@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +19,17 @@ from core.protocol.schemas import BundleAck, GalleryDelta, canonical_json, utcno
 from device.bundles.signing import load_public_key, verify
 from models.runtime.manifest import load_manifest, save_manifest
 from server.bundles.builder import EXPORT_JSON, export_time
-from server.bundles.delta import ADDED_AT, STATE_FILE, DeltaLedger, GalleryCoverage, MqttGallerySync
+from server.bundles.delta import (
+    ADDED_AT,
+    STATE_FILE,
+    DeltaLedger,
+    GalleryCoverage,
+    MqttGallerySync,
+    reseal_ledger,
+)
 from server.bundles.gallery_bundle import build_gallery_bundle
 from server.bundles.rebase import CoverageCache, DeltaRebaser, plan
+from server.crypto import ChipCipher
 from server.db.models import Device
 from server.enrollment.sync import GalleryEntry, SyncError
 from server.enrollment.templates import new_template
@@ -144,8 +154,10 @@ def test_adds_leave_the_delta_only_when_every_door_runs_a_bundle_holding_them(
     finally:
         for door in doors:
             door.close()
-    # The smaller ledger survives a restart.
-    reloaded = DeltaLedger(state.config.bundles_root)
+    # The smaller ledger survives a restart; on disk it is sealed (no name, no template in the clear).
+    on_disk = (state.config.bundles_root / "delta_state.json").read_bytes()
+    assert b"Bea" not in on_disk and b"templates" not in on_disk
+    reloaded = DeltaLedger(state.config.bundles_root, state.cipher)
     assert set(reloaded.adds) == {b} and reloaded.bundle_sequence == 2 and gone in reloaded.removes
 
 
@@ -216,6 +228,32 @@ def test_a_ledger_from_before_add_times_loads_and_waits_for_a_newer_bundle(tmp_p
     (tmp_path / STATE_FILE).write_text(json.dumps({**old, "adds": {"p1": naive}}), encoding="utf-8")
     with pytest.raises(SyncError, match="no time zone"):
         DeltaLedger(tmp_path)
+
+
+def test_the_ledger_is_sealed_at_rest_and_follows_a_chip_key_rotation(tmp_path: Path) -> None:
+    old_key, new_key = ChipCipher(os.urandom(32)), ChipCipher(os.urandom(32))
+    legacy = {"seq": 3, "bundle_sequence": 1, "model_sha256": "a" * 64,
+              "adds": {"p1": {"name": "Ada", "templates": {"t1": [0.25, 0.5]},
+                              ADDED_AT: utcnow().isoformat()}},
+              "removes": ["p0"]}
+    path = tmp_path / STATE_FILE
+    path.write_text(json.dumps(legacy), encoding="utf-8")  # written by a release before sealing
+    assert DeltaLedger(tmp_path, old_key).adds["p1"]["name"] == "Ada"
+    sealed = path.read_bytes()  # ... and sealed by the first load
+    assert b"Ada" not in sealed and b"0.25" not in sealed and stat.S_IMODE(path.stat().st_mode) == 0o600
+    with pytest.raises(SyncError, match="sealed and no chip key"):
+        DeltaLedger(tmp_path)
+    with pytest.raises(SyncError, match="another key"):
+        DeltaLedger(tmp_path, new_key)
+
+    assert reseal_ledger(tmp_path, old_key, new_key)
+    assert not reseal_ledger(tmp_path, old_key, new_key)  # a rerun after a crash: already done
+    reloaded = DeltaLedger(tmp_path, new_key)
+    assert reloaded.seq == 3 and reloaded.removes == {"p0"} and reloaded.adds["p1"]["templates"] == {
+        "t1": [0.25, 0.5]}
+    path.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 1]))  # one bit flipped
+    with pytest.raises(SyncError, match="cannot be opened"):
+        DeltaLedger(tmp_path, new_key)
 
 
 def test_plan_blocks_on_unknown_bundles(tmp_path: Path) -> None:

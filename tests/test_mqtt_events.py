@@ -166,8 +166,10 @@ def test_a_broker_restart_without_persistence_while_the_server_is_away_loses_not
         server.close()  # the server goes away; its persistent session keeps collecting at the broker
         for _ in range(10):
             producer.emit()
-        # The broker took them (PUBACK) for the absent server, but the door still holds them.
-        assert wait_until(lambda: door.outbox.depth == 10 and door.client.connected)
+        # The broker took them all (PUBACK) for the absent server, but the door still holds them.
+        publisher = door.sink.publisher
+        assert wait_until(lambda: door.outbox.depth == 10 and publisher.awaiting_receipt == 10
+                          and door.client.connected, progress=lambda: publisher.awaiting_receipt)
         broker.stop()  # ... and forgets them: no persistence
         broker.start()
         assert door.client.wait_connected(CONNECT_S)

@@ -19,6 +19,7 @@ from device.config import DetectorConfig
 from device.vision.pipeline import FacePipeline
 from server import keyrotation
 from server.app import create_app
+from server.bundles.delta import DeltaLedger
 from server.cli import cli as server_cli
 from server.config import ServerConfig
 from server.crypto import ChipCipher, CryptoError, generate_key_text, load_chip_cipher
@@ -94,11 +95,14 @@ def test_rotation_reencrypts_everything_and_the_server_reads_it(enrolled: Server
     old = load_chip_cipher(config)
     before = _plaintexts(config, old)
     assert len(before) == PERSONS * 2 * 2  # a chip and a template per image
+    ledger = DeltaLedger(config.bundles_root, old)  # the gallery delta ledger, sealed under the chip key
+    ledger.remove("someone-deleted")
 
     result = CliRunner().invoke(server_cli, ["rotate-chip-key", "--config", str(_toml(config, tmp_path)),
                                              "--yes"])
     assert result.exit_code == 0, result.output
     assert "4 chips and 4 templates re-encrypted" in result.output
+    assert "delta ledger re-sealed" in result.output
 
     new = load_chip_cipher(config)
     assert new.key_id != old.key_id
@@ -106,6 +110,7 @@ def test_rotation_reencrypts_everything_and_the_server_reads_it(enrolled: Server
     assert _plaintexts(config, new) == before  # same chips and vectors, new key
     with pytest.raises(CryptoError, match="another key"):
         _plaintexts(config, old)
+    assert DeltaLedger(config.bundles_root, new).removes == {"someone-deleted"}
     key_file = config.chip_key_path
     retired = key_file.with_name(f"{key_file.name}.old-{old.key_id.hex()}")
     assert retired.is_file() and not key_file.with_name(key_file.name + ".new").exists()

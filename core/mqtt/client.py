@@ -65,9 +65,32 @@ class MqttError(Exception):
     """The client could not be configured (bad TLS files, invalid settings)."""
 
 
+SHARE_PREFIX = "$share/"
+
+
+def shared(group: str | None, filter_: str) -> str:
+    """``filter_`` as an MQTT v5 shared subscription of ``group`` (each message reaches one member);
+    ``filter_`` itself when ``group`` is None."""
+    if group is None:
+        return filter_
+    if not group or any(c in group for c in "/+#"):
+        raise ValueError(f"share group {group!r} must be one topic level without wildcards")
+    return f"{SHARE_PREFIX}{group}/{filter_}"
+
+
+def unshared(filter_: str) -> str:
+    """The topic filter inside a ``$share/<group>/<filter>`` subscription (any other filter unchanged)."""
+    if filter_.startswith(SHARE_PREFIX):
+        parts = filter_.split("/", 2)
+        if len(parts) == 3:
+            return parts[2]
+    return filter_
+
+
 def topic_matches(filter_: str, topic: str) -> bool:
-    """True when ``topic`` matches the subscription ``filter_`` (MQTT wildcard rules)."""
-    return bool(paho.topic_matches_sub(filter_, topic))
+    """True when ``topic`` matches the subscription ``filter_`` (MQTT wildcard rules; a shared
+    subscription matches what its inner filter matches)."""
+    return bool(paho.topic_matches_sub(unshared(filter_), topic))
 
 
 @dataclass(frozen=True, slots=True)

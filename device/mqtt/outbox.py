@@ -225,6 +225,7 @@ class OutboxPublisher:
         self.window = window
         self.confirm = confirm
         self.resent = 0  # events sent again because the server never confirmed them
+        self.awaiting_receipt = 0  # events the broker acknowledged and the server has not confirmed yet
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._acks: queue.SimpleQueue[tuple[int, bool, int]] = queue.SimpleQueue()
@@ -263,6 +264,7 @@ class OutboxPublisher:
                 # PUBACKs before receipts: paho delivers a message's PUBACK before the server's receipt
                 self._drain_acks(state)
                 self._take_receipts(state)
+                self.awaiting_receipt = len(state.at_broker)
                 if not connected:
                     continue
                 self._check_stuck(state)

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from core.mqtt.client import MqttError, paho_client, settings_from
+from core.mqtt.client import SESSION_EXPIRY_S, MqttError, paho_client, settings_from, shared
 from server.config import MqttConfig
 
 logger = logging.getLogger(__name__)
@@ -53,11 +56,16 @@ class ManualAckSource:
         self._closed = False
         self._started = False
         self._lock = threading.Lock()
-        # MQTT 3.1.1 with clean_session=False: the broker keeps our subscriptions and queues QoS 1
-        # events while the server is down (mosquitto and amqtt both support it).
+        # A persistent session: the broker keeps our subscriptions and queues QoS 1 events while the
+        # server is down. One server: MQTT 3.1.1 with clean_session=False (mosquitto and amqtt both
+        # support it). Replicas ([mqtt] share_group): MQTT v5 with a session expiry, subscribed through
+        # $share/<group>/..., so each message reaches one replica.
+        self.share_group = config.share_group
+        self._v5 = self.share_group is not None
+        self._subscriptions = [shared(self.share_group, f) for f in self.filters]
         settings = settings_from(config, client_id or config.client_id, persistent_session=True)
         try:
-            self._client = paho_client(settings, v5=False, clean_session=False, manual_ack=True)
+            self._client = paho_client(settings, v5=self._v5, clean_session=False, manual_ack=True)
         except MqttError as exc:
             raise TransportError(str(exc)) from exc
         self._client.on_connect = self._on_connect
@@ -72,7 +80,13 @@ class ManualAckSource:
                 raise TransportError("source is closed")
             if not self._started:
                 self._started = True
-                self._client.connect_async(self.config.host, self.config.port, self.config.keepalive_s)
+                if self._v5:
+                    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                    props.SessionExpiryInterval = SESSION_EXPIRY_S
+                    self._client.connect_async(self.config.host, self.config.port, self.config.keepalive_s,
+                                               clean_start=False, properties=props)
+                else:
+                    self._client.connect_async(self.config.host, self.config.port, self.config.keepalive_s)
                 self._client.loop_start()
         return self
 
@@ -116,9 +130,13 @@ class ManualAckSource:
                 logger.warning("broker %s:%d refused the audit subscriber: %s", self.config.host,
                                self.config.port, reason_code)
                 return
-            client.subscribe([(f, 1) for f in self.filters])
+            if self._v5:
+                client.subscribe([(f, SubscribeOptions(qos=1)) for f in self._subscriptions])
+            else:
+                client.subscribe([(f, 1) for f in self._subscriptions])
             self._connected.set()
-            logger.info("audit subscriber connected to %s:%d", self.config.host, self.config.port)
+            logger.info("audit subscriber connected to %s:%d%s", self.config.host, self.config.port,
+                        f" (replica of share group {self.share_group})" if self.share_group else "")
         except Exception:
             logger.exception("audit on_connect failed")
 

@@ -14,33 +14,43 @@ previous one would lose everyone enrolled in between. :meth:`DeltaLedger.rebase`
 if each of those galleries contains the person and was exported after the add entered the ledger.
 Tombstones always stay. A ledger written before add times were recorded loads with every add stamped
 at load time ("unknown, but no later than now"), so only bundles exported after that can drop them.
+
+The ledger holds names and templates, so on the server's disk it is sealed under the chip key
+(AES-256-GCM, like the chips and templates in the database; ``facegate server rotate-chip-key``
+re-seals it); a plaintext ledger from an older release is read once and written back sealed. Server
+replicas share one data_dir: every change re-reads the ledger under an advisory lock
+(``delta_state.lock``), so two replicas never hand out the same sequence.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from core.files import atomic_write_bytes
+from core.files import PRIVATE_MODE, atomic_write_bytes, exclusive_lock
 from core.mqtt.client import MqttClient
 from core.protocol.schemas import BundleAck, DeltaPerson, GalleryDelta, canonical_json, utcnow
 from core.protocol.sealed import seal_delta
 from core.protocol.topics import Topics
 from server.bundles.signing import sign
 from server.bundles.sitekeys import GallerySealer, SiteKeyError, SiteKeyring
+from server.crypto import KEY_ID_BYTES, ChipCipher, CryptoError
 from server.enrollment.sync import GalleryEntry, SyncError
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "delta_state.json"
+LOCK_FILE = "delta_state.lock"
+LEDGER_ASSOCIATED = "facegate-delta-ledger"  # binds the sealed ledger to its purpose
 NO_MODEL = "0" * 64
 # How long a publish waits for the broker's PUBACK before the call returns anyway (paho keeps it queued,
 # and the OfferKeeper offers the delta again on reconnect and on every hello from a door that lacks it).
@@ -69,11 +79,44 @@ def _added_at(text: str) -> dt.datetime:
     return when
 
 
-class DeltaLedger:
-    """The cumulative gallery changes since the last rebase, persisted atomically."""
+def _is_plaintext(blob: bytes) -> bool:
+    return blob.lstrip()[:1] == b"{"
 
-    def __init__(self, root: Path) -> None:
+
+def _open_ledger(blob: bytes, cipher: ChipCipher | None, path: Path) -> bytes:
+    """The ledger's JSON from its file content (sealed, or plaintext from an older release)."""
+    if _is_plaintext(blob):
+        return blob
+    if cipher is None:
+        raise SyncError(f"gallery delta ledger {path} is sealed and no chip key was given to open it")
+    try:
+        return cipher.decrypt(blob, LEDGER_ASSOCIATED, what="gallery delta ledger")
+    except CryptoError as exc:
+        raise SyncError(f"gallery delta ledger {path} cannot be opened: {exc}") from exc
+
+
+def reseal_ledger(root: Path, old: ChipCipher, new: ChipCipher) -> bool:
+    """Re-seal the ledger under ``root`` from ``old`` to ``new`` (chip key rotation); False when there is
+    none or it already is under ``new``. Safe to rerun after a crash."""
+    path = Path(root) / STATE_FILE
+    with exclusive_lock(Path(root) / LOCK_FILE):
+        if not path.is_file():
+            return False
+        blob = path.read_bytes()
+        if not _is_plaintext(blob) and blob[1 : 1 + KEY_ID_BYTES] == new.key_id:
+            return False
+        state = _open_ledger(blob, old, path)
+        atomic_write_bytes(path, new.encrypt(state, LEDGER_ASSOCIATED), mode=PRIVATE_MODE)
+    return True
+
+
+class DeltaLedger:
+    """The cumulative gallery changes since the last rebase, persisted atomically (sealed under
+    ``cipher`` when given: the server always gives its chip cipher)."""
+
+    def __init__(self, root: Path, cipher: ChipCipher | None = None) -> None:
         self.path = Path(root) / STATE_FILE
+        self.cipher = cipher
         self.seq = 0
         self.bundle_sequence = 0
         self.model_sha256 = NO_MODEL
@@ -81,7 +124,12 @@ class DeltaLedger:
         self.removes: set[str] = set()
         if self.path.is_file():
             try:
-                state = json.loads(self.path.read_text(encoding="utf-8"))
+                blob = self.path.read_bytes()
+            except OSError as exc:
+                raise SyncError(f"gallery delta ledger {self.path} is unreadable: {exc}") from exc
+            plaintext = _is_plaintext(blob)
+            try:
+                state = json.loads(_open_ledger(blob, cipher, self.path))
                 self.seq = int(state["seq"])
                 self.bundle_sequence = int(state["bundle_sequence"])
                 self.model_sha256 = str(state["model_sha256"])
@@ -91,8 +139,12 @@ class DeltaLedger:
                 loaded_at = utcnow().isoformat()
                 for person in self.adds.values():
                     _added_at(person.setdefault(ADDED_AT, loaded_at))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise SyncError(f"gallery delta ledger {self.path} is unreadable: {exc}") from exc
+            if plaintext and cipher is not None:
+                self._save()
+                logger.warning("gallery delta ledger %s was plaintext (older release): sealed it under the "
+                               "chip key", self.path)
 
     def save(self) -> None:
         """Persist the ledger atomically."""
@@ -101,7 +153,10 @@ class DeltaLedger:
     def _save(self) -> None:
         state = {"seq": self.seq, "bundle_sequence": self.bundle_sequence, "model_sha256": self.model_sha256,
                  "adds": self.adds, "removes": sorted(self.removes)}
-        atomic_write_bytes(self.path, json.dumps(state).encode("utf-8"))
+        data = json.dumps(state).encode("utf-8")
+        if self.cipher is not None:
+            data = self.cipher.encrypt(data, LEDGER_ASSOCIATED)
+        atomic_write_bytes(self.path, data, mode=PRIVATE_MODE)
 
     def add(self, model_sha256: str, entries: list[GalleryEntry]) -> int:
         """Record templates to add; return the new sequence."""
@@ -181,13 +236,22 @@ class MqttGallerySync:
     name = "gallery delta"
 
     def __init__(self, client: MqttClient, topics: Topics, root: Path, key: Ed25519PrivateKey,
-                 keyring: SiteKeyring | None = None) -> None:
+                 keyring: SiteKeyring | None = None, cipher: ChipCipher | None = None) -> None:
         self.client = client
         self.topics = topics
         self.key = key
         self.keyring = keyring
-        self.ledger = DeltaLedger(root)
+        self.root = Path(root)
+        self.cipher = cipher
+        self.ledger = DeltaLedger(root, cipher)
         self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _shared(self) -> Iterator[DeltaLedger]:
+        """The ledger as on disk now, held against this process's threads and other replicas."""
+        with self._lock, exclusive_lock(self.root / LOCK_FILE):
+            self.ledger = DeltaLedger(self.root, self.cipher)
+            yield self.ledger
 
     def _publish(self, wait: bool = True) -> int:
         try:
@@ -208,20 +272,20 @@ class MqttGallerySync:
         """Add templates on every device."""
         if not entries:
             return None
-        with self._lock:
-            self.ledger.add(model_sha256 or NO_MODEL, entries)
+        with self._shared() as ledger:
+            ledger.add(model_sha256 or NO_MODEL, entries)
             return self._publish()
 
     def publish_remove(self, model_sha256: str, person_id: str, template_ids: list[str]) -> int | None:
         """Remove a person (all templates) on every device; each device acks the returned sequence."""
-        with self._lock:
-            self.ledger.remove(person_id)
+        with self._shared() as ledger:
+            ledger.remove(person_id)
             return self._publish()
 
     def rebase(self, bundle_sequence: int, coverage: Sequence[GalleryCoverage]) -> int | None:
         """Drop the adds every covering gallery holds and publish the smaller delta; None if unchanged."""
-        with self._lock:
-            if self.ledger.rebase(bundle_sequence, coverage) is None:
+        with self._shared() as ledger:
+            if ledger.rebase(bundle_sequence, coverage) is None:
                 return None
             return self._publish()
 
@@ -233,7 +297,7 @@ class MqttGallerySync:
         new = [device for device, public in sorted(door_keys.items()) if self.keyring.observe(device, public)]
         if not new:
             return None
-        with self._lock:
+        with self._shared():
             return self._publish(wait=False)
 
     def revoke_door(self, device: str) -> tuple[int, int]:
@@ -242,24 +306,24 @@ class MqttGallerySync:
         if self.keyring is None:
             raise SyncError("gallery encryption is off ([bundles] encrypt_gallery = false): no key to "
                             "rotate")
-        with self._lock:
+        with self._shared() as ledger:
             version = self.keyring.revoke(device)
-            self.ledger.seq += 1  # a new sequence: doors that applied the old one take the new one
-            self.ledger.save()
+            ledger.seq += 1  # a new sequence: doors that applied the old one take the new one
+            ledger.save()
             return version, self._publish()
 
     def approve_door(self, device: str) -> int:
         """Trust the key ``device`` reported last and publish the delta with its wrap; return the sequence."""
         if self.keyring is None:
             raise SyncError("gallery encryption is off ([bundles] encrypt_gallery = false): no key to wrap")
-        with self._lock:
+        with self._shared():
             self.keyring.approve(device)
             return self._publish(wait=False)
 
     def republish(self) -> int | None:
         """Publish the current ledger again (e.g. after the broker lost its retained messages)."""
-        with self._lock:
-            return self._publish(wait=False) if self.ledger.seq else None
+        with self._shared() as ledger:
+            return self._publish(wait=False) if ledger.seq else None
 
     def offer(self) -> bool:
         """Offer the latest delta again (``server.bundles.offers``); False when there is none yet."""

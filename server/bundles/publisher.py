@@ -27,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 
 from core.files import atomic_write_bytes
-from core.mqtt.client import Message, MqttClient, PublishHandle
+from core.mqtt.client import Message, MqttClient, PublishHandle, shared
 from core.protocol.chunks import make_chunk
 from core.protocol.schemas import BundleAck, BundleAnnounce, ChunkRequest, PayloadError
 from core.protocol.topics import Topics
@@ -78,8 +78,9 @@ class BundleServer:
     name = "bundle announcement"
 
     def __init__(self, client: MqttClient, topics: Topics, root: Path, *,
-                 offer_interval_s: float = OFFER_INTERVAL_S) -> None:
+                 offer_interval_s: float = OFFER_INTERVAL_S, share_group: str | None = None) -> None:
         self.client = client
+        self.share_group = share_group  # replicas: each chunk request reaches one of them
         self.topics = topics
         self.root = Path(root)
         self.served_requests = 0
@@ -102,7 +103,8 @@ class BundleServer:
 
     def start(self) -> BundleServer:
         """Subscribe to chunk requests, start answering them, and keep offering the current bundle."""
-        self._unsubscribe = self.client.subscribe(self.topics.all_bundle_requests, self._on_request)
+        self._unsubscribe = self.client.subscribe(shared(self.share_group, self.topics.all_bundle_requests),
+                                                  self._on_request)
         self._thread.start()
         self.offers.start()
         return self

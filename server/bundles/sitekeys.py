@@ -23,15 +23,17 @@ re-read on every use and replaced atomically::
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.files import atomic_write_bytes
+from core.files import atomic_write_bytes, exclusive_lock
 from core.gallerycrypto import (
     GALLERY_KEY_BYTES,
     GalleryCryptoError,
@@ -85,6 +87,12 @@ class SiteKeyring:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ file
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """This process's threads, then other processes (server replicas, the CLI), one at a time."""
+        with self._lock, exclusive_lock(self.path.with_suffix(".lock")):
+            yield
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -144,7 +152,7 @@ class SiteKeyring:
 
     def sealer(self) -> GallerySealer:
         """The current gallery key (made on first use) and its wraps to every trusted door."""
-        with self._lock:
+        with self._locked():
             data = self._read()
             current = int(data["current"])
             key = self._key(data, current) if current else None
@@ -177,7 +185,7 @@ class SiteKeyring:
 
     def key(self, version: int) -> bytes | None:
         """Gallery key ``version`` (None when unknown or no longer opening): for audits of sealed bundles."""
-        with self._lock:
+        with self._locked():
             return self._key(self._read(), version)
 
     # ------------------------------------------------------------------ doors
@@ -189,7 +197,7 @@ class SiteKeyring:
         except GalleryCryptoError as exc:
             logger.warning("door %s reported an unusable public key: %s", device, exc)
             return False
-        with self._lock:
+        with self._locked():
             data = self._read()
             door = data["doors"].get(device)
             if door is None and not self.trust_new_doors:
@@ -217,7 +225,7 @@ class SiteKeyring:
 
     def approve(self, device: str) -> None:
         """Trust the key a door reported last (a re-installed or re-admitted door)."""
-        with self._lock:
+        with self._locked():
             data = self._read()
             door = data["doors"].get(device)
             if door is None:
@@ -233,7 +241,7 @@ class SiteKeyring:
 
     def revoke(self, device: str) -> int:
         """Stop wrapping to ``device`` and make a new gallery key version; return it."""
-        with self._lock:
+        with self._locked():
             data = self._read()
             door = data["doors"].setdefault(device, {"key": "", "pending": None})
             door["state"] = DoorKeyState.REVOKED
@@ -243,7 +251,7 @@ class SiteKeyring:
 
     def doors(self) -> dict[str, dict[str, Any]]:
         """Every door's key state: ``{device: {"state", "pending"}}`` (public keys are not secret)."""
-        with self._lock:
+        with self._locked():
             data = self._read()
         return {d: {"state": v.get("state"), "key": v.get("key"), "pending": v.get("pending")}
                 for d, v in sorted(data["doors"].items())}
@@ -251,5 +259,5 @@ class SiteKeyring:
     @property
     def current_version(self) -> int:
         """The current gallery key version (0: none made yet)."""
-        with self._lock:
+        with self._locked():
             return int(self._read()["current"])

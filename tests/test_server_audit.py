@@ -224,3 +224,45 @@ def test_load_20_devices_10_events_per_second_for_60_seconds(audit: Audit, mosqu
           "absorbed; "
           f"publish->commit lag p50 {statistics.median(lags) * 1000:.0f} ms, "
           f"p99 {lags[int(0.99 * (len(lags) - 1))] * 1000:.0f} ms")
+
+
+def test_reports_out_of_order_never_step_back_and_a_clock_once_ahead_is_not_ignored(db_url: str) -> None:
+    """Replicas store a door's reports in any order: an older status or ack never replaces a newer one;
+    but a door whose clock once ran a day ahead is heard again once its clock is corrected."""
+    import datetime as dt
+
+    from core.protocol.schemas import BundleAck
+    from server.audit.store import Parsed, apply_batch, parse
+
+    topics = Topics(PREFIX, SITE)
+    database = Database(db_url)
+    database.migrate()
+    now = dt.datetime.now(dt.UTC)
+
+    def store(topic: str, payload: bytes) -> None:
+        parsed = parse(topics, topic, payload, received_at=now)
+        assert isinstance(parsed, Parsed)
+        with database.transaction() as session:
+            apply_batch(session, [parsed])
+
+    def status(bundle: int, ts: dt.datetime) -> bytes:
+        return status_payload("door-1", bundle=bundle).model_copy(update={"ts": ts}).to_bytes()
+
+    def ack(state: str, ts: dt.datetime) -> bytes:
+        return BundleAck(device="door-1", sequence=4, state=state, ts=ts).to_bytes()
+
+    try:
+        store(topics.status("door-1"), status(3, now - dt.timedelta(seconds=5)))
+        store(topics.status("door-1"), status(2, now - dt.timedelta(seconds=9)))  # older, stored later
+        store(topics.bundle_ack("door-1"), ack("installed", now - dt.timedelta(seconds=4)))
+        store(topics.bundle_ack("door-1"), ack("downloading", now - dt.timedelta(seconds=8)))
+        with database.session() as session:
+            assert session.get(Device, "door-1").bundle_sequence == 3  # type: ignore[union-attr]
+            assert session.scalars(select(BundleAckRow.state)).all() == ["installed"]
+
+        store(topics.status("door-1"), status(5, now + dt.timedelta(days=1)))  # the clock ran ahead
+        store(topics.status("door-1"), status(6, now + dt.timedelta(seconds=1)))  # ... and was corrected
+        with database.session() as session:
+            assert session.get(Device, "door-1").bundle_sequence == 6  # type: ignore[union-attr]
+    finally:
+        database.close()

@@ -26,7 +26,9 @@ logger = logging.getLogger(__name__)
 
 AVAILABILITY_VALUES = frozenset({"online", "offline"})
 BUNDLE_KIND, DELTA_KIND = "bundle", "delta"
-REPORTED_AT = "ts"  # in Device.status: when the door made the last report stored (its status, or an ack)
+# In Device.status: the door's time of the last report stored (its status, or an ack), never later than
+# the server's receipt time, so a door whose clock once ran ahead is not ignored after it is corrected.
+REPORTED_AT = "reported_at"
 INSERT_CHUNK = 400  # rows per INSERT statement (SQLite allows 32766 bound parameters; 12 columns each)
 
 
@@ -216,6 +218,10 @@ def _aware(when: dt.datetime) -> dt.datetime:
     return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
 
 
+def _reported(ts: dt.datetime, received_at: dt.datetime) -> str:
+    return min(ts, _aware(received_at)).isoformat()
+
+
 def _newest(device: Device, ts: dt.datetime) -> bool:
     """True when ``ts`` is not older than the device's last recorded report (status or ack)."""
     seen = device.status.get(REPORTED_AT) if isinstance(device.status, dict) else None
@@ -258,20 +264,22 @@ def apply_batch(session: Session, messages: list[Parsed]) -> BatchResult:
             if not _newest(device, body.ts):  # an older report stored after a newer one (replicas)
                 continue
             device.status = body.model_dump(mode="json", exclude={"versions", "schema_version", "device"})
+            device.status[REPORTED_AT] = _reported(body.ts, msg.received_at)
             device.software_version = body.versions.software or None
             device.model_version = body.versions.model or None
             device.gallery_version = body.versions.gallery or None
             _running(result, device, body.versions.bundle_sequence)
             device.delta_sequence = body.versions.delta_sequence
         elif isinstance(body, BundleAck):
+            when = min(body.ts, _aware(msg.received_at))  # a door clock running ahead cannot pin a state
             if body.sequence > 0:
                 _record_ack(session, msg.device_id, BUNDLE_KIND, body.sequence, body.state, body.percent,
-                            body.reason or "", body.ts)
+                            body.reason or "", when)
             if body.delta_sequence > 0 and body.delta_state is not None:
                 _record_ack(session, msg.device_id, DELTA_KIND, body.delta_sequence, body.delta_state, None,
-                            body.delta_reason or "", body.ts)
+                            body.delta_reason or "", when)
                 result.delta_devices.add(msg.device_id)
             if body.running_sequence is not None and _newest(device, body.ts):
                 _running(result, device, body.running_sequence)
-                device.status = {**(device.status or {}), REPORTED_AT: body.ts.isoformat()}
+                device.status = {**(device.status or {}), REPORTED_AT: _reported(body.ts, msg.received_at)}
     return result

@@ -144,6 +144,9 @@ class AppState:
         """Start the audit subscriber and its broker connection (no-op when MQTT is disabled)."""
         if not self.config.mqtt.enabled or self.audit is not None:
             return
+        if self.config.mqtt.share_group and self.db.is_sqlite:
+            logger.warning("[mqtt] share_group %s on SQLite: replicas take turns writing one file (and must "
+                           "run on this machine); use PostgreSQL for replicas", self.config.mqtt.share_group)
         from server.bundles.delta import MqttGallerySync
 
         rebaser = None

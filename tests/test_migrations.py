@@ -19,15 +19,20 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
 from sqlalchemy import MetaData, func, insert, inspect, select, text
+from sqlalchemy.engine import make_url
 
 from facegate.cli import main as facegate_cli
 from server.db.migrate import (
     BASELINE_REVISION,
+    MIGRATION_LOCK_KEY,
+    SQLITE_LOCK_SUFFIX,
     LegacySchemaError,
+    MigrationError,
     SchemaTooNewError,
     baseline_metadata,
     current_revision,
     head_revision,
+    migrate,
     schema_metadata,
 )
 from server.db.models import DeletionDevice, DeletionRequest, EventRow, Person, User
@@ -246,6 +251,35 @@ def test_migration_two_replicas_start_at_once(db_url: str, tmp_path: Path) -> No
     assert applied == [(), ("0001", "0002")]
     with Database(db_url) as db:
         assert current_revision(db) == head_revision() and _schema_diff(db) == []
+
+
+def test_migration_lock_held_too_long_gives_up_with_a_clear_error(db_url: str) -> None:
+    """A replica whose migration lock stays taken (another one migrating, or stuck) stops waiting after
+    the timeout with an error saying so, instead of hanging unseen; once the lock is free it migrates."""
+    import fcntl
+
+    with Database(db_url) as db:
+        if db.is_sqlite:
+            database = make_url(db_url).database
+            assert database is not None
+            holder: Any = Path(database + SQLITE_LOCK_SUFFIX).open("a")
+            fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+        else:
+            holder = db.engine.connect()
+            holder.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        try:
+            started = time.monotonic()
+            with pytest.raises(MigrationError, match="gave up after 1 s waiting for"):
+                migrate(db, lock_timeout_s=1.0)
+            assert time.monotonic() - started < 30  # it gave up: a hang guard, not a timing figure
+            assert current_revision(db) is None  # nothing was written
+        finally:
+            if db.is_sqlite:
+                holder.close()  # closing the file releases the flock
+            else:
+                holder.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+                holder.close()
+        assert migrate(db, lock_timeout_s=1.0).to_revision == head_revision()
 
 
 def _plan(db: Database, statement: Any) -> str:

@@ -52,6 +52,9 @@ def test_persons_create_search_page_and_update(client: TestClient) -> None:
     assert [p["id"] for p in found["items"]] == [ids["Ada Lovelace"]]
     by_external = client.get("/api/persons", headers=headers, params={"q": "emp-2"}).json()
     assert [p["name"] for p in by_external["items"]] == ["Alan Turing"]
+    for wildcard in ("%", "_", "EMP_", "\\"):  # a search is a literal substring, never a LIKE pattern
+        none = client.get("/api/persons", headers=headers, params={"q": wildcard}).json()
+        assert none["total"] == 0, wildcard
 
     barbara = ids["Barbara Liskov"]
     updated = client.patch(f"/api/persons/{barbara}", headers=headers,

@@ -62,9 +62,11 @@ def list_persons(
     """Persons ordered by name, optionally filtered by a case-insensitive substring."""
     query = select(Person)
     if q:
-        pattern = f"%{q.lower()}%"
-        query = query.where(or_(func.lower(Person.name).like(pattern),
-                                func.lower(Person.external_id).like(pattern)))
+        # A literal substring: % and _ in the query match themselves, not any characters.
+        literal = q.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f"%{literal}%"
+        query = query.where(or_(func.lower(Person.name).like(pattern, escape="\\"),
+                                func.lower(Person.external_id).like(pattern, escape="\\")))
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = session.scalars(query.options(selectinload(Person.templates))
                            .order_by(Person.name, Person.id).limit(limit).offset(offset)).all()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy import MetaData, inspect, text
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from server.db.models import Base
 from server.db.session import DatabaseError
@@ -47,6 +48,16 @@ BASELINE_REVISION = "0001"
 # other application sharing the database must not use it.
 MIGRATION_LOCK_KEY = 0x66676D69
 SQLITE_LOCK_SUFFIX = ".migrate-lock"
+# How long a start waits for another replica's migration (or, on PostgreSQL, for a table lock a running
+# older server holds) before it gives up with an error, instead of hanging unseen; a supervisor restarts
+# it. Long enough for an index build on a large events table.
+LOCK_TIMEOUT_S = 600.0
+LOCK_POLL_S = 0.2
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE when lock_timeout expires
+
+
+class MigrationLockTimeoutError(Exception):
+    """Another process held the migration lock (or a table lock) for longer than the timeout."""
 
 
 class MigrationError(DatabaseError):
@@ -175,7 +186,7 @@ def baseline_metadata() -> MetaData:
 
 
 @contextlib.contextmanager
-def _sqlite_file_lock(database: str | None) -> Iterator[None]:
+def _sqlite_file_lock(database: str | None, timeout_s: float) -> Iterator[None]:
     """An exclusive flock beside the SQLite file (nothing for an in-memory database)."""
     if not database or database == ":memory:":
         yield
@@ -183,27 +194,37 @@ def _sqlite_file_lock(database: str | None) -> Iterator[None]:
     import fcntl
 
     lock_path = Path(database).with_name(Path(database).name + SQLITE_LOCK_SUFFIX)
+    deadline = time.monotonic() + timeout_s
     with lock_path.open("a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise MigrationLockTimeoutError(f"{lock_path} is held by another migration") from None
+                time.sleep(LOCK_POLL_S)
         try:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def migrate(db: Database, revision: str = "head") -> MigrationReport:
-    """Upgrade ``db`` to ``revision`` under the migration lock (see the module docstring)."""
+def migrate(db: Database, revision: str = "head", lock_timeout_s: float = LOCK_TIMEOUT_S) -> MigrationReport:
+    """Upgrade ``db`` to ``revision`` under the migration lock (see the module docstring); give up with a
+    MigrationError after waiting ``lock_timeout_s`` for a lock."""
     script = script_directory()
     head = head_revision()
     target = head if revision == "head" else revision
     if not _known(script, target):
         raise MigrationError(f"unknown target revision {revision!r} (this server knows up to {head!r})")
     url = make_url(db.url)
-    lock = _sqlite_file_lock(url.database) if db.is_sqlite else contextlib.nullcontext()
+    lock = _sqlite_file_lock(url.database, lock_timeout_s) if db.is_sqlite else contextlib.nullcontext()
     try:
         with lock, db.engine.connect() as conn:
             with conn.begin():
-                if not db.is_sqlite:
+                if not db.is_sqlite:  # lock_timeout covers the advisory lock and the DDL's table locks
+                    conn.execute(text(f"SET LOCAL lock_timeout = {max(1, int(lock_timeout_s * 1000))}"))
                     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
                 current = MigrationContext.configure(conn).get_current_revision()
                 _require_known(script, current, head)
@@ -225,6 +246,15 @@ def migrate(db: Database, revision: str = "head") -> MigrationReport:
                                 ", ".join(pending))
                     command.upgrade(alembic_config(conn), target)
                 done = MigrationContext.configure(conn).get_current_revision()
+    except MigrationLockTimeoutError as exc:
+        raise MigrationError(f"gave up after {lock_timeout_s:.0f} s waiting for the migration lock: {exc} "
+                             "(another replica is migrating; start again when it is done)") from exc
+    except OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE:
+            raise MigrationError(f"gave up after {lock_timeout_s:.0f} s waiting for a lock (another replica "
+                                 "migrating, or a running older server holding a table): start again when "
+                                 "it is done") from exc
+        raise MigrationError(f"migration to {target!r} failed: {exc}") from exc
     except (SQLAlchemyError, CommandError) as exc:
         raise MigrationError(f"migration to {target!r} failed: {exc}") from exc
     if done != target:  # pragma: no cover - alembic reported success

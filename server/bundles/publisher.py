@@ -31,6 +31,7 @@ from core.mqtt.client import Message, MqttClient, PublishHandle, shared
 from core.protocol.chunks import make_chunk
 from core.protocol.schemas import BundleAck, BundleAnnounce, ChunkRequest, PayloadError
 from core.protocol.topics import Topics
+from device.bundles.errors import RejectCode
 from device.waiting import WaitTimeout, wait_progress
 from server.auth.ratelimit import TokenBucket
 from server.bundles.builder import BuiltBundle, BundleBuildError, iter_chunks, load_bundle, read_chunk
@@ -194,12 +195,18 @@ class BundleServer:
         return True
 
     def behind(self, ack: BundleAck) -> bool:
-        """True when the door never heard of the current bundle (nor runs a newer one)."""
+        """True when the door never heard of the current bundle (nor runs a newer one), or refused it for
+        want of the gallery key: a door trusted after the bundle was built gets the key with the next
+        delta and can open the bundle then, so it is offered again on the door's next ack."""
         current = self.current
         if current is None:
             return False
         seq = current.manifest.sequence
-        return ack.sequence < seq and (ack.running_sequence or 0) < seq
+        if (ack.running_sequence or 0) >= seq:
+            return False
+        keyless = (ack.sequence == seq and ack.state == "rejected"
+                   and (ack.reason or "").startswith(RejectCode.NO_GALLERY_KEY.value))
+        return ack.sequence < seq or keyless
 
     def _on_request(self, message: Message) -> None:
         try:

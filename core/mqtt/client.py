@@ -226,6 +226,10 @@ class MqttClient:
         self._disconnect_listeners: dict[int, Callable[[], None]] = {}
         self._publish_listeners: dict[int, Callable[[int, bool], None]] = {}
         self._connected = threading.Event()
+        # Set under _lock together with on_connect's snapshot of the subscriptions: a subscribe() racing
+        # a (re)connect is either in that snapshot or sees it set and subscribes itself, so no filter is
+        # left unsubscribed for the whole connection (a door missing its bundle topics until reconnect).
+        self._live = False
         self._closed = False
         self._connack_seen = False  # a CONNACK (of any verdict) answered the current connection attempt
         self.generation = 0
@@ -332,7 +336,8 @@ class MqttClient:
         return remove
 
     def on_connected(self, callback: Callable[[], None]) -> Callable[[], None]:
-        """Call ``callback()`` after every successful (re)connect, on the network thread."""
+        """Call ``callback()`` after every successful (re)connect, on the network thread (a caller that
+        registers while connected checks ``connected`` itself: it is not called for that connection)."""
         return self._add(self._connect_listeners, callback)
 
     def on_disconnected(self, callback: Callable[[], None]) -> Callable[[], None]:
@@ -373,7 +378,8 @@ class MqttClient:
             first = filter_ not in self._subs
             self._subs.setdefault(filter_, []).append((token, callback))
             client = self._client
-        if first and self._connected.is_set():
+            now = first and self._live
+        if now:
             client.subscribe(filter_, qos)
 
         def unsubscribe() -> None:
@@ -408,6 +414,7 @@ class MqttClient:
                 filters = list(self._subs)
                 self.generation += 1
                 listeners = list(self._connect_listeners.values())
+                self._live = True
             for filter_ in filters:
                 client.subscribe(filter_, 1)
             self._connected.set()
@@ -422,6 +429,8 @@ class MqttClient:
                        properties: Any) -> None:
         try:
             was = self._connected.is_set()
+            with self._lock:
+                self._live = False
             self._connected.clear()
             answered, self._connack_seen = self._connack_seen, False
             if (not answered and not self._closed and self.settings.protocol == "auto"

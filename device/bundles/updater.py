@@ -119,6 +119,8 @@ class BundleUpdater:
             self.client.on_connected(lambda: self._put("ack", None)),
         ]
         self._thread.start()
+        if self.client.connected:  # started on a live connection: say hello now, not at the next one
+            self._put("ack", None)
         return self
 
     def close(self) -> None:

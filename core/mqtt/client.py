@@ -337,7 +337,7 @@ class MqttClient:
 
     def on_connected(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback()`` after every successful (re)connect, on the network thread (a caller that
-        registers while connected checks ``connected`` itself: it is not called for that connection)."""
+        registers while connected checks ``connected`` itself: it may miss that connection)."""
         return self._add(self._connect_listeners, callback)
 
     def on_disconnected(self, callback: Callable[[], None]) -> Callable[[], None]:

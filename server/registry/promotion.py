@@ -15,8 +15,10 @@ candidate on promote, the restored one on rollback):
    recognition engine at the new models, so enrollment, verify and identify use the promoted embedder
    and its templates.
 
-Versions of other kinds (the pairs head) change neither the embeddings nor the doors: both hooks say so
-in the log and return. Nothing biometric is logged.
+A liveness head (kind ``liveness``) changes no template: ``reembed-gallery`` says so and returns, and
+``build-bundle`` builds the bundle of the current embedder with the head's two entries in its models
+folder, so the doors' passive check picks it up on install. The pairs head changes neither the
+embeddings nor the doors: both hooks say so in the log and return. Nothing biometric is logged.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from server.enrollment.recognition import RecognitionEngine
 from server.enrollment.reembed import reembed_gallery
 from server.registry import gate
 from server.registry.model_folder import embedder_entry_name, models_folder_for
+from server.registry.registry import ModelRegistry
 
 if TYPE_CHECKING:
     from server.state import AppState
@@ -75,18 +78,26 @@ class PromotionContext:
         return self.cipher
 
 
-def _embedder_models(ctx: PromotionContext, event: gate.PromotionEvent) -> Path | None:
-    """The active version's models folder, or None (logged) when it is not an embedder."""
-    if event.active.kind != "embedder":
+def _active_models(ctx: PromotionContext, event: gate.PromotionEvent) -> Path | None:
+    """The models folder of the now-active embedder and liveness head (one of them the event's version),
+    or None (logged) for a kind the doors do not run."""
+    if event.active.kind not in ("embedder", "liveness"):
         logger.info("%s of %s (a %s): no gallery or bundle change", event.action, event.active.version,
                     event.active.kind)
         return None
-    return models_folder_for(ctx.config, event.active)
+    registry = ModelRegistry(ctx.db)
+    embedder = event.active if event.active.kind == "embedder" else registry.current("embedder")
+    liveness = event.active if event.active.kind == "liveness" else registry.current("liveness")
+    return models_folder_for(ctx.config, embedder, liveness)
 
 
 def reembed_hook(ctx: PromotionContext, event: gate.PromotionEvent) -> None:
     """Hook ``reembed-gallery``: a template under the active embedder for every stored chip."""
-    folder = _embedder_models(ctx, event)
+    if event.active.kind != "embedder":
+        logger.info("%s of %s (a %s): the templates do not change", event.action, event.active.version,
+                    event.active.kind)
+        return
+    folder = _active_models(ctx, event)
     if folder is None:
         return
     entry = load_manifest(folder).get(embedder_entry_name(ctx.config))
@@ -101,8 +112,9 @@ def reembed_hook(ctx: PromotionContext, event: gate.PromotionEvent) -> None:
 
 
 def bundle_hook(ctx: PromotionContext, event: gate.PromotionEvent) -> None:
-    """Hook ``build-bundle``: export the gallery for the active embedder, build and sign the bundle."""
-    folder = _embedder_models(ctx, event)
+    """Hook ``build-bundle``: export the gallery for the active embedder, build and sign the bundle (with
+    the promoted liveness head's entries, when there is one)."""
+    folder = _active_models(ctx, event)
     if folder is None:
         return
     summary = build_gallery_bundle(ctx, folder)

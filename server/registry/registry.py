@@ -24,7 +24,7 @@ from server.db.session import Database, DatabaseError
 logger = logging.getLogger(__name__)
 
 VERSION_LEN = 64
-KINDS = ("embedder", "pairs-head")
+KINDS = ("embedder", "pairs-head", "liveness")
 TABLE_VERSIONS = "model_versions"
 TABLE_EVENTS = "model_registry_events"
 

@@ -1,4 +1,5 @@
-"""``facegate train``: triplet training (fine-tune dlib or a distilled student) and the pairs head.
+"""``facegate train``: triplet training (fine-tune dlib or a distilled student), the pairs head and the
+liveness head.
 
 Each command prints exactly one JSON object on stdout (the run's summary); logs and progress bars go
 to stderr. TensorFlow is imported only when a command runs.
@@ -79,7 +80,7 @@ def common_options(func: Any) -> Any:
     return func
 
 
-cli = click.Group("train", help="Train embedders and the pairs head.")
+cli = click.Group("train", help="Train embedders, the pairs head and the liveness head.")
 
 
 @cli.command("triplet")
@@ -203,3 +204,34 @@ def pairs_head(data: Path, pairs: Path | None, folds: str, report: Path | None, 
         raise click.ClickException(str(exc)) from exc
     _emit({"report": str(inputs.report_dir), "model": metrics["model"], "head": metrics["head"],
            "cosine": metrics["cosine"]})
+
+
+@cli.command("liveness")
+@click.option("--labels", "labels_csvs", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              multiple=True, required=True,
+              help="A labels CSV per dataset (repeat; path,label,subject,session; kinds.csv beside it).")
+@click.option("--report", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Report folder (default var/training/liveness-<utc time>).")
+@click.option("--models-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Built models folder (BlazeFace, MiniFASNet entries); default: build output.")
+@click.option("--minifasnet", "minifasnet_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, envvar="FACEGATE_MINIFASNET_DIR",
+              help="Folder with the MiniFASNet float32 .tflite files (or $FACEGATE_MINIFASNET_DIR).")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Subject folds per set for leave-subjects-out.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep per-frame MiniFASNet logits here between runs.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def liveness(labels_csvs: tuple[Path, ...], report: Path | None, models_dir: Path | None,
+             minifasnet_dir: Path | None, folds: int, cache_dir: Path | None, no_progress: bool) -> None:
+    """Fine-tune a passive liveness head on MiniFASNet's pooled features; held-out figures for the gate."""
+    from server.training.liveness import LivenessTrainingError, summary, train_liveness
+
+    report_dir = _report_dir(report, "liveness")
+    try:
+        metrics = train_liveness(labels_csvs, report_dir, models_dir, minifasnet_dir, folds=folds,
+                                 progress=not no_progress, cache_dir=cache_dir)
+    except LivenessTrainingError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _emit({"report": str(report_dir), "sets": metrics["heldout"]["trained_on"],
+           "heldout": summary(metrics), "parity": metrics["parity"]})

@@ -26,6 +26,7 @@ from device.config import DetectorConfig, LivenessConfig
 from device.liveness.fusion import build_liveness, refresh_trained_head
 from device.liveness.passive import PassiveModelError, logit
 from device.liveness.trained import FEATURES_ENTRY, HEAD_ENTRY, trained_head_files
+from facegate.cli import main
 from models.face.detector import BlazeFaceDetector
 from models.face.image import decode_image
 from models.runtime.interpreter import TFLiteModel
@@ -33,6 +34,8 @@ from models.runtime.manifest import load_manifest, save_manifest
 from server.app import create_app
 from server.bundles.builder import load_bundle
 from server.bundles.signing import generate_key
+from server.config import load_server_config
+from server.crypto import load_chip_cipher
 from server.enrollment.recognition import RecognitionEngine
 from server.evaluation.liveness import detector_path, load_labels, run_liveness_eval, trained_scores
 from server.registry import gate
@@ -264,6 +267,35 @@ def test_a_running_door_swaps_to_the_bundles_head_and_back(report: Path, minifas
     (folder / f"{HEAD_ENTRY}.tflite").write_bytes(b"not a model")
     with pytest.raises(PassiveModelError, match="unusable"):
         trained_head_files(folder)
+
+
+def test_cli_register_refuse_then_promote_for_the_site_cameras(report: Path, minifasnet_models: Path,
+                                                               tmp_path: Path) -> None:
+    toml = tmp_path / "server.toml"
+    toml.write_text(f'data_dir = "{tmp_path / "server"}"\n[models]\ndir = "{minifasnet_models}"\n'
+                    "[mqtt]\nenabled = false\n")
+    config = load_server_config(toml)
+    generate_key(config.signing_key_path)
+    load_chip_cipher(config)
+    db = ["--config", str(toml)]
+    registered = CliRunner().invoke(main, ["models", "register", "--kind", "liveness", str(report), *db])
+    assert registered.exit_code == 0, registered.output
+    view = json.loads(registered.stdout)
+    assert view["version"] == "liveness-v1" and set(view["liveness"]) == set(PROTOCOLS)
+    lodo = _metrics(report)["heldout"]["protocols"]["leave-one-dataset-out"]
+    if any(lodo["trained"][n]["acer"] > lodo["head"][n]["acer"] + 0.01 for n in SETS):
+        refused = CliRunner().invoke(main, ["models", "promote", "liveness-v1", *db])
+        assert refused.exit_code == 1 and "leave-one-dataset-out" in refused.output
+        assert json.loads(refused.stdout.splitlines()[0])["promoted"] is False
+    promoted = CliRunner().invoke(main, ["models", "promote", "liveness-v1", "--liveness-protocol",
+                                         "leave-subjects-out", *db])
+    assert promoted.exit_code == 0, promoted.output
+    out = json.loads(promoted.stdout)
+    assert out["promoted"] is True and "unsafe" in out["liveness"] and out["bundle"]["sequence"] == 1
+    models = Path(out["bundle"]["path"]) / "models"
+    assert trained_head_files(models) is not None
+    listing = json.loads(CliRunner().invoke(main, ["models", "list", "--kind", "liveness", *db]).stdout)
+    assert [(m["version"], m["status"]) for m in listing["models"]] == [("liveness-v1", "promoted")]
 
 
 def test_register_refuses_a_report_without_the_exported_files(tmp_path: Path) -> None:

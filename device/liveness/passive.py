@@ -296,7 +296,8 @@ class PassiveLiveness:
         """Score and verdict (threshold with its uncertain band) as a LivenessCheck."""
         value = self.score(rgb, det)
         verdict = passive_verdict(value, self.threshold, self.band)
-        return LivenessCheck(CHECK_NAME, value, verdict, f"threshold={self.threshold:.4f}")
+        scorer = " head=trained" if self.trained is not None else ""
+        return LivenessCheck(CHECK_NAME, value, verdict, f"threshold={self.threshold:.4f}{scorer}")
 
     def close(self) -> None:
         """Release the interpreters (safe to call twice)."""

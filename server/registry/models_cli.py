@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from server.registry.model_folder import liveness_artifacts
 from server.registry.registry import KINDS
 from server.training.cli import database_url
 
@@ -72,7 +71,12 @@ def _promotion(server_config: Path | None,
 def _view(version: Any) -> dict[str, Any]:
     tar = {key: (version.metrics.get(key) or {}).get("tar_at_far", {}).get("0.001")
            for key in ("float", "int8")}
-    return {"version": version.version, "kind": version.kind, "status": version.status,
+    extra: dict[str, Any] = {}
+    if version.kind == "liveness" and "heldout" in version.metrics:
+        from server.training.liveness import summary
+
+        extra["liveness"] = summary(version.metrics)
+    return {**extra, "version": version.version, "kind": version.kind, "status": version.status,
             "parent": version.parent_version, "replaces": version.replaces_version,
             "tar_at_far_0.001": tar, "parity": version.metrics.get("parity", {}).get("mean_cosine"),
             "data_hash": version.data_hash[:12], "created_at": version.created_at.isoformat(),
@@ -105,7 +109,12 @@ def register(server_config: Path | None, db: str | None, report: Path, kind: str
         raise click.ClickException(f"{report} has no readable metrics.json: {exc}") from exc
     export = report / "export"
     if kind == "liveness":
-        artifacts = liveness_artifacts(report)
+        from server.registry.model_folder import ModelFolderError, liveness_artifacts
+
+        try:
+            artifacts = liveness_artifacts(report)
+        except ModelFolderError as exc:
+            raise click.ClickException(str(exc)) from exc
     else:
         artifacts = {"keras": str(report / "model.keras")}
         for name, file in (("float32", "embedder-float32.tflite"), ("int8", "embedder-int8.tflite")):

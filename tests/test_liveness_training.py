@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import itertools
 import json
 import math
 import shutil
@@ -49,6 +50,7 @@ from tests.server_support import make_config, state_of
 SETS = ("liveness-nuaa", "replay-attack")
 PROTOCOLS = ("leave-one-dataset-out", "leave-subjects-out")
 DOOR = LivenessConfig().passive
+_numbers = itertools.count(1)
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +171,8 @@ def _synthetic_version(cand: dict[str, tuple[float, float]], base: dict[str, tup
     metrics = {"heldout": {"trained_on": list(cand), "candidate": "trained", "baseline": "head",
                            "budget": 0.05, "protocols": protocols},
                "parity": {"max_abs_probability": parity}}
-    return ModelVersion("liveness-v9", "liveness", "candidate", None, None, "", {}, metrics, {}, "",
+    number = next(_numbers)
+    return ModelVersion(f"liveness-v{number}", "liveness", "candidate", None, None, "", {}, metrics, {}, "",
                         dt.datetime.now(dt.UTC), None)
 
 
@@ -186,6 +189,9 @@ def test_liveness_gate_rules() -> None:
     bad_export = _synthetic_version({"a": (0.05, 0.05), "b": (0.04, 0.03)}, base, parity=0.01)
     reasons = gate.evaluate_gate(bad_export, None, gate.GateConfig()).reasons
     assert any("exported head differs" in r for r in reasons)
+    worse_than_current = _synthetic_version({"a": (0.07, 0.05), "b": (0.06, 0.03)}, base)
+    reasons = gate.evaluate_gate(worse_than_current, better, gate.GateConfig()).reasons
+    assert any("worse than the current head" in r for r in reasons)
     subjects_only = gate.GateConfig(liveness_protocols=("leave-subjects-out",))
     decision = gate.evaluate_gate(better, None, subjects_only)
     assert decision.passed and "unsafe" in (decision.liveness or {})

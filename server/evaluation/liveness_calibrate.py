@@ -239,6 +239,8 @@ def out_of_fold_scores(sets: list[CalibrationSet], masks: list[npt.NDArray[np.bo
     fold_ids = _fold_ids(sets, folds)
     out = [np.full(c.genuine.size, np.nan) for c in sets]
     for k in range(max(int(f.max()) + 1 for f in fold_ids)):
+        if not any((m & (f == k)).any() for m, f in zip(masks, fold_ids, strict=True)):
+            continue  # a fold the masks already hold out: nothing of it to score
         train = [m & (f != k) for m, f in zip(masks, fold_ids, strict=True)]
         head = _fit_weights(sets, train, scorer)
         for m, f, o, s in zip(masks, fold_ids, out, _scores(sets, scorer, head), strict=True):

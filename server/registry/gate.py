@@ -12,7 +12,8 @@ A candidate **liveness head** (``facegate train liveness``) is promoted only whe
 trained on, its held-out ACER is not worse than the shipped scorer's (MiniFASNet with the calibrated head,
 measured on the same frames in the same run) by more than ``tolerance``, its held-out BPCER stays within
 the budget (or the shipped scorer's BPCER), its mean ACER beats the shipped scorer's, and its exported
-TFLite matches the fitted head. Gating on leave-subjects-out alone is allowed for a head trained on the
+TFLite matches the fitted head; a promoted head is replaced only by one measured on the same sets and
+no worse by mean held-out ACER. Gating on leave-subjects-out alone is allowed for a head trained on the
 site's own cameras; it is logged UNSAFE and recorded in the gate's figures.
 
 Any failed check refuses the promotion: the refusal and its reasons are written to the registry and
@@ -116,6 +117,32 @@ def _rates(by_scorer: dict[str, Any], scorer: str, name: str) -> tuple[float, fl
     return float(rates["acer"]), float(rates["bpcer"])
 
 
+def _mean_acer(version: ModelVersion, protocol: str) -> float | None:
+    heldout = version.metrics.get("heldout", {})
+    sets, name = list(heldout.get("trained_on", ())), str(heldout.get("candidate", ""))
+    by_scorer = heldout.get("protocols", {}).get(protocol, {})
+    rates = [_rates(by_scorer, name, s) for s in sets]
+    if not sets or any(r is None for r in rates):
+        return None
+    return sum(r[0] for r in rates if r is not None) / len(sets)
+
+
+def _against_current(candidate: ModelVersion, current: ModelVersion, cfg: GateConfig) -> list[str]:
+    """A promoted head is replaced only by one no worse on the same sets (mean held-out ACER)."""
+    same_sets = (candidate.metrics.get("heldout", {}).get("trained_on")
+                 == current.metrics.get("heldout", {}).get("trained_on"))
+    if not same_sets:
+        return [f"the current head {current.version} was measured on other sets: measure both on the "
+                "same sets before replacing it"]
+    out = []
+    for protocol in cfg.liveness_protocols:
+        cand, cur = _mean_acer(candidate, protocol), _mean_acer(current, protocol)
+        if cand is not None and cur is not None and cand > cur + cfg.tolerance:
+            out.append(f"{protocol}: mean ACER {cand:.4f} is worse than the current head {current.version}'s "
+                       f"{cur:.4f} by more than the tolerance {cfg.tolerance}")
+    return out
+
+
 def evaluate_liveness_gate(candidate: ModelVersion, current: ModelVersion | None,
                            cfg: GateConfig) -> GateDecision:
     """The liveness gate (module doc); never raises, returns the verdict with the compared figures."""
@@ -152,6 +179,8 @@ def evaluate_liveness_gate(candidate: ModelVersion, current: ModelVersion | None
         if figures[protocol] and cand_total >= base_total:
             reasons.append(f"{protocol}: mean ACER {cand_total / len(sets):.4f} does not beat the shipped "
                            f"scorer's {base_total / len(sets):.4f}")
+    if current is not None and current.version != candidate.version:
+        reasons.extend(_against_current(candidate, current, cfg))
     parity = candidate.metrics.get("parity", {}).get("max_abs_probability")
     if parity is None:
         reasons.append("no TFLite-vs-fitted parity figure for the head")

@@ -26,7 +26,7 @@ from typing import Any
 
 from core.files import sha256_file
 from device.liveness.passive import PassiveModelError
-from device.liveness.trained import FEATURES_ENTRY, HEAD_ENTRY, TrainedHead
+from device.liveness.trained import DEFAULT_SCALE, FEATURES_ENTRY, HEAD_ENTRY, TrainedHead
 from device.vision.embedder import EMBEDDER_ENTRIES, Embedder, EmbedderError
 from models.runtime.assets import default_models_dir
 from models.runtime.manifest import (
@@ -139,7 +139,7 @@ def _liveness_entries(tmp: Path, version: ModelVersion) -> list[ModelEntry]:
         extra = {"registry_version": version.version,
                  "base_model": str(version.metrics.get("base_model", ""))}
         if key == "features":
-            extra["scale"] = "2.7"
+            extra["scale"] = str(DEFAULT_SCALE)
         entries.append(ModelEntry(name=name, role="liveness", version=version.version, file=file,
                                   sha256=sha256_file(tmp / file), size=(tmp / file).stat().st_size,
                                   inputs=inputs, outputs=outputs, source_package=SOURCE_PACKAGE,

@@ -302,6 +302,15 @@ def test_cli_register_refuse_then_promote_for_the_site_cameras(report: Path, min
     assert trained_head_files(models) is not None
     listing = json.loads(CliRunner().invoke(main, ["models", "list", "--kind", "liveness", *db]).stdout)
     assert [(m["version"], m["status"]) for m in listing["models"]] == [("liveness-v1", "promoted")]
+    # Rolling back the first head withdraws it: the next bundle ships the MiniFASNet scorer alone.
+    back = CliRunner().invoke(main, ["models", "rollback", "--kind", "liveness", *db])
+    assert back.exit_code == 0, back.output
+    withdrawn = json.loads(back.stdout)
+    assert (withdrawn["withdrawn"], withdrawn["restored"]) == ("liveness-v1", None)
+    assert withdrawn["bundle"]["sequence"] == 2
+    assert trained_head_files(Path(withdrawn["bundle"]["path"]) / "models") is None
+    listing = json.loads(CliRunner().invoke(main, ["models", "list", "--kind", "liveness", *db]).stdout)
+    assert [(m["version"], m["status"]) for m in listing["models"]] == [("liveness-v1", "rolled_back")]
 
 
 def test_register_refuses_a_report_without_the_exported_files(tmp_path: Path) -> None:

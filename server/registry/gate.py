@@ -231,7 +231,7 @@ def evaluate_gate(candidate: ModelVersion, current: ModelVersion | None, cfg: Ga
 class PromotionEvent:
     """What a hook is told: the action, the now-active version, and the one it replaced."""
 
-    action: Literal["promote", "rollback"]
+    action: Literal["promote", "rollback", "withdraw"]
     active: ModelVersion
     previous: ModelVersion | None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -298,10 +298,21 @@ def promote(registry: ModelRegistry, version: str, cfg: GateConfig | None = None
 
 def rollback(registry: ModelRegistry, kind: str = "embedder", cfg: GateConfig | None = None,
              actor: str = "cli", hooks: Mapping[str, PromotionHook] | None = None,
-             ) -> tuple[ModelVersion, ModelVersion]:
-    """Restore the previous promoted version and run the hooks for it (``hooks`` as for ``promote``)."""
+             ) -> tuple[ModelVersion, ModelVersion | None]:
+    """Restore the previous promoted version and run the hooks for it (``hooks`` as for ``promote``).
+
+    A liveness head that replaced nothing is withdrawn instead (restored None): the doors go back to the
+    shipped MiniFASNet scorer with the next bundle. An embedder always needs one to restore."""
     cfg = cfg or GateConfig()
     hooks = default_hooks() if hooks is None else hooks
+    current = registry.current(kind)
+    if kind == "liveness" and current is not None and current.replaces_version is None:
+        withdrawn = registry.withdraw(kind, actor)
+        try:
+            run_hooks(PromotionEvent("withdraw", withdrawn, None), cfg.hooks, hooks)
+        except PromotionHookError as exc:
+            raise PromotionHookError(f"withdrew {withdrawn.version} but {exc}") from exc
+        return withdrawn, None
     withdrawn, restored = registry.rollback(kind, actor)
     try:
         run_hooks(PromotionEvent("rollback", restored, withdrawn), cfg.hooks, hooks)

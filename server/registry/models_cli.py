@@ -196,7 +196,8 @@ def promote(server_config: Path | None, db: str | None, version: str, tolerance:
 @with_db
 @click.option("--kind", type=click.Choice(list(KINDS)), default="embedder", show_default=True)
 def rollback(server_config: Path | None, db: str | None, kind: str) -> None:
-    """Withdraw the promoted version and restore the one it replaced (its kept templates, a new bundle)."""
+    """Withdraw the promoted version and restore the one it replaced (its kept templates, a new bundle);
+    a liveness head that replaced nothing is withdrawn, and the doors go back to the MiniFASNet scorer."""
     from server.registry import gate
     from server.registry.promotion import promotion_hooks
     from server.registry.registry import RegistryError
@@ -206,7 +207,8 @@ def rollback(server_config: Path | None, db: str | None, kind: str) -> None:
             withdrawn, restored = gate.rollback(registry, kind, hooks=promotion_hooks(context))
         except (gate.PromotionHookError, RegistryError) as exc:
             raise click.ClickException(str(exc)) from exc
-        _emit({"withdrawn": withdrawn.version, "restored": restored.version, **context.outcomes})
+        _emit({"withdrawn": withdrawn.version, "restored": None if restored is None else restored.version,
+               **context.outcomes})
 
 
 def _load_any(model: str) -> Any:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from device.vision.embedder import Embedder
+from models.runtime.assets import default_models_dir
 from models.runtime.manifest import load_manifest
 from server.bundles.gallery_bundle import build_gallery_bundle
 from server.config import ServerConfig
@@ -87,7 +88,10 @@ def _active_models(ctx: PromotionContext, event: gate.PromotionEvent) -> Path | 
         return None
     registry = ModelRegistry(ctx.db)
     embedder = event.active if event.active.kind == "embedder" else registry.current("embedder")
-    liveness = event.active if event.active.kind == "liveness" else registry.current("liveness")
+    # The promoted head (a withdrawal leaves none: back to the MiniFASNet scorer).
+    liveness = registry.current("liveness")
+    if embedder is None and liveness is None:
+        return ctx.config.models.dir or default_models_dir()
     return models_folder_for(ctx.config, embedder, liveness)
 
 

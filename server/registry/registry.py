@@ -235,6 +235,22 @@ class ModelRegistry:
             self._event(session, row, "refuse", actor, reasons=reasons)
         logger.warning("refused to promote %s: %s", version, "; ".join(reasons))
 
+    def withdraw(self, kind: str, actor: str = "cli") -> ModelVersion:
+        """Withdraw the promoted version of ``kind`` when it replaced nothing: none of that kind is promoted
+        afterwards (a liveness head's rollback to the shipped scorer). Return the withdrawn version."""
+        with self.db.transaction() as session:
+            current = session.scalars(select(ModelVersionRow).where(
+                ModelVersionRow.kind == kind, ModelVersionRow.status == Status.PROMOTED.value)).first()
+            if current is None:
+                raise RegistryError(f"no promoted {kind} to withdraw")
+            if current.replaces_version is not None:
+                raise RegistryError(f"{current.version} replaced {current.replaces_version}: roll back to it")
+            current.status = Status.ROLLED_BACK.value
+            self._event(session, current, "withdraw", actor)
+            withdrawn = ModelVersion.of(current)
+        logger.warning("withdrew %s: no %s is promoted now", withdrawn.version, kind)
+        return withdrawn
+
     def rollback(self, kind: str = "embedder", actor: str = "cli") -> tuple[ModelVersion, ModelVersion]:
         """Withdraw the promoted version and restore the one it replaced; return (withdrawn, restored)."""
         with self.db.transaction() as session:

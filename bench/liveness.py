@@ -71,6 +71,7 @@ def run_liveness_bench(models_dir: Path, minifasnet_dir: Path | None, shared: Pa
     from device.config import DetectorConfig, LivenessConfig
     from device.liveness.passive import PassiveLiveness, crop_patch, face_box, resolve_minifasnet_files
     from device.liveness.planar import PLANAR_MESH_INDICES, frame_fit
+    from device.liveness.trained import TrainedHead, trained_head_files
     from models.face.detector import BlazeFaceDetector
     from models.face.mesh import MeshMeasurer, mesh_model_path
     from models.runtime.interpreter import ModelLoadError
@@ -112,6 +113,11 @@ def run_liveness_bench(models_dir: Path, minifasnet_dir: Path | None, shared: Pa
                 model.run(crop_patch(bgr, face_box(fd[1]), spec.scale)[None])
 
         without_mirror = _median_ms(one_pass, pairs, runs)
+    trained_ms = None
+    trained = trained_head_files(models_dir) if manifest.is_file() else None
+    if trained is not None:  # a models folder with a promoted fine-tuned head: its passive score instead
+        with TrainedHead(*trained) as head:
+            trained_ms = _median_ms(lambda fd: head.score(fd[0], fd[1]), pairs, runs)
     with MeshMeasurer(mesh_model_path(models_dir if manifest.is_file() else None, "facemesh")) as mesh:
         live["mesh"] = _median_ms(lambda fd: mesh.observe(fd[0], fd[1]), pairs, runs)
         observed = [mesh.observe(f, d) for f, d in pairs]
@@ -129,6 +135,8 @@ def run_liveness_bench(models_dir: Path, minifasnet_dir: Path | None, shared: Pa
         "share_all_checks": round(all_live / (base + all_live), 4),
         "ratio_passive_over_pipeline": round(live["passive"] / base, 3),
         "passive_without_mirror_ms": round(without_mirror, 3),
+        "passive_trained_ms": None if trained_ms is None else round(trained_ms, 3),
+        "ratio_trained_over_passive": None if trained_ms is None else round(trained_ms / live["passive"], 3),
     })
     return out
 

@@ -246,8 +246,13 @@ def build_liveness(config: LivenessConfig, models_dir: Path | None = None, threa
                 config, note = config.without_passive(), "passive models missing"
             else:
                 trained = None if trained_files is None else TrainedHead(*trained_files, threads=threads)
-                passive = PassiveLiveness(files, config.passive.threshold, config.passive.uncertain_band,
-                                          threads, config.passive.head, trained)
+                try:
+                    passive = PassiveLiveness(files, config.passive.threshold, config.passive.uncertain_band,
+                                              threads, config.passive.head, trained)
+                except BaseException:
+                    if trained is not None:
+                        trained.close()
+                    raise
         if config.planar.enabled or config.challenge.mode != "never":
             mesh = MeshMeasurer(mesh_model_path(folder, config.mesh_model), threads)
         return FusedLiveness(config, passive, mesh, rng, listener, note)

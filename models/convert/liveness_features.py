@@ -60,8 +60,5 @@ def with_feature_output(src: Path, dst: Path) -> int:
     graph.outputs = [int(graph.outputs[0]), index]
     graph.tensors[index].name = FEATURE_OUTPUT_NAME.encode()
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    utils.write_model(model, str(tmp))
-    atomic_write_bytes(dst, tmp.read_bytes())
-    tmp.unlink()
+    atomic_write_bytes(dst, bytes(utils.convert_object_to_bytearray(model)))
     return channels

@@ -321,13 +321,10 @@ def trained_scores(rows: list[LabelRow], root: Path, models_dir: Path | None,
     """Scores of the trained head a models folder ships (NaN where no face was found), and its name."""
     from device.liveness.trained import TrainedHead
 
-    features_path, head_path, scale = trained
-    features = frame_features(rows, root, models_dir, features_path, scale, variant, progress)
     scores = np.full(len(rows), np.nan)
-    with TrainedHead(features_path, head_path, scale) as head:
-        for i, row in enumerate(features):
-            if not np.isnan(row).any():
-                scores[i] = head.score_features(row)
+    with TrainedHead(*trained) as head:
+        for i, rgb, face in largest_faces(rows, root, models_dir, variant, progress):
+            scores[i] = head.score(rgb, face)
     return scores, "trained-head"
 
 

@@ -249,8 +249,8 @@ def out_of_fold_scores(sets: list[CalibrationSet], masks: list[npt.NDArray[np.bo
     return out
 
 
-def _fit(sets: list[CalibrationSet], masks: list[npt.NDArray[np.bool_]], scorer: str, budget: float,
-         band_budget: float) -> tuple[tuple[float, ...] | None, float, float]:
+def fit_scorer(sets: list[CalibrationSet], masks: list[npt.NDArray[np.bool_]], scorer: str, budget: float,
+               band_budget: float) -> tuple[tuple[float, ...] | None, float, float]:
     """Head (or None), threshold and band fitted on the masked frames of each set (the trained head's
     operating point from its out-of-fold scores)."""
     head = _fit_weights(sets, masks, scorer)
@@ -287,8 +287,8 @@ def leave_one_dataset_out(sets: list[CalibrationSet], scorer: str, budget: float
     out = {}
     for i, held in enumerate(sets):
         others = [c for j, c in enumerate(sets) if j != i]
-        head, threshold, _ = _fit(others, [np.ones(c.genuine.size, bool) for c in others], scorer, budget,
-                                  band_budget)
+        everything = [np.ones(c.genuine.size, bool) for c in others]
+        head, threshold, _ = fit_scorer(others, everything, scorer, budget, band_budget)
         scores = _scores([held], scorer, head)[0]
         out[held.name] = {**rates_dict(accept(scores, threshold), held), "threshold": round(threshold, 6)}
     return out
@@ -302,7 +302,7 @@ def leave_subjects_out(sets: list[CalibrationSet], scorer: str, budget: float, b
     accepted = [np.zeros(c.genuine.size, bool) for c in sets]
     thresholds = []
     for k in range(n_folds):
-        head, threshold, _ = _fit(sets, [f != k for f in fold_ids], scorer, budget, band_budget)
+        head, threshold, _ = fit_scorer(sets, [f != k for f in fold_ids], scorer, budget, band_budget)
         thresholds.append(round(threshold, 6))
         for c, f, acc in zip(sets, fold_ids, accepted, strict=True):
             test = f == k
@@ -328,8 +328,8 @@ def calibrate(sets: list[CalibrationSet], budget: float = DEFAULT_BUDGET,
                                                                                          band_budget)
         result["protocols"]["leave-subjects-out"][scorer] = leave_subjects_out(sets, scorer, budget,
                                                                                band_budget, folds)
-    head, threshold, band = _fit(sets, [np.ones(c.genuine.size, bool) for c in sets], "head", budget,
-                                 band_budget)
+    head, threshold, band = fit_scorer(sets, [np.ones(c.genuine.size, bool) for c in sets], "head", budget,
+                                       band_budget)
     scores = _scores(sets, "head", head)
     result["final"] = {
         "passive_head": list(head) if head is not None else None,

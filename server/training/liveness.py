@@ -108,13 +108,14 @@ def _load_sets(labels_csvs: tuple[Path, ...], models_dir: Path | None, minifasne
                features_model: Path, progress: bool, cache_dir: Path | None) -> list[Any]:
     from dataclasses import replace
 
+    from device.liveness.trained import DEFAULT_SCALE
     from server.evaluation.liveness import frame_features, load_labels
     from server.evaluation.liveness_calibrate import load_set
 
     sets = []
     for path in labels_csvs:
         base = load_set(path, models_dir, minifasnet_dir, progress=progress, cache_dir=cache_dir)
-        features = frame_features(load_labels(path), path.parent, models_dir, features_model, 2.7,
+        features = frame_features(load_labels(path), path.parent, models_dir, features_model, DEFAULT_SCALE,
                                   progress=progress)
         sets.append(replace(base, features=features))
     if len({c.name for c in sets}) != len(sets):
@@ -137,8 +138,8 @@ def train_liveness(labels_csvs: tuple[Path, ...], report_dir: Path, models_dir: 
         DEFAULT_FOLDS,
         TRAINED,
         TRAINED_L2,
-        _fit,
         calibrate,
+        fit_scorer,
         linear_scores,
         rates_dict,
     )
@@ -158,8 +159,8 @@ def train_liveness(labels_csvs: tuple[Path, ...], report_dir: Path, models_dir: 
         sets = _load_sets(labels_csvs, models_dir, minifasnet_dir, export / FEATURES_FILE, progress,
                           cache_dir)
         result = calibrate(sets, budget, band_budget, folds, trained=True)
-        head, threshold, band = _fit(sets, [np.ones(c.genuine.size, bool) for c in sets], TRAINED, budget,
-                                     band_budget)
+        everything = [np.ones(c.genuine.size, bool) for c in sets]
+        head, threshold, band = fit_scorer(sets, everything, TRAINED, budget, band_budget)
     except (PassiveModelError, FeatureVariantError, LivenessEvalError, KeyError) as exc:
         raise LivenessTrainingError(str(exc)) from exc
     if head is None:
